@@ -1,0 +1,146 @@
+// ControlSocket: line commands to steer write-back at run time.
+#include "control.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <nbdkit-filter.h>
+
+#include "registry.h"
+
+namespace sdccache {
+
+static constexpr size_t kMaxLine = 256;
+
+bool ControlSocket::Start() {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path_.size() >= sizeof addr.sun_path) {
+    nbdkit_error("sdccache: control: socket path too long: %s", path_.c_str());
+    return false;
+  }
+  std::memcpy(addr.sun_path, path_.c_str(), path_.size() + 1);
+  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ == -1) {
+    nbdkit_error("sdccache: control: socket: %m");
+    return false;
+  }
+  unlink(path_.c_str());
+  // Created 0600 from the start: no window where others can connect.
+  mode_t old = umask(0177);
+  int r = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  umask(old);
+  if (r == -1 || listen(listen_fd_, 8) == -1) {
+    nbdkit_error("sdccache: control: %s: %m", path_.c_str());
+    close(listen_fd_);
+    listen_fd_ = -1;
+    return false;
+  }
+  if (pipe2(stop_pipe_, O_CLOEXEC) == -1) {
+    nbdkit_error("sdccache: control: pipe: %m");
+    return false;
+  }
+  thread_ = std::thread([this] { Loop(); });
+  return true;
+}
+
+void ControlSocket::Stop() {
+  if (thread_.joinable()) {
+    char c = 'x';
+    (void)!write(stop_pipe_[1], &c, 1);
+    thread_.join();
+  }
+  for (int* fd : {&listen_fd_, &stop_pipe_[0], &stop_pipe_[1]}) {
+    if (*fd != -1) close(*fd);
+    *fd = -1;
+  }
+  if (!path_.empty()) unlink(path_.c_str());
+}
+
+void ControlSocket::Loop() {
+  while (true) {
+    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
+    if (poll(fds, 2, -1) == -1) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (fds[1].revents) return;
+    if (fds[0].revents & POLLIN) {
+      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd == -1) continue;
+      Serve(fd);
+      close(fd);
+    }
+  }
+}
+
+void ControlSocket::Serve(int fd) {
+  std::string buf;
+  char in[512];
+  while (true) {
+    pollfd fds[2] = {{fd, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
+    if (poll(fds, 2, -1) == -1) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (fds[1].revents) return;
+    ssize_t n = read(fd, in, sizeof in);
+    if (n <= 0) return;
+    buf.append(in, static_cast<size_t>(n));
+    size_t nl;
+    while ((nl = buf.find('\n')) != std::string::npos) {
+      std::string reply = Execute(buf.substr(0, nl));
+      buf.erase(0, nl + 1);
+      if (send(fd, reply.data(), reply.size(), MSG_NOSIGNAL) == -1) return;
+    }
+    if (buf.size() > kMaxLine) {
+      std::string reply = "error line too long\n";
+      send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+      return;
+    }
+  }
+}
+
+std::string ControlSocket::Execute(const std::string& raw) {
+  std::string line = raw;
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+  if (line == "flush") {
+    int err = registry_->FlushAll(Trigger::kControl);
+    return err ? "error " + std::string(std::strerror(err)) + "\n" : "ok\n";
+  }
+  if (line == "stats") return RenderText(registry_->Stats()) + "ok\n";
+  if (line == "pause") {
+    registry_->Pause(true);
+    return "ok\n";
+  }
+  if (line == "resume") {
+    registry_->Pause(false);
+    return "ok\n";
+  }
+  if (line == "help")
+    return "commands: flush, stats, pause, resume, threshold N (1-" +
+           std::to_string(kMaxThreshold) + ")\nok\n";
+  if (line.rfind("threshold", 0) == 0) {
+    std::string arg = line.substr(9);
+    if (arg.empty() || arg[0] != ' ') return "error usage: threshold N\n";
+    arg.erase(0, arg.find_first_not_of(' '));
+    if (arg.empty() || arg.size() > 7 || arg.find_first_not_of("0123456789") != std::string::npos)
+      return "error threshold: not a number: '" + arg + "'\n";
+    unsigned long n = std::stoul(arg);
+    if (n < 1 || n > kMaxThreshold)
+      return "error threshold: must be between 1 and " + std::to_string(kMaxThreshold) + "\n";
+    registry_->SetThreshold(static_cast<uint32_t>(n));
+    return "ok\n";
+  }
+  std::string shown;
+  for (char c : line) shown += (c >= 0x20 && c < 0x7f) ? c : '?';
+  return "error unknown command '" + shown + "' (try help)\n";
+}
+
+}  // namespace sdccache

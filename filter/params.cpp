@@ -1,0 +1,36 @@
+// Params: duration parsing (nbdkit 1.32 has no helper for it).
+#include "params.h"
+
+#include <cctype>
+#include <limits>
+
+namespace sdccache {
+
+bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {
+  size_t i = 0;
+  uint64_t n = 0;
+  while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
+    if (n > std::numeric_limits<uint64_t>::max() / 10 - 10) return false;
+    n = n * 10 + static_cast<uint64_t>(text[i] - '0');
+    ++i;
+  }
+  if (i == 0) return false;
+  const std::string unit = text.substr(i);
+  uint64_t scale;
+  if (unit == "ms")
+    scale = 1;
+  else if (unit == "s" || unit.empty())
+    scale = 1000;
+  else if (unit == "m")
+    scale = 60'000;
+  else if (unit == "h")
+    scale = 3'600'000;
+  else
+    return false;
+  // Cap at ~292 years so steady_clock arithmetic cannot overflow.
+  if (n > (uint64_t{1} << 53) / scale) return false;
+  *out = std::chrono::milliseconds(static_cast<int64_t>(n * scale));
+  return true;
+}
+
+}  // namespace sdccache

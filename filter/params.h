@@ -1,0 +1,26 @@
+// Params: the filter's command-line parameters, validated at config time.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace sdccache {
+
+struct Params {
+  uint32_t threshold = 32;
+  uint64_t queue_max_size = 64ull << 20;
+  std::chrono::milliseconds max_age{30000};
+  std::chrono::milliseconds shutdown_timeout{30000};
+  std::string statsfile;
+  bool stats_json = false;
+  std::string control;
+};
+
+inline constexpr uint32_t kMaxThreshold = 1048576;
+
+// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
+// false on anything else (negative, empty, unknown unit, overflow).
+bool ParseDuration(const std::string& text, std::chrono::milliseconds* out);
+
+}  // namespace sdccache

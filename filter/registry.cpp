@@ -1,0 +1,167 @@
+// Registry: per-export caches, control actions and shutdown reporting.
+#include "registry.h"
+
+#include <cerrno>
+#include <cstring>
+
+#include "statsfile.h"
+
+namespace sdccache {
+
+static void OnBatch(void* opaque, Trigger why, uint64_t requests, uint64_t bytes,
+                    uint64_t plugin_writes, uint64_t us, int err) {
+  auto* stats = static_cast<StatsFile*>(opaque);
+  if (sdccache_debug_verbose)
+    nbdkit_debug("sdccache: batch trigger=%s requests=%llu bytes=%llu plugin_writes=%llu "
+                 "duration_us=%llu result=%s",
+                 TriggerName(why), static_cast<unsigned long long>(requests),
+                 static_cast<unsigned long long>(bytes),
+                 static_cast<unsigned long long>(plugin_writes),
+                 static_cast<unsigned long long>(us), err ? std::strerror(err) : "ok");
+  if (stats) stats->Kick();
+}
+
+ExportCache* Registry::Get(const std::string& name, bool create, int* err) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = exports_.find(name);
+  if (it != exports_.end()) return it->second.get();
+  if (!create) return nullptr;
+
+  auto cache = std::make_unique<ExportCache>();
+  cache->name = name;
+  cache->context = nbdkit_next_context_open(backend_, 0, name.c_str(), 1);
+  if (cache->context == nullptr) {
+    nbdkit_error("sdccache: cannot open a plugin context for export '%s'", name.c_str());
+    *err = EIO;
+    return nullptr;
+  }
+  if (cache->context->prepare(cache->context) == -1) {
+    nbdkit_error("sdccache: cannot prepare the plugin context for export '%s'", name.c_str());
+    nbdkit_next_context_close(cache->context);
+    *err = EIO;
+    return nullptr;
+  }
+  cache->sink = std::make_unique<PluginSink>(cache->context, &gate_);
+  WriteBackOptions opts;
+  opts.threshold = threshold_override_ ? threshold_override_ : params_.threshold;
+  opts.queue_max_bytes = params_.queue_max_size;
+  opts.max_age = params_.max_age;
+  opts.max_plugin_write = cache->sink->max_write();
+  // Other connections read through their own contexts: without multi-conn
+  // consistency, only a plugin flush makes our writes visible to them.
+  opts.flush_before_release = !cache->sink->multi_conn();
+  cache->writeback = std::make_unique<WriteBack>(cache->sink.get(), opts);
+  cache->writeback->SetBatchHook(OnBatch, stats_file_);
+  if (paused_) cache->writeback->Pause();
+  nbdkit_debug("sdccache: export '%s': threshold=%u queue-max-size=%llu max-age=%lldms "
+               "max-plugin-write=%u multi-conn=%d",
+               name.c_str(), opts.threshold,
+               static_cast<unsigned long long>(opts.queue_max_bytes),
+               static_cast<long long>(opts.max_age.count()), opts.max_plugin_write,
+               cache->sink->multi_conn());
+  ExportCache* raw = cache.get();
+  exports_.emplace(name, std::move(cache));
+  return raw;
+}
+
+std::vector<ExportCache*> Registry::All() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<ExportCache*> all;
+  for (auto& [name, c] : exports_) all.push_back(c.get());
+  return all;
+}
+
+void Registry::Pause(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  paused_ = on;
+  for (auto& [name, c] : exports_) {
+    if (on)
+      c->writeback->Pause();
+    else
+      c->writeback->Resume();
+  }
+}
+
+void Registry::SetThreshold(uint32_t n) {
+  std::lock_guard<std::mutex> lock(mu_);
+  threshold_override_ = n;
+  for (auto& [name, c] : exports_) c->writeback->SetThreshold(n);
+}
+
+int Registry::FlushAll(Trigger why) {
+  int first = 0;
+  for (ExportCache* c : All()) {
+    int err = c->writeback->Flush(why);
+    if (err && !first) first = err;
+  }
+  return first;
+}
+
+CounterList Registry::Stats() {
+  auto all = All();
+  if (all.empty()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    uint32_t t = threshold_override_ ? threshold_override_ : params_.threshold;
+    return {{"threshold", std::to_string(t)}, {"paused", paused_ ? "1" : "0"},
+            {"queued_requests", "0"}, {"queued_bytes", "0"}, {"memory_bytes", "0"},
+            {"batches_flushed", "0"}};
+  }
+  if (all.size() == 1) return all[0]->writeback->Stats();
+  CounterList out;
+  for (ExportCache* c : all)
+    for (auto& [k, v] : c->writeback->Stats()) out.emplace_back(c->name + "." + k, v);
+  return out;
+}
+
+std::string Registry::Summary() {
+  uint64_t reqs = 0, bytes = 0, batches = 0;
+  uint32_t threshold = params_.threshold;
+  for (ExportCache* c : All()) {
+    reqs += c->writeback->queued_requests();
+    bytes += c->writeback->queued_bytes();
+    batches += c->writeback->counters().batches_flushed.load(std::memory_order_relaxed);
+    threshold = c->writeback->threshold();
+  }
+  return "sdccache: threshold=" + std::to_string(threshold) +
+         " queued_requests=" + std::to_string(reqs) + " queued_bytes=" + std::to_string(bytes) +
+         " batches_flushed=" + std::to_string(batches);
+}
+
+void Registry::Drain() {
+  for (ExportCache* c : All()) {
+    const std::string& name = c->name;
+    Leftover left = c->writeback->Stop(params_.shutdown_timeout);
+    if (left.bytes > 0 || left.requests > 0)
+      nbdkit_error("sdccache: export '%s': %llu requests, %llu bytes could not be written to "
+                   "the plugin (%s) and are lost: %s",
+                   name.c_str(), static_cast<unsigned long long>(left.requests),
+                   static_cast<unsigned long long>(left.bytes),
+                   left.error ? std::strerror(left.error) : "timed out", left.ranges.c_str());
+    else if (left.error)
+      nbdkit_error("sdccache: export '%s': the final plugin flush failed: %s", name.c_str(),
+                   std::strerror(left.error));
+    std::string summary = RenderText(c->writeback->Stats());
+    for (size_t at = 0; at < summary.size();) {
+      size_t nl = summary.find('\n', at);
+      nbdkit_debug("sdccache: export '%s' %s", name.c_str(),
+                   summary.substr(at, nl - at).c_str());
+      at = nl + 1;
+    }
+  }
+}
+
+void Registry::Close() {
+  std::map<std::string, std::unique_ptr<ExportCache>> exports;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    exports.swap(exports_);
+  }
+  for (auto& [name, c] : exports) {
+    c->writeback.reset();
+    c->sink.reset();
+    c->context->finalize(c->context);
+    nbdkit_next_context_close(c->context);
+  }
+}
+
+}  // namespace sdccache

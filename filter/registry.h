@@ -1,0 +1,77 @@
+// Registry: one WriteBack per export, each with its own shared plugin
+// context, so data never lands in another export.  Also the parameters and
+// runtime settings shared by the callbacks, the stats file and the control
+// socket.
+//
+// Thread safety: all methods may be called from any thread; the export map
+// is guarded by mu_.  Caches live until Shutdown() (from .cleanup).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <nbdkit-filter.h>
+
+#include "counters.h"
+#include "params.h"
+#include "plugin_sink.h"
+#include "writeback.h"
+
+// -D sdccache.verbose=1: log every batch.
+extern "C" int sdccache_debug_verbose;
+
+namespace sdccache {
+
+class StatsFile;
+
+struct ExportCache {
+  std::string name;
+  nbdkit_next* context = nullptr;  // shared plugin context of the flusher
+  std::unique_ptr<PluginSink> sink;
+  std::unique_ptr<WriteBack> writeback;
+};
+
+class Registry {
+ public:
+  Registry(const Params& params, nbdkit_backend* backend) : params_(params), backend_(backend) {}
+
+  // Finds the export's cache; creates it (opening its plugin context) when
+  // `create`.  Returns nullptr (with *err set) on failure, or when absent.
+  ExportCache* Get(const std::string& name, bool create, int* err);
+  std::vector<ExportCache*> All();
+
+  // Control: applied to existing and future caches.
+  void Pause(bool on);
+  void SetThreshold(uint32_t n);
+  int FlushAll(Trigger why);  // 0 or the first errno
+
+  // Counters of every export (keys prefixed "EXPORT." when there are several).
+  CounterList Stats();
+  std::string Summary();  // the one-line export description suffix
+
+  // Drains every cache and stops its flusher; logs what could not be
+  // written.  Counters stay readable until Close().
+  void Drain();
+  void Close();
+
+  // Where batches are announced (set once, before any connection).
+  void SetStatsFile(StatsFile* f) { stats_file_ = f; }
+
+  PluginGate* gate() { return &gate_; }
+  const Params& params() const { return params_; }
+
+ private:
+  const Params params_;
+  nbdkit_backend* const backend_;
+  PluginGate gate_;
+  StatsFile* stats_file_ = nullptr;
+  std::mutex mu_;
+  std::map<std::string, std::unique_ptr<ExportCache>> exports_;  // guarded by mu_
+  bool paused_ = false;                                           // guarded by mu_
+  uint32_t threshold_override_ = 0;                               // guarded by mu_
+};
+
+}  // namespace sdccache

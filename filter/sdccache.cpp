@@ -1,0 +1,440 @@
+// nbdkit-sdccache-filter: batched background write-back for any plugin.
+//
+// The glue between nbdkit callbacks and the WriteBack engine: parameters,
+// one cache per export (Registry), the read/extents overlay, and the stats
+// file and control socket.  Every callback catches C++ exceptions: none may
+// cross into nbdkit.
+#include <cerrno>
+#include <cinttypes>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <string>
+
+#include <nbdkit-filter.h>
+
+#include "control.h"
+#include "params.h"
+#include "registry.h"
+#include "statsfile.h"
+
+// -D sdccache.verbose=1
+NBDKIT_DLL_PUBLIC int sdccache_debug_verbose = 0;
+
+using namespace sdccache;
+
+namespace {
+
+// Heap-allocated in .load, freed in .unload: no global C++ objects with
+// constructors or destructors in a dlopen'ed module.
+struct Globals {
+  Params params;
+  int thread_model = NBDKIT_THREAD_MODEL_PARALLEL;
+  std::unique_ptr<Registry> registry;
+  std::unique_ptr<StatsFile> stats_file;
+  std::unique_ptr<ControlSocket> control;
+};
+Globals* g;
+
+struct Handle {
+  std::string exportname;
+  ExportCache* cache = nullptr;  // null: read-only pass-through
+  bool wrote = false;
+};
+
+// Runs `body` and turns a C++ exception into an nbdkit error.
+template <typename F>
+int Guarded(const char* what, int* err, F&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    nbdkit_error("sdccache: %s: out of memory", what);
+    *err = ENOMEM;
+  } catch (const std::exception& e) {
+    nbdkit_error("sdccache: %s: %s", what, e.what());
+    *err = EIO;
+  } catch (...) {
+    nbdkit_error("sdccache: %s: unknown exception", what);
+    *err = EIO;
+  }
+  return -1;
+}
+
+int Fail(const char* what, int e, int* err) {
+  nbdkit_error("sdccache: %s: %s", what, std::strerror(e));
+  *err = e;
+  return -1;
+}
+
+}  // namespace
+
+static void sdccache_load() { g = new Globals(); }
+
+static void sdccache_unload() {
+  delete g;
+  g = nullptr;
+}
+
+static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
+                           const char* value) {
+  std::string k = key;
+  Params& p = g->params;
+  if (k == "threshold") {
+    uint32_t n;
+    if (*value == '\0' || strspn(value, "0123456789") != strlen(value)) {
+      nbdkit_error("threshold: not a positive integer: '%s'", value);
+      return -1;
+    }
+    if (nbdkit_parse_uint32_t("threshold", value, &n) == -1) return -1;
+    if (n < 1 || n > kMaxThreshold) {
+      nbdkit_error("threshold: must be between 1 and %u, got %s", kMaxThreshold, value);
+      return -1;
+    }
+    p.threshold = n;
+    return 0;
+  }
+  if (k == "queue-max-size") {
+    int64_t n = nbdkit_parse_size(value);
+    if (n == -1) {
+      nbdkit_error("queue-max-size: could not parse size '%s'", value);
+      return -1;
+    }
+    if (n < 4096) {
+      nbdkit_error("queue-max-size: must be at least 4096 bytes, got %s", value);
+      return -1;
+    }
+    p.queue_max_size = static_cast<uint64_t>(n);
+    return 0;
+  }
+  if (k == "max-age" || k == "shutdown-timeout") {
+    std::chrono::milliseconds d;
+    if (!ParseDuration(value, &d)) {
+      nbdkit_error("%s: could not parse duration '%s' (use e.g. 500ms, 5s, 2m)", key, value);
+      return -1;
+    }
+    (k == "max-age" ? p.max_age : p.shutdown_timeout) = d;
+    return 0;
+  }
+  if (k == "statsfile") {
+    if (*value == '\0') {
+      nbdkit_error("statsfile: empty path");
+      return -1;
+    }
+    p.statsfile = value;
+    return 0;
+  }
+  if (k == "statsformat") {
+    if (strcmp(value, "json") != 0 && strcmp(value, "text") != 0) {
+      nbdkit_error("statsformat: must be 'text' or 'json', got '%s'", value);
+      return -1;
+    }
+    p.stats_json = strcmp(value, "json") == 0;
+    return 0;
+  }
+  if (k == "control") {
+    if (*value == '\0') {
+      nbdkit_error("control: empty socket path");
+      return -1;
+    }
+    p.control = value;
+    return 0;
+  }
+  return next(nxdata, key, value);
+}
+
+#define sdccache_config_help                                                       \
+  "threshold=N               Queued write requests that start a batch (default 32).\n" \
+  "queue-max-size=SIZE       Bound on buffered bytes; writers wait past it (64M).\n"  \
+  "max-age=DURATION          Write back data older than this (30s; 0 = never).\n"     \
+  "shutdown-timeout=DURATION How long shutdown retries a failing plugin (30s).\n"      \
+  "statsfile=PATH            Keep counters in PATH while running.\n"                 \
+  "statsformat=text|json     Format of the stats file (text).\n"                     \
+  "control=SOCKET            Unix socket for flush/stats/pause/resume/threshold."
+
+static int sdccache_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }
+
+static int sdccache_get_ready(int thread_model) {
+  g->thread_model = thread_model;
+  return 0;
+}
+
+static int sdccache_after_fork(nbdkit_backend* backend) {
+  int err = 0;
+  return Guarded("after_fork", &err, [&] {
+    g->registry = std::make_unique<Registry>(g->params, backend);
+    // A plugin that is not fully parallel must never see the flusher's
+    // requests beside a client's.
+    g->registry->gate()->Enable(g->thread_model < NBDKIT_THREAD_MODEL_PARALLEL);
+    if (!g->params.statsfile.empty()) {
+      g->stats_file =
+          std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json, g->registry.get());
+      g->registry->SetStatsFile(g->stats_file.get());
+      g->stats_file->Start();
+    }
+    if (!g->params.control.empty()) {
+      g->control = std::make_unique<ControlSocket>(g->params.control, g->registry.get());
+      if (!g->control->Start()) return -1;
+    }
+    return 0;
+  });
+}
+
+static void sdccache_cleanup(nbdkit_backend*) {
+  int err = 0;
+  Guarded("cleanup", &err, [&] {
+    if (g->control) g->control->Stop();
+    if (g->registry) g->registry->Drain();
+    if (g->stats_file) g->stats_file->Stop();
+    if (g->registry) g->registry->Close();
+    g->control.reset();
+    g->stats_file.reset();
+    g->registry.reset();
+    return 0;
+  });
+}
+
+static void* sdccache_open(nbdkit_next_open* next, nbdkit_context* nxdata, int readonly,
+                           const char* exportname, int) {
+  if (next(nxdata, readonly, exportname) == -1) return nullptr;
+  try {
+    auto* h = new Handle();
+    h->exportname = exportname;
+    return h;
+  } catch (...) {
+    nbdkit_error("sdccache: open: out of memory");
+    return nullptr;
+  }
+}
+
+static void sdccache_close(void* handle) { delete static_cast<Handle*>(handle); }
+
+static int sdccache_prepare(nbdkit_next* next, void* handle, int readonly) {
+  auto* h = static_cast<Handle*>(handle);
+  int err = 0;
+  return Guarded("prepare", &err, [&] {
+    int can_write;
+    {
+      GateHold gate(g->registry->gate());
+      can_write = next->can_write(next);
+    }
+    if (can_write == -1) return -1;
+    const bool writable = !readonly && can_write == 1;
+    h->cache = g->registry->Get(h->exportname, writable, &err);
+    if (writable && h->cache == nullptr) return -1;
+    return 0;
+  });
+}
+
+static int sdccache_finalize(nbdkit_next*, void* handle) {
+  auto* h = static_cast<Handle*>(handle);
+  if (!h->cache || !h->wrote) return 0;
+  int err = 0;
+  return Guarded("finalize", &err, [&] {
+    // What this connection wrote is durable before it closes.
+    if (int e = h->cache->writeback->Flush(Trigger::kDisconnect))
+      return Fail("flush on disconnect", e, &err);
+    return 0;
+  });
+}
+
+static const char* sdccache_export_description(nbdkit_next* next, void* handle) {
+  auto* h = static_cast<Handle*>(handle);
+  try {
+    const char* base;
+    {
+      GateHold gate(g->registry->gate());
+      base = next->export_description(next);
+    }
+    std::string summary = h->cache ? g->registry->Summary() : "sdccache: read-only pass-through";
+    if (base && *base) return nbdkit_printf_intern("%s (%s)", base, summary.c_str());
+    return nbdkit_strdup_intern(summary.c_str());
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Advertised whenever writable: buffered writes are volatile until flushed.
+static int sdccache_can_flush(nbdkit_next* next, void* handle) {
+  if (!static_cast<Handle*>(handle)->cache) return next->can_flush(next);
+  return 1;
+}
+
+static int sdccache_can_fua(nbdkit_next* next, void* handle) {
+  if (!static_cast<Handle*>(handle)->cache) return next->can_fua(next);
+  return NBDKIT_FUA_NATIVE;
+}
+
+static int sdccache_can_zero(nbdkit_next* next, void* handle) {
+  if (!static_cast<Handle*>(handle)->cache) return next->can_zero(next);
+  return NBDKIT_ZERO_NATIVE;
+}
+
+// Buffering a zero is always fast.
+static int sdccache_can_fast_zero(nbdkit_next* next, void* handle) {
+  if (!static_cast<Handle*>(handle)->cache) return next->can_fast_zero(next);
+  return 1;
+}
+
+static int sdccache_can_extents(nbdkit_next* next, void* handle) {
+  if (!static_cast<Handle*>(handle)->cache) return next->can_extents(next);
+  return 1;
+}
+
+static int sdccache_can_multi_conn(nbdkit_next* next, void* handle) {
+  auto* h = static_cast<Handle*>(handle);
+  if (!h->cache) return next->can_multi_conn(next);
+  // One overlay serves every connection, but plugin data reaches other
+  // contexts coherently only if the plugin says so.
+  return h->cache->sink->multi_conn() ? 1 : 0;
+}
+
+static int sdccache_pread(nbdkit_next* next, void* handle, void* buf, uint32_t count,
+                          uint64_t offset, uint32_t flags, int* err) {
+  auto* h = static_cast<Handle*>(handle);
+  return Guarded("pread", err, [&] {
+    if (!h->cache) {
+      GateHold gate(g->registry->gate());
+      return next->pread(next, buf, count, offset, flags, err);
+    }
+    // Snapshot first: whatever the flusher does next, the overlay is at
+    // least as new as what the plugin returns.
+    Overlay ov = h->cache->writeback->Lookup(offset, count);
+    if (!ov.CoversAll()) {
+      GateHold gate(g->registry->gate());
+      if (next->pread(next, buf, count, offset, flags, err) == -1) return -1;
+    }
+    ov.ApplyTo(static_cast<uint8_t*>(buf));
+    return 0;
+  });
+}
+
+static int sdccache_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t count,
+                           uint64_t offset, uint32_t flags, int* err) {
+  auto* h = static_cast<Handle*>(handle);
+  return Guarded("pwrite", err, [&] {
+    h->wrote = true;
+    if (int e = h->cache->writeback->Write(buf, count, offset, flags & NBDKIT_FLAG_FUA))
+      return Fail("pwrite", e, err);
+    return 0;
+  });
+}
+
+static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
+                         uint32_t flags, int* err) {
+  auto* h = static_cast<Handle*>(handle);
+  return Guarded("zero", err, [&] {
+    h->wrote = true;
+    if (int e = h->cache->writeback->Zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+                                          flags & NBDKIT_FLAG_FUA))
+      return Fail("zero", e, err);
+    return 0;
+  });
+}
+
+static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
+                         uint32_t flags, int* err) {
+  auto* h = static_cast<Handle*>(handle);
+  return Guarded("trim", err, [&] {
+    h->wrote = true;
+    if (int e = h->cache->writeback->Trim(count, offset, flags & NBDKIT_FLAG_FUA))
+      return Fail("trim", e, err);
+    return 0;
+  });
+}
+
+static int sdccache_flush(nbdkit_next* next, void* handle, uint32_t flags, int* err) {
+  auto* h = static_cast<Handle*>(handle);
+  return Guarded("flush", err, [&] {
+    if (!h->cache) {
+      GateHold gate(g->registry->gate());
+      return next->flush(next, flags, err);
+    }
+    if (int e = h->cache->writeback->Flush(Trigger::kClient)) return Fail("flush", e, err);
+    return 0;
+  });
+}
+
+static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset,
+                            uint32_t flags, struct nbdkit_extents* extents, int* err) {
+  auto* h = static_cast<Handle*>(handle);
+  return Guarded("extents", err, [&] {
+    if (!h->cache) {
+      GateHold gate(g->registry->gate());
+      return next->extents(next, count, offset, flags, extents, err);
+    }
+    Overlay ov = h->cache->writeback->Lookup(offset, count);
+    std::vector<Extent> base;
+    int can_extents;
+    {
+      GateHold gate(g->registry->gate());
+      can_extents = ov.CoversAll() ? 0 : next->can_extents(next);
+    }
+    if (can_extents == 1) {
+      int64_t size;
+      {
+        GateHold gate(g->registry->gate());
+        size = next->get_size(next);
+      }
+      if (size == -1) return Fail("extents: get_size", EIO, err);
+      std::unique_ptr<nbdkit_extents, void (*)(nbdkit_extents*)> plugin(
+          nbdkit_extents_new(offset, static_cast<uint64_t>(size)), nbdkit_extents_free);
+      if (!plugin) {
+        *err = errno;
+        return -1;
+      }
+      {
+        GateHold gate(g->registry->gate());
+        if (next->extents(next, count, offset, flags, plugin.get(), err) == -1) return -1;
+      }
+      for (size_t i = 0; i < nbdkit_extents_count(plugin.get()); ++i) {
+        nbdkit_extent e = nbdkit_get_extent(plugin.get(), i);
+        base.push_back({e.offset, e.length, e.type});
+      }
+    }
+    if (base.empty()) base.push_back({offset, count, 0});  // unknown: data
+    for (const Extent& e : ov.MergeExtents(base))
+      if (nbdkit_add_extent(extents, e.offset, e.length, e.type) == -1) {
+        *err = errno;
+        return -1;
+      }
+    return 0;
+  });
+}
+
+static struct nbdkit_filter filter = {};
+
+static struct nbdkit_filter* MakeFilter() {
+  filter.name = "sdccache";
+  filter.longname = "nbdkit sdccache write-back filter";
+  filter.description =
+      "Buffers writes in memory and writes them to the plugin in background batches.";
+  filter.load = sdccache_load;
+  filter.unload = sdccache_unload;
+  filter.config = sdccache_config;
+  filter.config_help = sdccache_config_help;
+  filter.thread_model = sdccache_thread_model;
+  filter.get_ready = sdccache_get_ready;
+  filter.after_fork = sdccache_after_fork;
+  filter.cleanup = sdccache_cleanup;
+  filter.open = sdccache_open;
+  filter.close = sdccache_close;
+  filter.prepare = sdccache_prepare;
+  filter.finalize = sdccache_finalize;
+  filter.export_description = sdccache_export_description;
+  filter.can_flush = sdccache_can_flush;
+  filter.can_fua = sdccache_can_fua;
+  filter.can_zero = sdccache_can_zero;
+  filter.can_fast_zero = sdccache_can_fast_zero;
+  filter.can_extents = sdccache_can_extents;
+  filter.can_multi_conn = sdccache_can_multi_conn;
+  filter.pread = sdccache_pread;
+  filter.pwrite = sdccache_pwrite;
+  filter.zero = sdccache_zero;
+  filter.trim = sdccache_trim;
+  filter.flush = sdccache_flush;
+  filter.extents = sdccache_extents;
+  return &filter;
+}
+
+// MakeFilter is idempotent; the macro evaluates its argument a few times.
+NBDKIT_REGISTER_FILTER(*MakeFilter())

@@ -1,0 +1,22 @@
+// Sink: the plugin below the filter, as the engine sees it (the test seam).
+//
+// Every method returns 0 on success or a positive errno.  The glue adapts an
+// nbdkit_next context; unit tests use an in-memory fake.  A Sink must allow
+// calls from the flusher thread and client threads at once (the glue
+// serialises them itself when the plugin's thread model requires it).
+#pragma once
+
+#include <cstdint>
+
+namespace sdccache {
+
+class Sink {
+ public:
+  virtual ~Sink() = default;
+  virtual int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) = 0;
+  virtual int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) = 0;
+  virtual int Trim(uint32_t count, uint64_t offset, bool fua) = 0;
+  virtual int Flush() = 0;
+};
+
+}  // namespace sdccache

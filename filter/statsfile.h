@@ -1,0 +1,43 @@
+// StatsFile: keeps `statsfile=PATH` current while nbdkit runs.
+//
+// A background thread rewrites the file atomically (temp file + rename)
+// after each batch (Kick), at least once a second while the counters
+// change, and once more at Stop().
+#pragma once
+
+#include <condition_variable>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace sdccache {
+
+class Registry;
+
+class StatsFile {
+ public:
+  StatsFile(std::string path, bool json, Registry* registry)
+      : path_(std::move(path)), json_(json), registry_(registry) {}
+  ~StatsFile() { Stop(); }
+
+  void Start();
+  void Kick();  // cheap; from the flusher thread
+  void Stop();  // writes a final copy
+  // Writes the file now; false (errno set) if it could not.
+  bool WriteNow();
+
+ private:
+  void Loop();
+
+  const std::string path_;
+  const bool json_;
+  Registry* const registry_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool kicked_ = false;   // guarded by mu_
+  bool stopping_ = false; // guarded by mu_
+  std::string last_;      // used by the writer thread only
+  std::thread thread_;
+};
+
+}  // namespace sdccache

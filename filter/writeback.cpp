@@ -1,0 +1,468 @@
+// WriteBack: buffering, epochs and the background flusher.
+#include "writeback.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace sdccache {
+
+using std::chrono::duration_cast;
+using std::chrono::microseconds;
+using std::chrono::milliseconds;
+
+WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
+    : sink_(sink), opts_(opts), account_(opts.queue_max_bytes), threshold_(opts.threshold) {
+  flusher_ = std::thread([this] { FlusherLoop(); });
+}
+
+WriteBack::~WriteBack() {
+  bool stopped;
+  {
+    MutexLock l(&mu_);
+    stopped = stopped_;
+  }
+  if (!stopped) Stop(milliseconds(0));
+}
+
+int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua) {
+  if (count == 0) return fua ? Flush(Trigger::kFua) : 0;
+  if (count > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
+  const size_t need = Chunk::AllocationSize(count);
+  account_.Reserve(need, [this] { WakeForRoom(); });
+  Chunk* c = Chunk::Create(buf, count, &account_);
+  if (c == nullptr) {
+    account_.Release(need);
+    return ENOMEM;
+  }
+  DirtyRange r;
+  r.offset = offset;
+  r.length = count;
+  r.kind = RangeKind::kData;
+  r.chunk = ChunkRef(c);
+  return Buffer(std::move(r), fua);
+}
+
+int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
+  DirtyRange r;
+  r.offset = offset;
+  r.length = count;
+  r.kind = RangeKind::kZero;
+  r.may_trim = may_trim;
+  return Buffer(std::move(r), fua);
+}
+
+int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
+  DirtyRange r;
+  r.offset = offset;
+  r.length = count;
+  r.kind = RangeKind::kTrim;
+  return Buffer(std::move(r), fua);
+}
+
+int WriteBack::Buffer(DirtyRange r, bool fua) {
+  MutexLock l(&mu_);
+  if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
+  const bool was_empty = active_.empty();
+  if (was_empty) active_since_ = Clock::now();
+  const uint64_t seq = ++last_seq_;
+  active_.Insert(std::move(r));
+  ++active_requests_;
+  counters_.RaisePeak(active_.data_bytes() + flushing_.data_bytes());
+  if (active_requests_ >= threshold_ || (was_empty && opts_.max_age.count() > 0)) work_.Signal();
+  if (fua) return WaitFor(seq, write_gen_, true, Trigger::kFua);
+  return 0;
+}
+
+int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) {
+  MutexLock l(&mu_);
+  // Everything acknowledged before this request must reach the Sink first,
+  // or an older buffered overlap would land over it later.
+  if (int err = WaitFor(last_seq_, 0, false, Trigger::kBackpressure)) return err;
+  counters_.writethrough_requests.fetch_add(1, std::memory_order_relaxed);
+  int err;
+  {
+    MutexUnlock u(&mu_);
+    err = sink_->Write(buf, count, offset, fua);
+  }
+  if (err) return err;
+  ++write_gen_;
+  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
+  return 0;
+}
+
+int WriteBack::Flush(Trigger why) {
+  MutexLock l(&mu_);
+  return WaitFor(last_seq_, write_gen_, true, why);
+}
+
+int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
+  auto satisfied = [&]() REQUIRES(mu_) {
+    return flush ? flushed_seq_ >= seq && flushed_gen_ >= gen : written_seq_ >= seq;
+  };
+  if (satisfied()) return 0;
+  if (stopped_) return ESHUTDOWN;
+  if (flush) {
+    flush_req_seq_ = std::max(flush_req_seq_, seq);
+    flush_req_gen_ = std::max(flush_req_gen_, gen);
+    counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
+  } else {
+    drain_req_seq_ = std::max(drain_req_seq_, seq);
+  }
+  pending_why_ = why;
+  kick_ = true;
+  work_.Signal();
+  const uint64_t errors_before = error_gen_;
+  while (!satisfied()) {
+    if (error_gen_ != errors_before) return last_error_;
+    if (stopped_) return ESHUTDOWN;
+    done_.Wait();
+  }
+  return 0;
+}
+
+void WriteBack::WakeForRoom() {
+  MutexLock l(&mu_);
+  pressure_ = true;
+  work_.Signal();
+}
+
+Overlay WriteBack::Lookup(uint64_t offset, uint64_t length) {
+  Overlay ov(offset, length);
+  {
+    MutexLock l(&mu_);
+    flushing_.Collect(offset, length, &ov.pieces());
+    active_.Collect(offset, length, &ov.pieces());
+  }
+  if (!ov.empty()) counters_.read_overlay_hits.fetch_add(1, std::memory_order_relaxed);
+  return ov;
+}
+
+bool WriteBack::FlushPending() const {
+  return flush_req_seq_ > flushed_seq_ || flush_req_gen_ > flushed_gen_;
+}
+
+bool WriteBack::BatchDue(Clock::time_point now, Trigger* why) const {
+  if (std::max(drain_req_seq_, flush_req_seq_) > written_seq_) {
+    *why = pending_why_;
+    return true;
+  }
+  if (pressure_) {
+    *why = Trigger::kBackpressure;
+    return true;
+  }
+  if (backoff_.count() > 0) {  // a failed batch waits for its retry only
+    *why = Trigger::kRetry;
+    return true;
+  }
+  if (paused_) return false;
+  if (active_requests_ >= threshold_) {
+    *why = Trigger::kThreshold;
+    return true;
+  }
+  if (opts_.max_age.count() > 0 && now >= active_since_ + opts_.max_age) {
+    *why = Trigger::kAge;
+    return true;
+  }
+  return false;
+}
+
+void WriteBack::FlusherLoop() {
+  MutexLock l(&mu_);
+  while (!stopping_) {
+    const auto now = Clock::now();
+    const bool backing_off = backoff_.count() > 0 && now < retry_at_ && !kick_;
+    Trigger why = Trigger::kThreshold;
+    if (!backing_off && !active_.empty() && BatchDue(now, &why)) {
+      RunBatch(why);
+    } else if (!backing_off && FlushPending() && written_seq_ >= flush_req_seq_) {
+      RunPluginFlush();
+    } else {
+      auto wake = Clock::time_point::max();
+      if (backing_off) wake = retry_at_;
+      if (!active_.empty() && !paused_ && opts_.max_age.count() > 0)
+        wake = std::min(wake, active_since_ + opts_.max_age);
+      if (wake == Clock::time_point::max())
+        work_.Wait();
+      else
+        work_.WaitUntil(wake);
+    }
+  }
+}
+
+void WriteBack::RunBatch(Trigger why) {
+  flushing_ = std::move(active_);
+  active_ = DirtyMap();
+  flushing_requests_ = active_requests_;
+  active_requests_ = 0;
+  flushing_since_ = active_since_;
+  const uint64_t batch_seq = last_seq_;
+  const uint64_t gen_before = write_gen_;
+  const bool flush_after = opts_.flush_before_release;
+  pressure_ = false;
+  kick_ = false;
+  if (why != Trigger::kClient && why != Trigger::kFua && why != Trigger::kDisconnect &&
+      why != Trigger::kShutdown && why != Trigger::kControl)
+    counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
+  std::vector<DirtyRange> plan;
+  plan.reserve(flushing_.size());
+  for (const auto& [off, r] : flushing_) plan.push_back(r);
+  const uint64_t requests = flushing_requests_;
+  const uint64_t bytes = flushing_.total_bytes();
+
+  const auto start = Clock::now();
+  uint64_t plugin_writes = 0;
+  int err;
+  {
+    MutexUnlock u(&mu_);
+    err = WriteRanges(plan, &plugin_writes);
+    if (err == 0 && flush_after) err = sink_->Flush();
+    plan.clear();  // drop chunk references outside the lock
+  }
+  const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
+  counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
+
+  if (err == 0) {
+    flushing_.clear();
+    flushing_requests_ = 0;
+    written_seq_ = batch_seq;
+    ++write_gen_;
+    if (flush_after) {
+      flushed_seq_ = std::max(flushed_seq_, batch_seq);
+      flushed_gen_ = std::max(flushed_gen_, gen_before);
+    }
+    backoff_ = milliseconds(0);
+    counters_.batches_flushed.fetch_add(1, std::memory_order_relaxed);
+    counters_.requests_flushed.fetch_add(requests, std::memory_order_relaxed);
+    counters_.bytes_flushed.fetch_add(bytes, std::memory_order_relaxed);
+    counters_.RecordBatchLatency(us);
+  } else {
+    // Keep the data: the failed batch is older than anything buffered since.
+    active_.InsertUnder(std::move(flushing_));
+    flushing_ = DirtyMap();
+    active_requests_ += flushing_requests_;
+    flushing_requests_ = 0;
+    active_since_ = flushing_since_;
+    RecordError(err);
+  }
+  done_.SignalAll();
+  if (hook_ != nullptr) {
+    BatchHook hook = hook_;
+    void* opaque = hook_opaque_;
+    MutexUnlock u(&mu_);
+    hook(opaque, why, requests, bytes, plugin_writes, us, err);
+  }
+}
+
+void WriteBack::RunPluginFlush() {
+  const uint64_t seq = written_seq_;
+  const uint64_t gen = write_gen_;
+  kick_ = false;
+  int err;
+  {
+    MutexUnlock u(&mu_);
+    err = sink_->Flush();
+  }
+  if (err == 0) {
+    flushed_seq_ = std::max(flushed_seq_, seq);
+    flushed_gen_ = std::max(flushed_gen_, gen);
+    backoff_ = milliseconds(0);
+  } else {
+    RecordError(err);
+  }
+  done_.SignalAll();
+}
+
+void WriteBack::RecordError(int err) {
+  last_error_ = err;
+  ++error_gen_;
+  counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
+  counters_.last_error.store(err, std::memory_order_relaxed);
+  backoff_ = backoff_.count() == 0 ? opts_.retry_min : std::min(backoff_ * 2, opts_.retry_max);
+  retry_at_ = Clock::now() + backoff_;
+}
+
+int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes) {
+  const uint64_t cap = std::max<uint32_t>(opts_.max_plugin_write, 1);
+  std::vector<uint8_t> joined;
+  size_t i = 0;
+  while (i < plan.size()) {
+    const DirtyRange& r = plan[i];
+    if (r.kind != RangeKind::kData) {
+      int err = r.kind == RangeKind::kZero
+                    ? sink_->Zero(static_cast<uint32_t>(r.length), r.offset, r.may_trim, false)
+                    : sink_->Trim(static_cast<uint32_t>(r.length), r.offset, false);
+      if (err) return err;
+      ++*plugin_writes;
+      ++i;
+      continue;
+    }
+    // Coalesce a run of adjacent data ranges up to the cap.
+    size_t j = i + 1;
+    uint64_t run = r.length;
+    while (j < plan.size() && plan[j].kind == RangeKind::kData &&
+           plan[j].offset == plan[j - 1].end() && run + plan[j].length <= cap) {
+      run += plan[j].length;
+      ++j;
+    }
+    if (j == i + 1) {
+      for (uint64_t done = 0; done < r.length; done += cap) {
+        uint64_t n = std::min(cap, r.length - done);
+        if (int err = sink_->Write(r.bytes() + done, static_cast<uint32_t>(n), r.offset + done, false))
+          return err;
+        ++*plugin_writes;
+      }
+    } else {
+      joined.resize(run);
+      uint64_t at = 0;
+      for (size_t k = i; k < j; ++k) {
+        std::memcpy(joined.data() + at, plan[k].bytes(), plan[k].length);
+        at += plan[k].length;
+      }
+      if (int err = sink_->Write(joined.data(), static_cast<uint32_t>(run), r.offset, false))
+        return err;
+      ++*plugin_writes;
+    }
+    i = j;
+  }
+  return 0;
+}
+
+Leftover WriteBack::Stop(milliseconds deadline) {
+  const auto until = Clock::now() + deadline;
+  if (deadline.count() > 0) {
+    while (Flush(Trigger::kShutdown) != 0 && Clock::now() < until) {
+      MutexLock l(&mu_);
+      done_.WaitUntil(std::min(until, retry_at_));
+    }
+  }
+  {
+    MutexLock l(&mu_);
+    stopping_ = true;
+    work_.SignalAll();
+  }
+  if (flusher_.joinable()) flusher_.join();
+  MutexLock l(&mu_);
+  stopped_ = true;
+  done_.SignalAll();
+  Leftover left;
+  active_.InsertUnder(std::move(flushing_));
+  flushing_ = DirtyMap();
+  left.requests = active_requests_ + flushing_requests_;
+  left.bytes = active_.total_bytes();
+  left.error = last_error_;
+  size_t shown = 0;
+  for (const auto& [off, r] : active_) {
+    if (shown++ == 8) {
+      left.ranges += " ...";
+      break;
+    }
+    if (!left.ranges.empty()) left.ranges += ' ';
+    left.ranges += '[' + std::to_string(r.offset) + ",+" + std::to_string(r.length) + ')';
+  }
+  if (active_.size() > 8) left.ranges += " (" + std::to_string(active_.size()) + " ranges)";
+  if (left.bytes == 0 && FlushPending()) left.error = left.error ? left.error : EIO;
+  return left;
+}
+
+void WriteBack::Pause() {
+  MutexLock l(&mu_);
+  paused_ = true;
+}
+
+void WriteBack::Resume() {
+  MutexLock l(&mu_);
+  paused_ = false;
+  work_.Signal();
+}
+
+void WriteBack::SetThreshold(uint32_t n) {
+  MutexLock l(&mu_);
+  threshold_ = n;
+  work_.Signal();
+}
+
+void WriteBack::SetBatchHook(BatchHook hook, void* opaque) {
+  MutexLock l(&mu_);
+  hook_ = hook;
+  hook_opaque_ = opaque;
+}
+
+uint64_t WriteBack::MemoryBytesLocked() const {
+  return account_.used() + (active_.size() + flushing_.size()) * DirtyMap::kNodeBytes;
+}
+
+uint64_t WriteBack::queued_requests() {
+  MutexLock l(&mu_);
+  return active_requests_ + flushing_requests_;
+}
+
+uint64_t WriteBack::queued_bytes() {
+  MutexLock l(&mu_);
+  return active_.data_bytes() + flushing_.data_bytes();
+}
+
+uint64_t WriteBack::memory_bytes() {
+  MutexLock l(&mu_);
+  return MemoryBytesLocked();
+}
+
+uint32_t WriteBack::threshold() {
+  MutexLock l(&mu_);
+  return threshold_;
+}
+
+std::string WriteBack::DebugString() {
+  MutexLock l(&mu_);
+  return active_.ToString() + " | " + flushing_.ToString();
+}
+
+CounterList WriteBack::Stats() {
+  CounterList c;
+  auto add = [&c](const char* k, uint64_t v) { c.emplace_back(k, std::to_string(v)); };
+  {
+    MutexLock l(&mu_);
+    add("threshold", threshold_);
+    add("paused", paused_ ? 1 : 0);
+    add("queued_requests", active_requests_ + flushing_requests_);
+    add("queued_bytes", active_.data_bytes() + flushing_.data_bytes());
+    add("queued_zero_bytes", active_.total_bytes() + flushing_.total_bytes() -
+                                 active_.data_bytes() - flushing_.data_bytes());
+    add("memory_bytes", MemoryBytesLocked());
+    uint64_t age = 0;
+    if (!flushing_.empty() || !active_.empty()) {
+      auto since = flushing_.empty() ? active_since_ : flushing_since_;
+      age = static_cast<uint64_t>(duration_cast<milliseconds>(Clock::now() - since).count());
+    }
+    add("oldest_dirty_age_ms", age);
+  }
+  auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  add("peak_queued_bytes", get(counters_.peak_queued_bytes));
+  add("batches_flushed", get(counters_.batches_flushed));
+  add("requests_flushed", get(counters_.requests_flushed));
+  add("bytes_flushed", get(counters_.bytes_flushed));
+  add("plugin_writes", get(counters_.plugin_writes));
+  add("writethrough_requests", get(counters_.writethrough_requests));
+  for (size_t t = 0; t < static_cast<size_t>(Trigger::kCount); ++t)
+    c.emplace_back(std::string("flushes_") + TriggerName(static_cast<Trigger>(t)),
+                   std::to_string(get(counters_.by_trigger[t])));
+  add("flush_errors", get(counters_.flush_errors));
+  int e = counters_.last_error.load(std::memory_order_relaxed);
+  c.emplace_back("last_error", e ? std::strerror(e) : "none");
+  add("backpressure_waits", account_.waits());
+  add("backpressure_wait_us", account_.wait_ns() / 1000);
+  add("read_overlay_hits", get(counters_.read_overlay_hits));
+  add("last_flush_us", get(counters_.last_flush_us));
+  add("max_flush_us", get(counters_.max_flush_us));
+  std::string hist;
+  for (size_t i = 0; i < counters_.flush_latency_hist.size(); ++i) {
+    if (i) hist += ' ';
+    hist += (i < kLatencyBucketsMs.size() ? "le" + std::to_string(kLatencyBucketsMs[i]) + "ms="
+                                          : std::string("inf="));
+    hist += std::to_string(get(counters_.flush_latency_hist[i]));
+  }
+  c.emplace_back("flush_latency_hist", hist);
+  return c;
+}
+
+}  // namespace sdccache

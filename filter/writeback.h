@@ -1,0 +1,160 @@
+// WriteBack: the write-back engine of one export (no nbdkit dependency).
+//
+// Contract (see DESIGN.md):
+//  - Write/Zero/Trim buffer the request and return; reads (Lookup) on any
+//    thread see it at once.  Requests are applied newest-wins.
+//  - A background flusher writes the buffered set to the Sink when
+//    `threshold` requests are queued, when the oldest is `max_age` old, when
+//    a writer waits for room, and when Flush() asks.  While it writes one
+//    batch ("flushing"), new requests go to the next ("active").
+//  - Flush(): when it returns 0, everything buffered before the call is in
+//    the Sink and the Sink was flushed.  Requests made meanwhile do not wait.
+//    A FUA request is buffered, then flushed before it returns.
+//  - Bytes buffered are bounded by queue_max_bytes: a writer past it waits
+//    (never fails).  A single write larger than the bound is written through,
+//    after everything before it has reached the Sink.
+//  - A failed Sink write keeps its batch buffered (merged under newer
+//    requests), is retried with capped exponential backoff, and fails every
+//    Flush() waiting meanwhile with the Sink's errno.
+//  - Ranges leave the overlay only after the Sink write succeeded (and, with
+//    flush_before_release, after a Sink flush too).
+//
+// Thread safety: every public method may be called from any thread, except
+// Stop(), which is called once, after client requests have ended.  No lock is
+// held across a Sink call or a payload copy.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <thread>
+
+#include "counters.h"
+#include "dirty_map.h"
+#include "memory_account.h"
+#include "mutex.h"
+#include "overlay.h"
+#include "sink.h"
+
+namespace sdccache {
+
+struct WriteBackOptions {
+  uint32_t threshold = 32;
+  uint64_t queue_max_bytes = 64ull << 20;
+  std::chrono::milliseconds max_age{30000};  // 0: no age trigger
+  uint32_t max_plugin_write = 4u << 20;      // coalescing cap
+  bool flush_before_release = false;         // Sink contexts not coherent
+  std::chrono::milliseconds retry_min{10};
+  std::chrono::milliseconds retry_max{1000};
+};
+
+// What Stop() could not write.
+struct Leftover {
+  uint64_t requests = 0;
+  uint64_t bytes = 0;
+  int error = 0;
+  std::string ranges;  // summarised, e.g. "[0,+4096) [1048576,+65536) ... (12 ranges)"
+};
+
+class WriteBack {
+ public:
+  WriteBack(Sink* sink, const WriteBackOptions& opts);  // starts the flusher
+  ~WriteBack();  // Stop() with no drain if not stopped yet
+  WriteBack(const WriteBack&) = delete;
+  WriteBack& operator=(const WriteBack&) = delete;
+
+  // Return 0 or a positive errno.
+  int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) EXCLUDES(mu_);
+  int Trim(uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  int Flush(Trigger why) EXCLUDES(mu_);
+
+  // Snapshot of buffered content over [offset, offset+length), for reads
+  // and block status.  Take it before reading the plugin.
+  Overlay Lookup(uint64_t offset, uint64_t length) EXCLUDES(mu_);
+
+  // Tries to write everything until `deadline` passes, then stops the
+  // flusher.  Returns what is still unwritten.
+  Leftover Stop(std::chrono::milliseconds deadline) EXCLUDES(mu_);
+
+  void Pause() EXCLUDES(mu_);   // no threshold/age batches until Resume
+  void Resume() EXCLUDES(mu_);
+  void SetThreshold(uint32_t n) EXCLUDES(mu_);
+
+  CounterList Stats() EXCLUDES(mu_);
+  const Counters& counters() const { return counters_; }
+  uint64_t queued_requests() EXCLUDES(mu_);
+  uint64_t queued_bytes() EXCLUDES(mu_);
+  uint64_t memory_bytes() EXCLUDES(mu_);
+  uint32_t threshold() EXCLUDES(mu_);
+  // For tests: the buffered sets as "active | flushing" DirtyMap strings.
+  std::string DebugString() EXCLUDES(mu_);
+
+  // Called after each batch with (trigger, requests, bytes, plugin writes,
+  // duration in µs, errno); from the flusher thread, with no lock held.
+  using BatchHook = void (*)(void* opaque, Trigger, uint64_t, uint64_t, uint64_t, uint64_t, int);
+  void SetBatchHook(BatchHook hook, void* opaque) EXCLUDES(mu_);
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
+  int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) REQUIRES(mu_);
+  void FlusherLoop() EXCLUDES(mu_);
+  bool FlushPending() const REQUIRES(mu_);
+  bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
+  void RunBatch(Trigger why) REQUIRES(mu_);
+  void RunPluginFlush() REQUIRES(mu_);
+  int WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes);
+  void RecordError(int err) REQUIRES(mu_);
+  void WakeForRoom() EXCLUDES(mu_);
+  uint64_t MemoryBytesLocked() const REQUIRES(mu_);
+
+  // Constant after construction.
+  Sink* const sink_;
+  const WriteBackOptions opts_;
+
+  MemoryAccount account_;  // thread-safe itself
+  Counters counters_;      // atomics
+
+  Mutex mu_;
+  CondVar work_{&mu_};  // wakes the flusher
+  CondVar done_{&mu_};  // wakes Flush() and write-through waiters
+  DirtyMap active_ GUARDED_BY(mu_);
+  DirtyMap flushing_ GUARDED_BY(mu_);  // changed only by the flusher
+  uint64_t active_requests_ GUARDED_BY(mu_) = 0;
+  uint64_t flushing_requests_ GUARDED_BY(mu_) = 0;
+  Clock::time_point active_since_ GUARDED_BY(mu_);  // oldest request in active_
+  Clock::time_point flushing_since_ GUARDED_BY(mu_);
+  uint32_t threshold_ GUARDED_BY(mu_);
+  bool paused_ GUARDED_BY(mu_) = false;
+  bool pressure_ GUARDED_BY(mu_) = false;  // a writer waits for room
+  bool kick_ GUARDED_BY(mu_) = false;      // a fresh request skips the backoff
+  bool stopping_ GUARDED_BY(mu_) = false;
+  bool stopped_ GUARDED_BY(mu_) = false;
+  Trigger pending_why_ GUARDED_BY(mu_) = Trigger::kClient;
+
+  // Epochs.  Every buffered request gets seq = ++last_seq_.  Requests up to
+  // written_seq_ are in the Sink; up to flushed_seq_ they are also flushed.
+  // write_gen_ counts completed Sink writes (batches and write-throughs);
+  // flushed_gen_ is the write_gen_ a successful Sink flush covered.
+  uint64_t last_seq_ GUARDED_BY(mu_) = 0;
+  uint64_t written_seq_ GUARDED_BY(mu_) = 0;
+  uint64_t flushed_seq_ GUARDED_BY(mu_) = 0;
+  uint64_t write_gen_ GUARDED_BY(mu_) = 0;
+  uint64_t flushed_gen_ GUARDED_BY(mu_) = 0;
+  uint64_t drain_req_seq_ GUARDED_BY(mu_) = 0;  // must be written
+  uint64_t flush_req_seq_ GUARDED_BY(mu_) = 0;  // must be written and flushed
+  uint64_t flush_req_gen_ GUARDED_BY(mu_) = 0;
+  uint64_t error_gen_ GUARDED_BY(mu_) = 0;
+  int last_error_ GUARDED_BY(mu_) = 0;
+  Clock::time_point retry_at_ GUARDED_BY(mu_);
+  std::chrono::milliseconds backoff_ GUARDED_BY(mu_){0};
+
+  BatchHook hook_ GUARDED_BY(mu_) = nullptr;
+  void* hook_opaque_ GUARDED_BY(mu_) = nullptr;
+
+  std::thread flusher_;
+};
+
+}  // namespace sdccache

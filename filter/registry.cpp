@@ -41,6 +41,14 @@ ExportCache* Registry::Get(const std::string& name, bool create, int* err) {
     *err = EIO;
     return nullptr;
   }
+  // nbdkit checks request bounds against a size it learns from get_size.
+  if (cache->context->get_size(cache->context) == -1) {
+    nbdkit_error("sdccache: cannot get the size of export '%s'", name.c_str());
+    cache->context->finalize(cache->context);
+    nbdkit_next_context_close(cache->context);
+    *err = EIO;
+    return nullptr;
+  }
   cache->sink = std::make_unique<PluginSink>(cache->context, &gate_);
   WriteBackOptions opts;
   opts.threshold = threshold_override_ ? threshold_override_ : params_.threshold;

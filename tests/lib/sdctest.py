@@ -1,0 +1,179 @@
+"""Shared helpers for sdccache's integration tests (libnbd's Python binding).
+
+Every server is started by PID, on a private Unix socket in a temporary
+directory, and stopped by that PID: SIGTERM, then SIGKILL if it has not
+exited within its bound.  Tests wait for conditions (socket present, process
+exited, file content changed) with explicit deadlines, never bare sleeps.
+"""
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import nbd  # python3-libnbd
+
+FILTER = os.environ.get("SDCCACHE_FILTER", "sdccache")
+NBDKIT = os.environ.get("NBDKIT", "nbdkit")
+
+
+def fail(msg):
+    print("FAIL: " + msg, file=sys.stderr)
+    sys.exit(1)
+
+
+def check(cond, msg):
+    if not cond:
+        fail(msg)
+
+
+def wait_until(pred, timeout, what, interval=0.01):
+    """Polls pred() until true; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            fail("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+class Server:
+    """nbdkit [filters] --filter=sdccache PLUGIN ARGS on a Unix socket."""
+
+    def __init__(self, plugin_args, filter_args=(), under=(), over=(), extra=(),
+                 tmpdir=None, start_timeout=10, env=None):
+        self.tmp = tmpdir or tempfile.mkdtemp(prefix="sdctest-")
+        self.sock = os.path.join(self.tmp, "nbd.sock")
+        self.log = os.path.join(self.tmp, "nbdkit.log")
+        cmd = [NBDKIT, "-f", "-U", self.sock]
+        cmd += list(extra)
+        for f in over:
+            cmd += ["--filter=" + f]
+        cmd += ["--filter=" + FILTER]
+        for f in under:
+            cmd += ["--filter=" + f]
+        cmd += list(plugin_args) + list(filter_args)
+        self.cmd = cmd
+        self.logf = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
+                                     env=env)
+        deadline = time.monotonic() + start_timeout
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None:
+                fail("nbdkit exited early (%d): %s\n%s" %
+                     (self.proc.returncode, " ".join(cmd), self.log_text()))
+            if time.monotonic() > deadline:
+                self.kill()
+                fail("nbdkit did not create its socket within %ds" % start_timeout)
+            time.sleep(0.01)
+
+    @property
+    def uri(self):
+        return "nbd+unix:///?socket=" + self.sock
+
+    def connect(self, exportname=""):
+        h = nbd.NBD()
+        h.set_export_name(exportname)
+        h.connect_unix(self.sock)
+        return h
+
+    def log_text(self):
+        if not self.logf.closed:
+            self.logf.flush()
+        with open(self.log, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        """Signals nbdkit and waits for it; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                fail("nbdkit did not exit within %ds of signal %d" % (timeout, sig))
+        self.logf.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+        return False
+
+
+def disk_read(path, offset, length):
+    """Reads the backing file directly, bypassing nbdkit."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def make_image(tmp, size, name="disk.img"):
+    path = os.path.join(tmp, name)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+class Model:
+    """Shadow buffer: what every read must return."""
+
+    def __init__(self, size):
+        self.buf = bytearray(size)
+
+    def write(self, off, data):
+        self.buf[off:off + len(data)] = data
+
+    def zero(self, off, n):
+        self.buf[off:off + n] = bytes(n)
+
+    def read(self, off, n):
+        return bytes(self.buf[off:off + n])
+
+
+def random_ops(h_list, model, size, count, seed, ops_log=None):
+    """Runs `count` random requests, spread over the handles in h_list,
+    checking every read against the model.  Offsets and lengths are
+    unaligned and overlap on a small hot area."""
+    rng = random.Random(seed)
+    for i in range(count):
+        h = h_list[rng.randrange(len(h_list))]
+        hot = rng.random() < 0.7
+        span = min(size, 256 * 1024) if hot else size
+        n = rng.randint(1, 70000)
+        off = rng.randrange(0, span)
+        n = min(n, size - off)
+        op = rng.random()
+        if op < 0.40:
+            data = rng.randbytes(n)
+            fua = rng.random() < 0.05
+            h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
+            model.write(off, data)
+        elif op < 0.75:
+            got = h.pread(n, off)
+            want = model.read(off, n)
+            if got != want:
+                first = next(j for j in range(n) if got[j] != want[j])
+                fail("seed %d op %d: read [%d,+%d) differs at byte %d (got %d want %d)" %
+                     (seed, i, off, n, off + first, got[first], want[first]))
+        elif op < 0.85:
+            h.zero(n, off, nbd.CMD_FLAG_FUA if rng.random() < 0.05 else 0)
+            model.zero(off, n)
+        elif op < 0.93:
+            h.trim(n, off)
+            model.zero(off, n)  # file and memory both read trimmed bytes as zero
+        else:
+            h.flush()
+        if ops_log is not None:
+            ops_log.append(op)

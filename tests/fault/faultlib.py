@@ -1,0 +1,210 @@
+# Helpers shared by the fault suite: control-socket stats, error-filter
+# arguments, a file-backed eval plugin, and a fault-tolerant random workload.
+import errno
+import os
+import random
+import socket
+
+import nbd
+
+from sdctest import check, fail, wait_until
+
+
+def control(path, command, timeout=30):
+    """Sends one command line to the control socket; returns the reply lines
+    (the final 'ok' or 'error ...' line included)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall((command + "\n").encode())
+        buf = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            lines = buf.decode(errors="replace").splitlines()
+            if buf.endswith(b"\n") and lines and (lines[-1] == "ok" or
+                                                   lines[-1].startswith("error")):
+                return lines
+        fail("control socket closed before answering %r: %r" % (command, buf))
+
+
+def stats(path):
+    """The control socket's counters as a dict of strings."""
+    lines = control(path, "stats")
+    check(lines[-1] == "ok", "stats answered %r" % lines[-1])
+    out = {}
+    for line in lines[:-1]:
+        key, _, value = line.partition(": ")
+        out[key] = value
+    return out
+
+
+def counter(path, key):
+    return int(stats(path)[key])
+
+
+def wait_counter(path, key, at_least, timeout=20):
+    wait_until(lambda: counter(path, key) >= at_least, timeout,
+               "counter %s >= %d" % (key, at_least), interval=0.02)
+
+
+def error_args(kinds, rate, trigger_file=None, err="EIO"):
+    """nbdkit-error-filter parameters failing `kinds` (pwrite, zero, trim)."""
+    args = []
+    for k in kinds:
+        args.append("error-%s=%s" % (k, err))
+        args.append("error-%s-rate=%s" % (k, rate))
+        if trigger_file:
+            args.append("error-%s-file=%s" % (k, trigger_file))
+    return args
+
+
+def expect_errno(fn, want, what):
+    """Calls fn(); it must fail with nbd.Error whose errno is `want`."""
+    try:
+        fn()
+    except nbd.Error as e:
+        check(e.errnum == want, "%s failed with %s, want %s" %
+              (what, e, errno.errorcode[want]))
+        return e
+    fail("%s succeeded; it must fail with %s" % (what, errno.errorcode[want]))
+
+
+def eval_file_plugin(image, thread_model=None, lock_dir=None, marker=None,
+                     call_log=None, flush_error_file=None, hold="0"):
+    """Arguments for `nbdkit eval` serving `image` with dd.
+
+    With lock_dir, every data call takes a mkdir lock for its duration
+    (`hold` seconds of extra work inside it, to widen any overlap); a call
+    that finds the lock taken writes `marker`.  With call_log, each call
+    appends "METHOD COUNT OFFSET" to it.  With flush_error_file, flush fails
+    with ENOSPC while that file exists."""
+    def guarded(body, name):
+        if not lock_dir:
+            return body
+        enter = ('if ! mkdir %s 2>/dev/null; then echo "overlap in %s $$" >> %s; '
+                 'mine=0; else mine=1; fi; ' % (lock_dir, name, marker))
+        log = ('echo "%s $3 $4" >> %s; ' % (name, call_log)) if call_log else ""
+        leave = ('sleep %s; [ $mine = 1 ] && rmdir %s; ' % (hold, lock_dir))
+        return enter + log + body + "; rc=$?; " + leave + "exit $rc"
+
+    pread = "dd if=%s skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none" % image
+    pwrite = "dd of=%s seek=$4 conv=notrunc oflag=seek_bytes status=none" % image
+    flush = "true"
+    if flush_error_file:
+        flush = ('if [ -e %s ]; then echo "ENOSPC injected flush failure" >&2; false; fi'
+                 % flush_error_file)
+    args = ["eval",
+            "get_size=stat -Lc %%s %s" % image,
+            "pread=" + guarded(pread, "pread"),
+            "pwrite=" + guarded(pwrite, "pwrite"),
+            "flush=" + guarded(flush, "flush")]
+    if thread_model:
+        args.append("thread_model=echo %s" % thread_model)
+    return args
+
+
+class FaultyOps:
+    """Random model-checked I/O where only flush and FUA requests may fail.
+
+    A failed FUA request leaves its range holding either the old or the new
+    content (NBD leaves it unspecified); the range is read back, must be one
+    of the two, and the model takes what was read."""
+
+    def __init__(self, h, model, size, seed, hot=256 * 1024):
+        self.h, self.model, self.size = h, model, size
+        self.rng = random.Random(seed)
+        self.hot = min(hot, size)
+        self.seed = seed
+        self.flush_failures = 0
+        self.flush_ok = 0
+        self.fua_failures = 0
+
+    def _settle_failed_fua(self, off, n, old, new, i):
+        got = self.h.pread(n, off)
+        check(got == new or got == old,
+              "seed %d op %d: failed FUA left [%d,+%d) neither old nor new" %
+              (self.seed, i, off, n))
+        self.model.write(off, got)
+
+    def run(self, count):
+        rng, h, model = self.rng, self.h, self.model
+        for i in range(count):
+            span = self.hot if rng.random() < 0.7 else self.size
+            off = rng.randrange(0, span)
+            n = min(rng.randint(1, 70000), self.size - off)
+            fua = rng.random() < 0.08
+            op = rng.random()
+            if op < 0.40 or op >= 0.85 and op < 0.93:
+                if op < 0.40:
+                    new = rng.randbytes(n)
+                    call = lambda: h.pwrite(new, off, nbd.CMD_FLAG_FUA if fua else 0)
+                elif rng.random() < 0.5:
+                    new = bytes(n)
+                    call = lambda: h.zero(n, off, nbd.CMD_FLAG_FUA if fua else 0)
+                else:
+                    new = bytes(n)
+                    call = lambda: h.trim(n, off, nbd.CMD_FLAG_FUA if fua else 0)
+                old = model.read(off, n)
+                if not fua:
+                    call()  # must never fail
+                    model.write(off, new)
+                    continue
+                try:
+                    call()
+                    model.write(off, new)
+                except nbd.Error as e:
+                    check(e.errnum == errno.EIO, "FUA failed with %s, want EIO" % e)
+                    self.fua_failures += 1
+                    self._settle_failed_fua(off, n, old, new, i)
+            elif op < 0.85:
+                got = h.pread(n, off)
+                want = model.read(off, n)
+                if got != want:
+                    first = next(j for j in range(n) if got[j] != want[j])
+                    fail("seed %d op %d: read [%d,+%d) differs at byte %d" %
+                         (self.seed, i, off, n, off + first))
+            else:
+                try:
+                    h.flush()
+                    self.flush_ok += 1
+                except nbd.Error as e:
+                    check(e.errnum == errno.EIO, "flush failed with %s, want EIO" % e)
+                    self.flush_failures += 1
+
+
+def write_file(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def first_diff(a, b):
+    if a == b:
+        return -1
+    for i in range(min(len(a), len(b))):
+        if a[i] != b[i]:
+            return i
+    return min(len(a), len(b)) if len(a) != len(b) else -1
+
+
+def check_same(got, want, what):
+    d = first_diff(got, want)
+    check(d == -1, "%s differs from the model at byte %d (len %d vs %d)" %
+          (what, d, len(got), len(want)))
+
+
+def touch(path):
+    with open(path, "w"):
+        pass
+
+
+def remove(path):
+    if os.path.exists(path):
+        os.unlink(path)

@@ -1,0 +1,57 @@
+# Random plugin write failures (30%) under a model-checked random workload:
+# only flush/FUA may fail; after the failures stop, nothing is lost.
+import os
+
+import sdctest
+from sdctest import Model, Server, check, wait_until
+from faultlib import (FaultyOps, check_same, counter, error_args, read_file, remove, stats,
+                      touch)
+
+SIZE = 8 << 20
+
+
+def run(seed, threshold, count):
+    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    img = sdctest.make_image(tmp, SIZE)
+    trig = os.path.join(tmp, "fail-now")
+    ctl = os.path.join(tmp, "ctl.sock")
+    touch(trig)
+    srv = Server(["file", img] + error_args(["pwrite", "zero", "trim"], "30%", trig),
+                 ["threshold=%d" % threshold, "max-age=100ms", "control=" + ctl],
+                 under=["error"], tmpdir=tmp)
+    with srv:
+        h = srv.connect()
+        h2 = srv.connect()
+        model = Model(SIZE)
+        ops = FaultyOps(h, model, SIZE, seed)
+        ops.run(count)
+        # A second connection sees the same content while failures go on.
+        check_same(h2.pread(SIZE, 0), model.read(0, SIZE), "second connection while failing")
+        st = stats(ctl)
+        print("seed %d threshold %d: %d flushes ok, %d failed, %d FUA failed, "
+              "flush_errors=%s batches=%s" %
+              (seed, threshold, ops.flush_ok, ops.flush_failures, ops.fua_failures,
+               st["flush_errors"], st["batches_flushed"]))
+        check(int(st["flush_errors"]) > 0, "no plugin write failed: the test tested nothing")
+
+        remove(trig)  # the plugin recovers; retries drain the queue
+        wait_until(lambda: counter(ctl, "queued_requests") == 0, 30, "queue drained by retries")
+        h.flush()
+        h2.flush()
+        check_same(read_file(img), model.read(0, SIZE), "disk after recovery")
+        check_same(h2.pread(SIZE, 0), model.read(0, SIZE), "read after recovery")
+        h.shutdown()
+        h2.shutdown()
+        check(srv.stop() == 0, "nbdkit exit status")
+        check_same(read_file(img), model.read(0, SIZE), "disk after shutdown")
+        check("could not be written" not in srv.log_text(), "shutdown reported lost data")
+
+
+def main():
+    seed = int(os.environ.get("SEED", "7"))
+    run(seed, threshold=4, count=3000)
+    run(seed + 1, threshold=1, count=1500)
+
+
+if __name__ == "__main__":
+    main()

@@ -177,3 +177,131 @@ def random_ops(h_list, model, size, count, seed, ops_log=None):
             h.flush()
         if ops_log is not None:
             ops_log.append(op)
+
+
+# ---------------------------------------------------------------------------
+# Helpers added for the integration suite: stats file, control socket and
+# backing-file polling.  Appended only; nothing above depends on them.
+
+def parse_stats_text(text):
+    """'key: value' lines -> dict of strings (values keep inner spaces)."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep:
+            out[key] = value
+    return out
+
+
+def read_stats_file(path, json_format=False):
+    """The stats file as a dict, or None if it does not exist yet.
+    The filter replaces it atomically (rename), so a read is never torn."""
+    import json
+    try:
+        with open(path, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    if json_format:
+        return json.loads(text)
+    return parse_stats_text(text)
+
+
+def wait_stats(path, pred, timeout, what, json_format=False):
+    """Polls the stats file until pred(stats) holds; returns those stats."""
+    seen = {}
+
+    def ok():
+        st = read_stats_file(path, json_format)
+        if st is None:
+            return False
+        seen["last"] = st
+        return pred(st)
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            fail("timed out after %.1fs waiting for stats: %s; last stats: %r" %
+                 (timeout, what, seen.get("last")))
+        time.sleep(0.02)
+    return seen["last"]
+
+
+def control_command(sock_path, line, timeout=30):
+    """Sends one line to the control socket; returns (body_lines, status),
+    status being the final 'ok' or 'error ...' line."""
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(sock_path)
+        s.sendall(line.encode() + b"\n")
+        buf = b""
+        lines = []
+        while True:
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    fail("control socket closed before a status line; got %r" % buf)
+                buf += chunk
+            raw, buf = buf.split(b"\n", 1)
+            text = raw.decode(errors="replace")
+            if text == "ok" or text.startswith("error"):
+                return lines, text
+            lines.append(text)
+    finally:
+        s.close()
+
+
+def control_stats(sock_path):
+    """The control socket's `stats` as a dict of strings."""
+    lines, status = control_command(sock_path, "stats")
+    check(status == "ok", "control stats answered %r" % status)
+    return parse_stats_text("\n".join(lines))
+
+
+def wait_disk(path, offset, data, timeout, what):
+    """Polls the backing file until it holds `data` at `offset`."""
+    wait_until(lambda: disk_read(path, offset, len(data)) == data, timeout, what)
+
+
+def run_command(cmd, timeout=30, check_rc=True):
+    """Runs a client command with a bound; returns CompletedProcess."""
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        fail("%s did not finish within %ds" % (" ".join(cmd), timeout))
+    if check_rc and p.returncode != 0:
+        fail("%s exited %d:\n%s%s" % (" ".join(cmd), p.returncode,
+                                      p.stdout.decode(errors="replace"),
+                                      p.stderr.decode(errors="replace")))
+    return p
+
+
+def wait_listening(sock_path, timeout=10):
+    """Waits until a Unix socket accepts connections.  nbdkit binds its
+    socket (the file appears) a moment before it listens, so a client that
+    only waits for the file can get ECONNREFUSED on a loaded machine."""
+    import socket
+
+    def accepts():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(sock_path)
+            return True
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        finally:
+            s.close()
+    wait_until(accepts, timeout, "%s to accept connections" % sock_path)
+
+
+def start_server(*args, **kwargs):
+    """Server(...) that returns only once nbdkit accepts connections."""
+    srv = Server(*args, **kwargs)
+    try:
+        wait_listening(srv.sock)
+    except SystemExit:
+        srv.kill()
+        raise
+    return srv

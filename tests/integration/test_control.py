@@ -1,0 +1,94 @@
+# Control socket: flush, pause/resume, threshold, refusals, socket mode.
+import os
+import stat
+import tempfile
+import time
+
+import sdctest
+
+BLOCK = 4096
+BAD = ["bogus", "threshold abc", "threshold 0", "threshold", "", "threshold -1",
+       "threshold 99999999", "threshold 1048577", "threshold 3x", "flush now", "FLUSH"]
+
+
+def stats(ctl):
+    return sdctest.control_stats(ctl)
+
+
+def ok(ctl, line):
+    lines, status = sdctest.control_command(ctl, line)
+    sdctest.check(status == "ok", "control %r answered %r" % (line, status))
+    return lines
+
+
+def absent(img, off, n, what):
+    sdctest.check(sdctest.disk_read(img, off, n) == bytes(n), "%s reached the file" % what)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="sdc-control-")
+    img = sdctest.make_image(tmp, 4 << 20)
+    ctl = os.path.join(tmp, "ctl.sock")
+    with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1h", "control=" + ctl],
+                        tmpdir=tmp) as srv:
+        st = os.stat(ctl)
+        sdctest.check(stat.S_ISSOCK(st.st_mode), "control path is not a socket")
+        sdctest.check(stat.S_IMODE(st.st_mode) == 0o600,
+                      "control socket mode %o, want 600" % stat.S_IMODE(st.st_mode))
+
+        h = srv.connect()
+        # flush answers only once the data is in the file.
+        data = os.urandom(3 * BLOCK + 5)
+        h.pwrite(data, 4097)
+        absent(img, 4097, len(data), "the write before control flush")
+        ok(ctl, "flush")
+        sdctest.check(sdctest.disk_read(img, 4097, len(data)) == data,
+                      "control flush answered ok before the data was in the file")
+
+        # Refusals: an error line, nothing changed.
+        before = stats(ctl)
+        for line in BAD:
+            _, status = sdctest.control_command(ctl, line)
+            sdctest.check(status.startswith("error "), "control %r answered %r" % (line, status))
+            after = stats(ctl)
+            for k in ("threshold", "paused", "flushes_control", "batches_flushed"):
+                sdctest.check(after[k] == before[k], "control %r changed %s: %s -> %s" %
+                              (line, k, before[k], after[k]))
+        sdctest.check(before["threshold"] == "1000", "threshold %r" % before["threshold"])
+        lines = ok(ctl, "help")
+        sdctest.check(any("threshold" in l for l in lines), "help: %r" % lines)
+
+        # threshold N changes the trigger at run time.
+        ok(ctl, "threshold 3")
+        sdctest.check(stats(ctl)["threshold"] == "3", "threshold 3 not applied")
+        blocks = [((1 << 20) + i * 65536, bytes([0x40 + i]) * BLOCK) for i in range(3)]
+        for off, d in blocks[:2]:
+            h.pwrite(d, off)
+        sdctest.check(stats(ctl)["queued_requests"] == "2", "2 writes not queued")
+        h.pwrite(blocks[2][1], blocks[2][0])
+        for off, d in blocks:
+            sdctest.wait_disk(img, off, d, 10, "write at %d after threshold 3" % off)
+
+        # pause holds batches back past the threshold; resume releases them.
+        ok(ctl, "threshold 2")
+        ok(ctl, "pause")
+        sdctest.check(stats(ctl)["paused"] == "1", "pause not shown in stats")
+        held = [((2 << 20) + i * 65536, bytes([0x60 + i]) * BLOCK) for i in range(5)]
+        for off, d in held:
+            h.pwrite(d, off)
+        time.sleep(1)  # about time: paused data stays buffered
+        for off, d in held:
+            absent(img, off, BLOCK, "a write while paused")
+        sdctest.check(stats(ctl)["queued_requests"] == "5", "queued while paused")
+        ok(ctl, "resume")
+        for off, d in held:
+            sdctest.wait_disk(img, off, d, 10, "write at %d after resume" % off)
+        sdctest.check(stats(ctl)["paused"] == "0", "resume not shown in stats")
+
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        sdctest.check(not os.path.exists(ctl), "control socket left behind after exit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+# Counters: stats file (text and JSON) and control `stats` track every trigger.
+import os
+import tempfile
+
+import nbd
+
+import sdctest
+
+BLOCK = 4096
+ALL_KEYS = [
+    "threshold", "paused", "queued_requests", "queued_bytes", "queued_zero_bytes",
+    "memory_bytes", "oldest_dirty_age_ms", "peak_queued_bytes", "batches_flushed",
+    "requests_flushed", "bytes_flushed", "plugin_writes", "writethrough_requests",
+    "flushes_threshold", "flushes_age", "flushes_client", "flushes_fua",
+    "flushes_disconnect", "flushes_shutdown", "flushes_control", "flushes_backpressure",
+    "flushes_retry", "flush_errors", "last_error", "backpressure_waits",
+    "backpressure_wait_us", "read_overlay_hits", "last_flush_us", "max_flush_us",
+    "flush_latency_hist",
+]
+
+
+def has(expect):
+    """Predicate: every key in `expect` has that numeric value."""
+    return lambda st: all(k in st and int(st[k]) == v for k, v in expect.items())
+
+
+def check_both(srv, stats_path, json_format, expect, what):
+    """The stats file reaches `expect` (polled), and control `stats` agrees."""
+    st = sdctest.wait_stats(stats_path, has(expect), 10, what, json_format)
+    ctl = sdctest.control_stats(srv.control)
+    sdctest.check(has(expect)(ctl), "control stats %s: want %r, got %r" % (what, expect, ctl))
+    return st
+
+
+def scenario(json_format):
+    tmp = tempfile.mkdtemp(prefix="sdc-counters-")
+    img = sdctest.make_image(tmp, 4 << 20)
+    stats_path = os.path.join(tmp, "stats")
+    ctl_path = os.path.join(tmp, "ctl.sock")
+    args = ["threshold=5", "max-age=1h", "statsfile=" + stats_path, "control=" + ctl_path]
+    if json_format:
+        args.append("statsformat=json")
+    with sdctest.start_server(["file", img], args, tmpdir=tmp) as srv:
+        srv.control = ctl_path
+        st = sdctest.wait_stats(stats_path, lambda s: True, 10, "stats file created",
+                                json_format)
+        sdctest.check(int(st["threshold"]) == 5, "threshold in stats: %r" % st)
+        h = srv.connect()
+        offs = [i * 131072 for i in range(8)]
+        for i in range(3):
+            h.pwrite(bytes([i + 1]) * BLOCK, offs[i])
+        st = check_both(srv, stats_path, json_format,
+                        {"queued_requests": 3, "queued_bytes": 3 * BLOCK,
+                         "batches_flushed": 0}, "after 3 writes")
+        missing = [k for k in ALL_KEYS if k not in st]
+        sdctest.check(not missing, "stats file lacks %r" % missing)
+        sdctest.check(int(st["memory_bytes"]) >= 3 * BLOCK, "memory_bytes %r" % st["memory_bytes"])
+        sdctest.check(int(st["peak_queued_bytes"]) >= 3 * BLOCK, "peak_queued_bytes")
+
+        for i in range(3, 5):
+            h.pwrite(bytes([i + 1]) * BLOCK, offs[i])
+        check_both(srv, stats_path, json_format,
+                   {"batches_flushed": 1, "queued_bytes": 0, "queued_requests": 0,
+                    "requests_flushed": 5, "bytes_flushed": 5 * BLOCK,
+                    "flushes_threshold": 1, "flushes_client": 0},
+                   "after the 5th write")
+
+        # A client flush (with something buffered) moves flushes_client.
+        h.pwrite(b"\x66" * BLOCK, offs[5])
+        h.flush()
+        check_both(srv, stats_path, json_format,
+                   {"flushes_client": 1, "batches_flushed": 2, "queued_requests": 0,
+                    "requests_flushed": 6, "flushes_fua": 0},
+                   "after a client flush")
+
+        # A FUA write moves flushes_fua.
+        h.pwrite(b"\x77" * BLOCK, offs[6], nbd.CMD_FLAG_FUA)
+        check_both(srv, stats_path, json_format,
+                   {"flushes_fua": 1, "flushes_client": 1, "batches_flushed": 3,
+                    "queued_requests": 0}, "after a FUA write")
+
+        # A read of buffered data moves read_overlay_hits; one of plugin
+        # data alone does not.
+        before = int(sdctest.control_stats(ctl_path)["read_overlay_hits"])
+        h.pread(BLOCK, offs[0])  # already written back: plugin only
+        h.pwrite(b"\x88" * BLOCK, offs[7])
+        got = h.pread(BLOCK, offs[7])
+        sdctest.check(got == b"\x88" * BLOCK, "buffered read returned other data")
+        check_both(srv, stats_path, json_format,
+                   {"read_overlay_hits": before + 1, "queued_requests": 1,
+                    "queued_bytes": BLOCK}, "after a read of buffered data")
+
+        # A control flush moves flushes_control.
+        lines, status = sdctest.control_command(ctl_path, "flush")
+        sdctest.check(status == "ok", "control flush: %r" % status)
+        check_both(srv, stats_path, json_format,
+                   {"flushes_control": 1, "queued_requests": 0, "batches_flushed": 4},
+                   "after a control flush")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        st = sdctest.read_stats_file(stats_path, json_format)
+        sdctest.check(int(st["flush_errors"]) == 0 and st["last_error"] == "none",
+                      "errors reported: %r" % st)
+
+
+def main():
+    scenario(json_format=False)
+    scenario(json_format=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+# Durability in the backing file: after a flush, a FUA write, and a disconnect.
+import tempfile
+
+import sdctest
+
+import nbd
+
+BLOCK = 4096
+
+
+def absent(img, off, what):
+    sdctest.check(sdctest.disk_read(img, off, BLOCK) == bytes(BLOCK),
+                  "%s reached the file before anything asked for it" % what)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="sdc-durable-")
+    img = sdctest.make_image(tmp, 4 << 20)
+    # Neither threshold nor age can write anything during the test.
+    with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1h"], tmpdir=tmp) as srv:
+        h = srv.connect()
+
+        # 1. Flush: every acknowledged write is in the file when it returns.
+        a = [bytes([0x10 + i]) * BLOCK for i in range(3)]
+        for i, d in enumerate(a):
+            h.pwrite(d, i * 65536 + 512)  # unaligned
+        for i in range(3):
+            absent(img, i * 65536 + 512, "write %d" % i)
+        h.flush()
+        for i, d in enumerate(a):
+            sdctest.check(sdctest.disk_read(img, i * 65536 + 512, BLOCK) == d,
+                          "write %d not in the file right after flush" % i)
+
+        # 2. FUA, before any later flush: the FUA write is in the file when
+        # it returns.  A plain write first shows buffering is still on.
+        plain = b"\x21" * BLOCK
+        h.pwrite(plain, 1 << 20)
+        absent(img, 1 << 20, "the plain write")
+        fua = b"\x22" * BLOCK
+        h.pwrite(fua, (1 << 20) + 8 * BLOCK, nbd.CMD_FLAG_FUA)
+        sdctest.check(sdctest.disk_read(img, (1 << 20) + 8 * BLOCK, BLOCK) == fua,
+                      "FUA write not in the file when it returned")
+        # A FUA zero too.
+        h.pwrite(b"\x23" * BLOCK, 2 << 20, nbd.CMD_FLAG_FUA)
+        h.zero(BLOCK, 2 << 20, nbd.CMD_FLAG_FUA)
+        sdctest.check(sdctest.disk_read(img, 2 << 20, BLOCK) == bytes(BLOCK),
+                      "FUA zero not in the file when it returned")
+
+        # 3. Disconnect without a flush: written before the connection closes.
+        last = b"\x24" * BLOCK
+        h.pwrite(last, 3 << 20)
+        absent(img, 3 << 20, "the write before disconnect")
+        h.shutdown()
+        sdctest.wait_disk(img, 3 << 20, last, 10, "the write in the file after disconnect")
+        sdctest.check(srv.proc.poll() is None, "nbdkit exited after the client disconnected")
+
+        # The server still serves, and reads what the file holds.
+        h2 = srv.connect()
+        sdctest.check(h2.pread(BLOCK, 3 << 20) == last, "reconnect reads stale data")
+        h2.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+
+
+if __name__ == "__main__":
+    main()

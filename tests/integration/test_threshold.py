@@ -1,0 +1,37 @@
+# Threshold trigger: the Nth queued write starts a batch; fewer stay buffered.
+import tempfile
+import time
+
+import sdctest
+
+THRESHOLD = 5
+BLOCK = 4096
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="sdc-threshold-")
+    img = sdctest.make_image(tmp, 1 << 20)
+    with sdctest.start_server(["file", img], ["threshold=%d" % THRESHOLD, "max-age=1h"],
+                        tmpdir=tmp) as srv:
+        h = srv.connect()
+        blocks = [bytes([0x41 + i]) * BLOCK for i in range(THRESHOLD)]
+        offsets = [(3 * i + 1) * 65536 for i in range(THRESHOLD)]  # distinct, not adjacent
+        for i in range(THRESHOLD - 1):
+            h.pwrite(blocks[i], offsets[i])
+        # The test is about time: below the threshold nothing reaches the file.
+        time.sleep(1)
+        for i in range(THRESHOLD - 1):
+            sdctest.check(sdctest.disk_read(img, offsets[i], BLOCK) == bytes(BLOCK),
+                          "write %d reached the file below the threshold" % i)
+            sdctest.check(h.pread(BLOCK, offsets[i]) == blocks[i],
+                          "write %d is not readable while buffered" % i)
+        h.pwrite(blocks[-1], offsets[-1])
+        for i in range(THRESHOLD):
+            sdctest.wait_disk(img, offsets[i], blocks[i], 10,
+                              "write %d in the file after the threshold write" % i)
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+
+
+if __name__ == "__main__":
+    main()

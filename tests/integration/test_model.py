@@ -20,6 +20,8 @@ VARIANTS = {
     33: ["threshold=64"],
     44: ["threshold=5", "queue-max-size=256K"],
     55: ["threshold=64", "queue-max-size=64K", "max-age=50ms"],  # writes > 64K go through
+    66: [],  # defaults
+    77: ["threshold=5", "queue-max-size=4K", "max-age=0"],  # most writes go through
 }
 
 
@@ -75,7 +77,7 @@ def run_seed(plugin, seed, params):
         sdctest.check(int(st["batches_flushed"]) > 0, "no batch was ever written")
         if "threshold=1" not in params:
             sdctest.check(int(st["read_overlay_hits"]) > 0, "no read met buffered data")
-        if "queue-max-size=64K" in params:
+        if "queue-max-size=64K" in params or "queue-max-size=4K" in params:
             sdctest.check(int(st["writethrough_requests"]) > 0, "no write went through")
             sdctest.check(int(st["backpressure_waits"]) > 0, "no writer waited for room")
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")

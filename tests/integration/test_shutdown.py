@@ -26,6 +26,8 @@ def main():
         h.shutdown()
         rc = srv.stop(signal.SIGTERM, timeout=30)
         sdctest.check(rc == 0, "nbdkit exited %d on SIGTERM:\n%s" % (rc, srv.log_text()))
+        sdctest.check("could not be written" not in srv.log_text(),
+                      "shutdown reported lost data:\n" + srv.log_text())
         for i, (d, off) in enumerate(zip(data, offs)):
             sdctest.check(sdctest.disk_read(img, off, len(d)) == d,
                           "write %d missing from the file after shutdown" % i)
@@ -47,6 +49,8 @@ def main():
             print("shutdown after SIGTERM: %s" % e)
         rc = srv.stop(signal.SIGTERM, timeout=30)
         sdctest.check(rc == 0, "nbdkit exited %d:\n%s" % (rc, srv.log_text()))
+        sdctest.check("could not be written" not in srv.log_text(),
+                      "shutdown reported lost data:\n" + srv.log_text())
         sdctest.check(sdctest.disk_read(img2, 65536, BLOCK) == d,
                       "write missing from the file after SIGTERM with a client connected")
 

@@ -1,5 +1,4 @@
 # Bad parameters: nbdkit refuses to start, fast, naming the parameter.
-import os
 import subprocess
 
 import sdctest

@@ -22,12 +22,12 @@ def require(*tools):
         check(shutil.which(t) is not None, "required tool not found in PATH: " + t)
 
 
-def run(cmd, timeout, expect_rc=0, env=None):
+def run(cmd, timeout, expect_rc=0, env=None, cwd=None):
     """Runs cmd, killing it after `timeout` seconds; returns its output.
     Fails the test unless it exits with expect_rc (None: any status)."""
     try:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           timeout=timeout, env=env)
+                           timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
         out = (e.output or b"").decode(errors="replace")
         fail("timed out after %ds: %s\n%s" % (timeout, " ".join(cmd), out))

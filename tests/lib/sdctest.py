@@ -70,6 +70,12 @@ class Server:
                 self.kill()
                 fail("nbdkit did not create its socket within %ds" % start_timeout)
             time.sleep(0.01)
+        # The file appears when nbdkit binds, a moment before it listens.
+        try:
+            wait_listening(self.sock, start_timeout)
+        except SystemExit:
+            self.kill()
+            raise
 
     @property
     def uri(self):

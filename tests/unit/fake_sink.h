@@ -1,0 +1,130 @@
+// FakeSink: an in-memory plugin for engine tests, with failure injection and
+// a gate that holds writes so tests can observe a batch in flight.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "sink.h"
+
+namespace sdccache {
+
+class FakeSink : public Sink {
+ public:
+  explicit FakeSink(size_t size) : disk_(size, 0) {}
+
+  int Write(const void* buf, uint32_t count, uint64_t offset, bool) override {
+    std::unique_lock<std::mutex> l(mu_);
+    ++writes_started_;
+    cv_.notify_all();
+    cv_.wait(l, [this] { return !held_; });
+    if (int e = Injected(fail_)) return e;
+    std::memcpy(disk_.data() + offset, buf, count);
+    ++writes_;
+    bytes_ += count;
+    max_write_ = std::max<uint64_t>(max_write_, count);
+    return 0;
+  }
+  int Zero(uint32_t count, uint64_t offset, bool, bool) override {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [this] { return !held_; });
+    if (int e = Injected(fail_)) return e;
+    std::memset(disk_.data() + offset, 0, count);
+    ++zeroes_;
+    return 0;
+  }
+  int Trim(uint32_t count, uint64_t offset, bool) override {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [this] { return !held_; });
+    if (int e = Injected(fail_)) return e;
+    std::memset(disk_.data() + offset, 0, count);  // like file/memory plugins
+    ++trims_;
+    return 0;
+  }
+  int Flush() override {
+    std::lock_guard<std::mutex> l(mu_);
+    if (int e = Injected(fail_flush_)) return e;
+    ++flushes_;
+    return 0;
+  }
+
+  // Test controls.
+  void Hold() {
+    std::lock_guard<std::mutex> l(mu_);
+    held_ = true;
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      held_ = false;
+    }
+    cv_.notify_all();
+  }
+  // Blocks until at least n writes have started (entered Write).
+  void AwaitWritesStarted(uint64_t n) {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return writes_started_ >= n; });
+  }
+  // The next n plugin calls (writes, zeroes, trims, flushes) fail with err.
+  void FailNext(uint64_t n, int err) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_next_ = n;
+    fail_next_err_ = err;
+  }
+  uint64_t injected() {
+    std::lock_guard<std::mutex> l(mu_);
+    return injected_;
+  }
+  void Fail(int err) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_ = err;
+  }
+  void FailFlush(int err) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_flush_ = err;
+  }
+  void Read(void* buf, uint64_t len, uint64_t offset) {
+    std::lock_guard<std::mutex> l(mu_);
+    std::memcpy(buf, disk_.data() + offset, len);
+  }
+  std::vector<uint8_t> Disk() {
+    std::lock_guard<std::mutex> l(mu_);
+    return disk_;
+  }
+  uint64_t writes() {
+    std::lock_guard<std::mutex> l(mu_);
+    return writes_;
+  }
+  uint64_t flushes() {
+    std::lock_guard<std::mutex> l(mu_);
+    return flushes_;
+  }
+  uint64_t max_write() {
+    std::lock_guard<std::mutex> l(mu_);
+    return max_write_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<uint8_t> disk_;
+  bool held_ = false;
+  int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
+  uint64_t fail_next_ = 0, injected_ = 0;
+  // REQUIRES: mu_ held.  The error this call must return, or 0.
+  int Injected(int always) {
+    if (always) return always;
+    if (fail_next_ == 0) return 0;
+    --fail_next_;
+    ++injected_;
+    return fail_next_err_;
+  }
+  uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
+  uint64_t max_write_ = 0;
+};
+
+}  // namespace sdccache

@@ -1,0 +1,47 @@
+// memory_bytes against the real heap (mallinfo2 deltas) at 1, 1000 and
+// 100000 queued requests.
+#include <gtest/gtest.h>
+#include <malloc.h>
+
+#include <chrono>
+#include <cmath>
+#include <string>
+
+#include "fake_sink.h"
+#include "writeback.h"
+
+namespace sdccache {
+namespace {
+
+size_t HeapInUse() {
+  struct mallinfo2 mi = mallinfo2();
+  return mi.uordblks + mi.hblkhd;
+}
+
+class MemoryTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(MemoryTest, MemoryBytesTracksRealHeapWithinTenPercent) {
+  const int n = GetParam();
+  FakeSink sink(4096);
+  WriteBackOptions o;
+  o.threshold = 1048576;
+  o.queue_max_bytes = 1ull << 34;
+  o.max_age = std::chrono::milliseconds(0);
+  WriteBack wb(&sink, o);
+  std::string block(4096, 'm');
+  const size_t before = HeapInUse();
+  const uint64_t counted_before = wb.memory_bytes();
+  for (int i = 0; i < n; ++i)
+    ASSERT_EQ(wb.Write(block.data(), 4096, static_cast<uint64_t>(i) * 8192, false), 0);
+  const double real = static_cast<double>(HeapInUse() - before);
+  const double counted = static_cast<double>(wb.memory_bytes() - counted_before);
+  std::printf("%d requests: memory_bytes=%.0f heap=%.0f ratio=%.3f\n", n, counted, real,
+              counted / real);
+  EXPECT_EQ(wb.queued_requests(), static_cast<uint64_t>(n));
+  EXPECT_LE(std::fabs(counted - real), 0.10 * real);
+}
+
+INSTANTIATE_TEST_SUITE_P(QueuedRequests, MemoryTest, ::testing::Values(1, 1000, 100000));
+
+}  // namespace
+}  // namespace sdccache

@@ -1,0 +1,253 @@
+// WriteBack against FakeSink: triggers, epochs, errors, backpressure.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cerrno>
+#include <future>
+#include <string>
+#include <thread>
+
+#include "fake_sink.h"
+#include "writeback.h"
+
+namespace sdccache {
+namespace {
+
+using std::chrono::milliseconds;
+
+constexpr size_t kDisk = 1 << 20;
+
+WriteBackOptions Opts(uint32_t threshold, uint64_t queue_max = 64 << 20) {
+  WriteBackOptions o;
+  o.threshold = threshold;
+  o.queue_max_bytes = queue_max;
+  o.max_age = milliseconds(0);
+  o.retry_min = milliseconds(1);
+  o.retry_max = milliseconds(5);
+  return o;
+}
+
+std::string ReadThrough(WriteBack& wb, FakeSink& sink, uint64_t off, uint64_t len) {
+  Overlay ov = wb.Lookup(off, len);  // before the plugin read, as the glue does
+  std::vector<uint8_t> disk = sink.Disk();
+  std::string buf(disk.begin() + off, disk.begin() + off + len);
+  ov.ApplyTo(reinterpret_cast<uint8_t*>(buf.data()));
+  return buf;
+}
+
+TEST(WriteBackTest, ReadsSeeBufferedWritesBeforeTheyAreWritten) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("hello", 5, 100, false), 0);
+  ASSERT_EQ(wb.Write("J", 1, 101, false), 0);
+  EXPECT_EQ(ReadThrough(wb, sink, 99, 7), std::string("\0hJllo\0", 7));
+  EXPECT_EQ(sink.writes(), 0u);
+  EXPECT_EQ(wb.queued_requests(), 2u);
+  EXPECT_EQ(wb.queued_bytes(), 5u);
+}
+
+TEST(WriteBackTest, ThresholdStartsABatchWithoutFlush) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(3));
+  std::string block(4096, 'x');
+  for (int i = 0; i < 2; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 8192, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 2u);
+  ASSERT_EQ(wb.Write(block.data(), 4096, 2 * 8192, false), 0);
+  // The batch runs in the background; wait for its effect, not for time.
+  sink.AwaitWritesStarted(3);
+  while (wb.queued_requests() != 0) std::this_thread::yield();
+  EXPECT_EQ(sink.writes(), 3u);
+  EXPECT_EQ(sink.flushes(), 0u);
+  EXPECT_EQ(wb.counters().batches_flushed.load(), 1u);
+}
+
+TEST(WriteBackTest, BatchLeavesOverlayOnlyWhenWritten) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1));
+  sink.Hold();
+  ASSERT_EQ(wb.Write("old", 3, 0, false), 0);
+  sink.AwaitWritesStarted(1);  // batch is in flight, held in the plugin
+  EXPECT_EQ(wb.DebugString(), " | [0,+3)D");
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "old");
+  // Newer writes go to the next batch and win over the one in flight.
+  ASSERT_EQ(wb.Write("N", 1, 1, false), 0);
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "oNd");
+  sink.Release();
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.DebugString(), " | ");
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + 3), "oNd");
+  EXPECT_GE(sink.flushes(), 1u);
+}
+
+TEST(WriteBackTest, FailedBatchMergesBackUnderNewerWrites) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1));
+  sink.Fail(EIO);
+  sink.Hold();
+  ASSERT_EQ(wb.Write("AAAA", 4, 0, false), 0);
+  sink.AwaitWritesStarted(1);
+  ASSERT_EQ(wb.Write("BB", 2, 2, false), 0);  // newer, overlaps the failing batch
+  sink.Release();
+  // The flush reports the plugin's errno while the plugin fails...
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 4), "AABB");
+  EXPECT_GE(wb.counters().flush_errors.load(), 1u);
+  // ...and succeeds once it recovers, with the newer data on top.
+  sink.Fail(0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4), "AABB");
+  EXPECT_EQ(wb.queued_requests(), 0u);
+}
+
+TEST(WriteBackTest, FailedPluginFlushIsReported) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
+  sink.FailFlush(ENOSPC);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), ENOSPC);
+  EXPECT_EQ(wb.Write("y", 1, 1, true), ENOSPC);  // FUA reports it too
+  sink.FailFlush(0);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
+TEST(WriteBackTest, FuaIsDurableBeforeReturn) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("f", 1, 10, true), 0);
+  EXPECT_EQ(sink.Disk()[10], 'f');
+  EXPECT_GE(sink.flushes(), 1u);
+  EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kFua)].load(), 1u);
+}
+
+TEST(WriteBackTest, FlushDoesNotWaitForLaterWrites) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
+  sink.Hold();
+  auto flushed = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  sink.AwaitWritesStarted(1);
+  // Written while the flush is in flight: belongs to the next epoch.
+  ASSERT_EQ(wb.Write("b", 1, 1, false), 0);
+  sink.Release();
+  EXPECT_EQ(flushed.get(), 0);
+  EXPECT_EQ(sink.Disk()[0], 'a');
+  EXPECT_EQ(wb.queued_requests(), 1u);  // "b" is still buffered
+}
+
+TEST(WriteBackTest, ZeroAndTrimReachThePluginInOrder) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  std::string ones(100, '1');
+  ASSERT_EQ(wb.Write(ones.data(), 100, 0, false), 0);
+  ASSERT_EQ(wb.Zero(10, 20, false, false), 0);
+  ASSERT_EQ(wb.Write("w", 1, 25, false), 0);
+  ASSERT_EQ(wb.Trim(10, 50, false), 0);
+  ASSERT_EQ(wb.Write("v", 1, 55, false), 0);
+  std::string want = ones;
+  for (int i = 20; i < 30; ++i) want[i] = '\0';
+  want[25] = 'w';
+  for (int i = 50; i < 60; ++i) want[i] = '\0';
+  want[55] = 'v';
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 100), want);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + 100), want);
+}
+
+TEST(WriteBackTest, BackpressureWakesWriters) {
+  FakeSink sink(kDisk);
+  const uint64_t limit = 3 * Chunk::AllocationSize(4096);
+  WriteBack wb(&sink, Opts(1000, limit));
+  std::string block(4096, 'p');
+  sink.Hold();
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 4096, false), 0);
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    EXPECT_EQ(wb.Write(block.data(), 4096, 3 * 4096, false), 0);
+    done = true;
+  });
+  // The 4th write cannot fit: it starts a batch (below threshold) and waits.
+  sink.AwaitWritesStarted(1);
+  EXPECT_FALSE(done.load());
+  sink.Release();
+  writer.join();
+  EXPECT_TRUE(done.load());
+  EXPECT_GE(wb.counters().by_trigger[static_cast<size_t>(Trigger::kBackpressure)].load(), 1u);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4 * 4096), std::string(4 * 4096, 'p'));
+}
+
+TEST(WriteBackTest, WriteLargerThanQueueIsWrittenThroughInOrder) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000, 8192));
+  std::string small(100, 's'), big(16384, 'B');
+  ASSERT_EQ(wb.Write(small.data(), 100, 16000, false), 0);  // older, overlaps big
+  ASSERT_EQ(wb.Write(big.data(), 16384, 0, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + 16384), big);
+  EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
+}
+
+TEST(WriteBackTest, CoalescesAdjacentWritesUpToTheCap) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.max_plugin_write = 64 * 1024;
+  WriteBack wb(&sink, o);
+  std::string block(4096, 'c');
+  for (int i = 0; i < 64; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 4096, false), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.writes(), 4u);  // 256 KiB in 64 KiB plugin writes
+  EXPECT_EQ(sink.max_write(), 64u * 1024);
+}
+
+TEST(WriteBackTest, StopWritesEverythingOrReportsIt) {
+  FakeSink sink(kDisk);
+  {
+    WriteBack wb(&sink, Opts(1000));
+    ASSERT_EQ(wb.Write("s", 1, 7, false), 0);
+    Leftover left = wb.Stop(milliseconds(1000));
+    EXPECT_EQ(left.bytes, 0u);
+  }
+  EXPECT_EQ(sink.Disk()[7], 's');
+  FakeSink broken(kDisk);
+  broken.Fail(EIO);
+  WriteBack wb(&broken, Opts(1000));
+  ASSERT_EQ(wb.Write("lost", 4, 4096, false), 0);
+  Leftover left = wb.Stop(milliseconds(50));
+  EXPECT_EQ(left.bytes, 4u);
+  EXPECT_EQ(left.requests, 1u);
+  EXPECT_EQ(left.error, EIO);
+  EXPECT_EQ(left.ranges, "[4096,+4)");
+}
+
+TEST(WriteBackTest, AgeTriggerWritesOldData) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.max_age = milliseconds(20);
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
+  sink.AwaitWritesStarted(1);
+  while (wb.queued_requests() != 0) std::this_thread::yield();
+  EXPECT_EQ(sink.Disk()[0], 'a');
+  EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kAge)].load(), 1u);
+}
+
+TEST(WriteBackTest, PauseHoldsBackThresholdBatches) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1));
+  wb.Pause();
+  ASSERT_EQ(wb.Write("p", 1, 0, false), 0);
+  ASSERT_EQ(wb.Write("q", 1, 1, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 2u);  // paused: no batch was due
+  wb.Resume();
+  sink.AwaitWritesStarted(1);
+  while (wb.queued_requests() != 0) std::this_thread::yield();
+  EXPECT_EQ(sink.Disk()[1], 'q');
+}
+
+}  // namespace
+}  // namespace sdccache

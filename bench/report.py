@@ -1,0 +1,136 @@
+# Turns the bench's records into medians, text tables, RESULTS.md and a plot.
+import statistics
+
+from targets import verdict
+
+METRICS = [  # key, header, format
+    ("iops", "IOPS", "{:,.0f}"),
+    ("p99_ms", "p99 ms", "{:.2f}"),
+    ("drain_s", "drain s", "{:.3f}"),
+    ("iops_drain", "IOPS incl. drain", "{:,.0f}"),
+    ("plugin_write_avg_kib", "plugin write avg KiB", "{:.1f}"),
+]
+
+
+def medians(records):
+    """(row, workload) -> median of each metric over the repetitions."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["row"], r["workload"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        m = {k: statistics.median(r[k] for r in rs) for k, _, _ in METRICS}
+        m["reps"] = len(rs)
+        sdc = [r["sdccache"] for r in rs if r.get("sdccache")]
+        if sdc:
+            m["sdccache"] = {k: statistics.median(s.get(k, 0) for s in sdc) for k in sdc[0]}
+        out[key] = m
+    return out
+
+
+def _table(header, lines):
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if i == 0 else "--:" for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return out
+
+
+def summary_table(cells, rows, workloads, key="iops_drain", fmt="{:,.0f}"):
+    lines = []
+    for wl in workloads:
+        line = [wl]
+        for row in rows:
+            c = cells.get((row, wl))
+            line.append(fmt.format(c[key]) if c else "-")
+        lines.append(line)
+    return _table(["workload"] + rows, lines)
+
+
+def workload_tables(cells, rows, workloads, labels):
+    out = []
+    for wl in workloads:
+        out += ["", "#### %s (`%s`)" % (labels[wl], wl), ""]
+        lines = []
+        for row in rows:
+            c = cells.get((row, wl))
+            if c:
+                lines.append([row] + [f.format(c[k]) for k, _, f in METRICS])
+        out += _table(["row"] + [h for _, h, _ in METRICS], lines)
+    return out
+
+
+def sdccache_table(cells, workloads):
+    """The filter's own counters (medians), to explain the figures."""
+    lines = []
+    for (row, wl), c in sorted(cells.items()):
+        s = c.get("sdccache")
+        if not s or wl not in workloads:
+            continue
+        batches = s.get("batches_flushed", 0)
+        lines.append([row, wl, "%d" % batches,
+                      "%.1f" % (s.get("requests_flushed", 0) / batches if batches else 0),
+                      "%.0f" % (s.get("bytes_flushed", 0) / batches / 1024 if batches else 0),
+                      "%d" % s.get("plugin_writes", 0),
+                      "%.1f" % (s.get("peak_queued_bytes", 0) / (1 << 20)),
+                      "%.1f" % (s.get("max_flush_us", 0) / 1000.0),
+                      "%d" % s.get("backpressure_waits", 0)])
+    return _table(["row", "workload", "batches", "requests/batch", "KiB/batch", "plugin writes",
+                   "peak queued MiB", "max batch ms", "backpressure waits"], lines)
+
+
+def target_table(rows):
+    return _table(["#", "target", "measured", "need", "result"],
+                  [[t, what, meas, need, verdict(ok)] for t, what, meas, need, ok in rows])
+
+
+def experiments_text(drain6, memory7, micro8):
+    out = []
+    if drain6:
+        out += ["", "Reads during a drain of 64 MiB (4 KiB random writes) to the slow backend: "
+                "one 4 KiB read of an unwritten block per ms on a second connection, latency "
+                "counted from when the read was due:", ""]
+        out += _table(["filter", "drain s", "reads", "p50 ms", "p99 ms", "max ms"],
+                      [[k, "%.3f" % v["drain_s"], "%d" % v["reads"], "%.2f" % v["p50_ms"],
+                        "%.2f" % v["p99_ms"], "%.1f" % v["max_ms"]] for k, v in drain6.items()])
+    if memory7:
+        m = memory7
+        out += ["", "Memory during a 1 GiB 4 KiB random write, queue-max-size=64M, "
+                "backpressure-only write-back: %d samples; worst memory_bytes %d at queued_bytes "
+                "%d (ratio to 1.1 x queued + 1 MiB: %.3f); max queued %.1f MiB; peak RSS (VmHWM) "
+                "%.1f MiB; %.1f s." % (
+                    m["samples"], m["worst_memory_bytes"] or 0, m["worst_queued_bytes"] or 0,
+                    m["worst_ratio"] or 0, m["max_queued_bytes"] / (1 << 20),
+                    (m["vmhwm_kib"] or 0) / 1024.0, m["seconds"])]
+    if micro8:
+        out += ["", "Engine microbenchmarks (median real time per operation): " +
+                ", ".join("%s %.0f ns" % kv for kv in sorted(micro8.items())) + "."]
+    return out
+
+
+def plot(path, cells, rows, workloads):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(14, 6))
+    width = 0.8 / max(1, len(rows))
+    cmap = plt.get_cmap("tab10")
+    for i, row in enumerate(rows):
+        xs, ys = [], []
+        for j, wl in enumerate(workloads):
+            c = cells.get((row, wl))
+            if c:
+                xs.append(j + (i - (len(rows) - 1) / 2) * width)
+                ys.append(max(c["iops_drain"], 1))
+        ax.bar(xs, ys, width, label=row, color=cmap(i % 10),
+               hatch="//" if "sdccache" in row else None, edgecolor="black", linewidth=0.3)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels(workloads, rotation=15)
+    ax.set_ylabel("IOPS incl. drain (log)")
+    ax.set_title("sdccache bench: median IOPS incl. drain per workload and row")
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

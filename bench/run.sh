@@ -1,0 +1,12 @@
+#!/bin/sh
+# One command for the whole bench: builds the filter and microbenchmarks, runs bench/run.py.
+#   bench/run.sh            full run (writes bench/RESULTS.md, results.png, results.json)
+#   bench/run.sh --quick    2 s runs, 1 repetition, results in /var/tmp/sdcbench-quick
+# Set SDCCACHE_BUILD to use another meson build directory (default build-bench).
+set -e
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${SDCCACHE_BUILD:-$root/build-bench}
+[ -d "$build" ] || meson setup "$build" "$root" >/dev/null
+ninja -C "$build" filter/nbdkit-sdccache-filter.so bench/engine-bench >/dev/null
+export SDCCACHE_BENCH_CMD="bench/run.sh${*:+ $*}"
+exec /usr/bin/python3 "$root/bench/run.py" --build "$build" "$@"

@@ -120,7 +120,6 @@ def reads_during_drain(ctx, top, buffered=64 * MIB, delay="1ms", limit_s=300):
             raise BenchError("flush failed: " + result["error"])
         for h in (hw, hf, hr):
             disconnect(h)
-        del h, hw, hf, hr
         srv.stop()
     except BaseException:
         srv.kill()

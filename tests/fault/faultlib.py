@@ -1,44 +1,35 @@
-# Helpers shared by the fault suite: control-socket stats, error-filter
-# arguments, a file-backed eval plugin, and a fault-tolerant random workload.
+# Helpers shared by the fault suite: scratch dirs, control-socket stats,
+# error-filter arguments, a file-backed eval plugin, a fault-tolerant workload.
 import errno
 import os
 import random
-import socket
+import shutil
+import tempfile
 
 import nbd
 
-from sdctest import check, fail, wait_until
+from sdctest import check, control_stats, fail, wait_until
 
 
-def control(path, command, timeout=30):
-    """Sends one command line to the control socket; returns the reply lines
-    (the final 'ok' or 'error ...' line included)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall((command + "\n").encode())
-        buf = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-            lines = buf.decode(errors="replace").splitlines()
-            if buf.endswith(b"\n") and lines and (lines[-1] == "ok" or
-                                                   lines[-1].startswith("error")):
-                return lines
-        fail("control socket closed before answering %r: %r" % (command, buf))
+def tmpdir():
+    """A scratch directory, removed by cleanup() when the test passed (a
+    failing test keeps it, with nbdkit.log, for the post-mortem)."""
+    d = tempfile.mkdtemp(prefix="sdcfault-")
+    _scratch.append(d)
+    return d
+
+
+def cleanup():
+    while _scratch:
+        shutil.rmtree(_scratch.pop(), ignore_errors=True)
+
+
+_scratch = []
 
 
 def stats(path):
     """The control socket's counters as a dict of strings."""
-    lines = control(path, "stats")
-    check(lines[-1] == "ok", "stats answered %r" % lines[-1])
-    out = {}
-    for line in lines[:-1]:
-        key, _, value = line.partition(": ")
-        out[key] = value
-    return out
+    return control_stats(path)
 
 
 def counter(path, key):
@@ -129,37 +120,38 @@ class FaultyOps:
               (self.seed, i, off, n))
         self.model.write(off, got)
 
+    def _write(self, i, off, n, fua):
+        """A write, zero or trim; only a FUA one may fail."""
+        rng, h = self.rng, self.h
+        flags = nbd.CMD_FLAG_FUA if fua else 0
+        kind = rng.choice(["pwrite"] * 5 + ["zero", "trim"])
+        new = rng.randbytes(n) if kind == "pwrite" else bytes(n)
+        old = self.model.read(off, n)
+        try:
+            if kind == "pwrite":
+                h.pwrite(new, off, flags)
+            else:
+                getattr(h, kind)(n, off, flags)
+        except nbd.Error as e:
+            if not fua:
+                fail("seed %d op %d: %s [%d,+%d) without FUA failed: %s" %
+                     (self.seed, i, kind, off, n, e))
+            check(e.errnum == errno.EIO, "FUA %s failed with %s, want EIO" % (kind, e))
+            self.fua_failures += 1
+            self._settle_failed_fua(off, n, old, new, i)
+            return
+        self.model.write(off, new)
+
     def run(self, count):
         rng, h, model = self.rng, self.h, self.model
         for i in range(count):
             span = self.hot if rng.random() < 0.7 else self.size
             off = rng.randrange(0, span)
             n = min(rng.randint(1, 70000), self.size - off)
-            fua = rng.random() < 0.08
             op = rng.random()
-            if op < 0.40 or op >= 0.85 and op < 0.93:
-                if op < 0.40:
-                    new = rng.randbytes(n)
-                    call = lambda: h.pwrite(new, off, nbd.CMD_FLAG_FUA if fua else 0)
-                elif rng.random() < 0.5:
-                    new = bytes(n)
-                    call = lambda: h.zero(n, off, nbd.CMD_FLAG_FUA if fua else 0)
-                else:
-                    new = bytes(n)
-                    call = lambda: h.trim(n, off, nbd.CMD_FLAG_FUA if fua else 0)
-                old = model.read(off, n)
-                if not fua:
-                    call()  # must never fail
-                    model.write(off, new)
-                    continue
-                try:
-                    call()
-                    model.write(off, new)
-                except nbd.Error as e:
-                    check(e.errnum == errno.EIO, "FUA failed with %s, want EIO" % e)
-                    self.fua_failures += 1
-                    self._settle_failed_fua(off, n, old, new, i)
-            elif op < 0.85:
+            if op < 0.50:
+                self._write(i, off, n, fua=rng.random() < 0.08)
+            elif op < 0.92:
                 got = h.pread(n, off)
                 want = model.read(off, n)
                 if got != want:

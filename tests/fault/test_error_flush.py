@@ -6,6 +6,7 @@ import random
 
 import nbd
 
+import faultlib
 import sdctest
 from sdctest import Model, Server, check
 from faultlib import (check_same, stats, eval_file_plugin, expect_errno, read_file, remove,
@@ -16,7 +17,7 @@ SIZE = 1 << 20
 
 def main():
     rng = random.Random(int(os.environ.get("SEED", "99")))
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     trig = os.path.join(tmp, "flush-fails")
     ctl = os.path.join(tmp, "ctl.sock")
@@ -49,6 +50,7 @@ def main():
         check_same(read_file(img), model.read(0, SIZE), "disk after recovered flush")
         h.shutdown()
         check(srv.stop() == 0, "nbdkit exit status")
+    faultlib.cleanup()
     print("error-flush: ok")
 
 

@@ -7,6 +7,7 @@ import sys
 
 import nbd
 
+import faultlib
 import sdctest
 from sdctest import Model, Server, check
 from faultlib import (check_same, counter, error_args, expect_errno, read_file, remove,
@@ -17,7 +18,7 @@ SIZE = 4 << 20
 
 def scenario(kind, seed):
     """Requests of one kind fail in the background until recovery."""
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     rng = random.Random(seed)
     img = os.path.join(tmp, "disk.img")
     original = rng.randbytes(SIZE)  # non-zero, so zero and trim show
@@ -79,7 +80,7 @@ def older_write_never_lands(seed):
     """A failed batch holding A is retried after B overwrote part of A:
     the disk must end with B where they overlap, while A's batch is still
     inside the plugin (slowed by the delay filter) when B arrives."""
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     rng = random.Random(seed)
     img = sdctest.make_image(tmp, SIZE)
     trig = os.path.join(tmp, "fail-now")
@@ -122,6 +123,7 @@ def main():
     for i, kind in enumerate(kinds):
         scenario(kind, seed + i)
     older_write_never_lands(seed)
+    faultlib.cleanup()
 
 
 if __name__ == "__main__":

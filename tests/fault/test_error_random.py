@@ -2,6 +2,7 @@
 # only flush/FUA may fail; after the failures stop, nothing is lost.
 import os
 
+import faultlib
 import sdctest
 from sdctest import Model, Server, check, wait_until
 from faultlib import (FaultyOps, check_same, counter, error_args, read_file, remove, stats,
@@ -10,15 +11,18 @@ from faultlib import (FaultyOps, check_same, counter, error_args, read_file, rem
 SIZE = 8 << 20
 
 
-def run(seed, threshold, count):
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+def run(seed, threshold, count, rate="30%"):
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     trig = os.path.join(tmp, "fail-now")
     ctl = os.path.join(tmp, "ctl.sock")
     touch(trig)
-    srv = Server(["file", img] + error_args(["pwrite", "zero", "trim"], "30%", trig),
+    # sdccache -> delay -> error -> file: every plugin write takes a little
+    # while, so client writes land beside batches that are failing.
+    delays = ["delay-write=2ms", "delay-zero=2ms", "delay-trim=2ms"]
+    srv = Server(["file", img] + delays + error_args(["pwrite", "zero", "trim"], rate, trig),
                  ["threshold=%d" % threshold, "max-age=100ms", "control=" + ctl],
-                 under=["error"], tmpdir=tmp)
+                 under=["delay", "error"], tmpdir=tmp)
     with srv:
         h = srv.connect()
         h2 = srv.connect()
@@ -28,11 +32,14 @@ def run(seed, threshold, count):
         # A second connection sees the same content while failures go on.
         check_same(h2.pread(SIZE, 0), model.read(0, SIZE), "second connection while failing")
         st = stats(ctl)
-        print("seed %d threshold %d: %d flushes ok, %d failed, %d FUA failed, "
+        print("rate %s seed %d threshold %d: %d flushes ok, %d failed, %d FUA failed, "
               "flush_errors=%s batches=%s" %
-              (seed, threshold, ops.flush_ok, ops.flush_failures, ops.fua_failures,
+              (rate, seed, threshold, ops.flush_ok, ops.flush_failures, ops.fua_failures,
                st["flush_errors"], st["batches_flushed"]))
         check(int(st["flush_errors"]) > 0, "no plugin write failed: the test tested nothing")
+        if rate != "30%":
+            # At a low rate, good and failed batches must alternate.
+            check(int(st["batches_flushed"]) > 0, "no batch succeeded at rate %s" % rate)
 
         remove(trig)  # the plugin recovers; retries drain the queue
         wait_until(lambda: counter(ctl, "queued_requests") == 0, 30, "queue drained by retries")
@@ -51,6 +58,8 @@ def main():
     seed = int(os.environ.get("SEED", "7"))
     run(seed, threshold=4, count=3000)
     run(seed + 1, threshold=1, count=1500)
+    run(seed + 2, threshold=2, count=2000, rate="5%")
+    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import random
 import threading
 import time
 
+import faultlib
 import sdctest
 from sdctest import Model, Server, check
 from faultlib import check_same, eval_file_plugin, read_file, stats
@@ -13,7 +14,7 @@ SIZE = 1 << 20
 
 
 def run(thread_model, connections, seed, duration=6.0):
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     marker = os.path.join(tmp, "OVERLAP")
     calls = os.path.join(tmp, "calls.log")
@@ -82,6 +83,7 @@ def main():
     seed = int(os.environ.get("SEED", "3"))
     run("serialize_all_requests", 3, seed)
     run("serialize_connections", 1, seed + 1)
+    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import re
 import signal
 import time
 
+import faultlib
 import sdctest
 from sdctest import Server, check, wait_until
 from faultlib import error_args, expect_errno, read_file
@@ -17,7 +18,7 @@ TIMEOUT_S = 2
 
 def main():
     rng = random.Random(int(os.environ.get("SEED", "31")))
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     srv = Server(["file", img] + error_args(["pwrite"], "100%"),
                  ["threshold=3", "shutdown-timeout=%ds" % TIMEOUT_S], under=["error"], tmpdir=tmp)
@@ -54,6 +55,7 @@ def main():
               "log names %s requests lost, the client made %d" % (m.group(1), len(lengths)))
         check(read_file(img) == bytes(SIZE), "a write reached the failing plugin")
         print("lost %d bytes in %d requests, as logged" % (written, len(lengths)))
+    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import random
 import signal
 
+import faultlib
 import sdctest
 from sdctest import Model, Server, check, wait_until
 from faultlib import (check_same, error_args, expect_errno, read_file, remove, touch,
@@ -21,16 +22,9 @@ def start(tmp, img, trig, ctl):
 
 
 def statsfile_counter(tmp, key):
-    """A counter from the stats file, 0 while the file or key is missing."""
-    try:
-        text = read_file(os.path.join(tmp, "stats")).decode()
-    except FileNotFoundError:
-        return 0
-    for line in text.splitlines():
-        k, _, v = line.partition(": ")
-        if k == key:
-            return int(v)
-    return 0
+    """A counter from the stats file, 0 while the file is missing."""
+    st = sdctest.read_stats_file(os.path.join(tmp, "stats"))
+    return int(st.get(key, 0)) if st else 0
 
 
 def workload(h, model, rng):
@@ -48,7 +42,7 @@ def workload(h, model, rng):
 
 def recovered_before_disconnect(seed):
     rng = random.Random(seed)
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     trig, ctl = os.path.join(tmp, "fail-now"), os.path.join(tmp, "ctl.sock")
     touch(trig)
@@ -73,7 +67,7 @@ def recovered_before_disconnect(seed):
 
 def recovered_during_shutdown(seed):
     rng = random.Random(seed)
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     trig, ctl = os.path.join(tmp, "fail-now"), os.path.join(tmp, "ctl.sock")
     touch(trig)
@@ -109,6 +103,7 @@ def main():
     seed = int(os.environ.get("SEED", "5"))
     recovered_before_disconnect(seed)
     recovered_during_shutdown(seed + 1)
+    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 
 import nbd
 
+import faultlib
 import sdctest
 from sdctest import Model, Server, check
 from faultlib import check_same, read_file, stats
@@ -22,7 +23,7 @@ STRIPE = 4096
 SHARED = 2 << 20
 SHARED_AT = THREADS * PRIVATE
 SIZE = SHARED_AT + SHARED
-DURATION = float(os.environ.get("STRESS_SECONDS", "30"))
+DURATION = float(os.environ.get("STRESS_SECONDS", "25"))
 
 
 class Worker:
@@ -91,7 +92,7 @@ class Worker:
 
 def main():
     seed = int(os.environ.get("SEED", "16"))
-    tmp = sdctest.tempfile.mkdtemp(prefix="sdcfault-")
+    tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     ctl = os.path.join(tmp, "ctl.sock")
     # A small queue bound makes writers meet backpressure too.
@@ -124,6 +125,7 @@ def main():
         check(srv.stop(timeout=60) == 0, "nbdkit exit status")
         check("could not be written" not in srv.log_text(), "shutdown reported lost data")
         check_same(read_file(img), model.read(0, SIZE), "disk after shutdown")
+    faultlib.cleanup()
     print("stress: ok")
 
 

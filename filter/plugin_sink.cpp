@@ -10,18 +10,67 @@ namespace sdccache {
 // nbdkit rejects data requests over 32 MiB.
 static constexpr uint32_t kNbdkitMaxRequest = 32u << 20;
 
-PluginSink::PluginSink(nbdkit_next* next, PluginGate* gate) : next_(next), gate_(gate) {
-  GateHold g(gate_);
-  can_fua_ = next_->can_fua(next_);
-  can_zero_ = next_->can_zero(next_);
-  can_flush_ = next_->can_flush(next_) == 1;
-  can_trim_ = next_->can_trim(next_) == 1;
-  multi_conn_ = next_->can_multi_conn(next_) == 1;
-  uint32_t minimum = 0, preferred = 0, maximum = 0;
-  max_write_ = kNbdkitMaxRequest;
-  if (next_->block_size(next_, &minimum, &preferred, &maximum) == 0 && maximum > 0 &&
-      maximum != 0xffffffff)
-    max_write_ = std::min(max_write_, maximum);
+PluginSink::PluginSink(nbdkit_next* first, PluginGate* gate) : gate_(gate) {
+  {
+    GateHold g(gate_);
+    can_fua_ = first->can_fua(first);
+    can_zero_ = first->can_zero(first);
+    can_flush_ = first->can_flush(first) == 1;
+    can_trim_ = first->can_trim(first) == 1;
+    multi_conn_ = first->can_multi_conn(first) == 1;
+    uint32_t minimum = 0, preferred = 0, maximum = 0;
+    max_write_ = kNbdkitMaxRequest;
+    if (first->block_size(first, &minimum, &preferred, &maximum) == 0 && maximum > 0 &&
+        maximum != 0xffffffff)
+      max_write_ = std::min(max_write_, maximum);
+  }
+  Attach(first);
+}
+
+void PluginSink::Attach(nbdkit_next* next) {
+  {
+    // nbdkit answers a context's data calls only after it has asked the
+    // plugin what the context can do (it caches the answers per context).
+    GateHold g(gate_);
+    next->can_fua(next);
+    next->can_zero(next);
+    next->can_flush(next);
+    next->can_trim(next);
+    next->can_multi_conn(next);
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  contexts_.emplace_back(next, 0);
+}
+
+bool PluginSink::Detach(nbdkit_next* next, bool unless_last) {
+  auto find = [&] {
+    return std::find_if(contexts_.begin(), contexts_.end(),
+                        [&](const auto& c) { return c.first == next; });
+  };
+  std::unique_lock<std::mutex> l(mu_);
+  if (find() == contexts_.end()) return true;
+  if (unless_last && contexts_.size() == 1) return false;
+  idle_.wait(l, [&] { return find()->second == 0; });
+  contexts_.erase(find());
+  return true;
+}
+
+PluginSink::Lease::Lease(PluginSink* sink) : sink_(sink), next_(nullptr) {
+  std::lock_guard<std::mutex> l(sink_->mu_);
+  if (sink_->contexts_.empty()) return;
+  auto& c = sink_->contexts_.front();
+  ++c.second;
+  next_ = c.first;
+}
+
+PluginSink::Lease::~Lease() {
+  if (next_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> l(sink_->mu_);
+    for (auto& c : sink_->contexts_)
+      if (c.first == next_) --c.second;
+  }
+  sink_->idle_.notify_all();
 }
 
 int PluginSink::FuaFallback(bool fua) { return fua && can_fua_ == NBDKIT_FUA_NONE ? Flush() : 0; }
@@ -30,8 +79,11 @@ int PluginSink::Write(const void* buf, uint32_t count, uint64_t offset, bool fua
   int err = 0;
   const uint32_t flags = fua && can_fua_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0;
   {
+    Lease lease(this);
+    nbdkit_next* next = lease.get();
+    if (next == nullptr) return ENOTCONN;
     GateHold g(gate_);
-    if (next_->pwrite(next_, buf, count, offset, flags, &err) == -1) return err ? err : EIO;
+    if (next->pwrite(next, buf, count, offset, flags, &err) == -1) return err ? err : EIO;
   }
   return FuaFallback(fua);
 }
@@ -52,8 +104,11 @@ int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
   uint32_t flags = may_trim ? NBDKIT_FLAG_MAY_TRIM : 0;
   if (fua && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
   {
+    Lease lease(this);
+    nbdkit_next* next = lease.get();
+    if (next == nullptr) return ENOTCONN;
     GateHold g(gate_);
-    if (next_->zero(next_, count, offset, flags, &err) == -1) return err ? err : EIO;
+    if (next->zero(next, count, offset, flags, &err) == -1) return err ? err : EIO;
   }
   return FuaFallback(fua);
 }
@@ -63,8 +118,11 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
   int err = 0;
   const uint32_t flags = fua && can_fua_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0;
   {
+    Lease lease(this);
+    nbdkit_next* next = lease.get();
+    if (next == nullptr) return ENOTCONN;
     GateHold g(gate_);
-    if (next_->trim(next_, count, offset, flags, &err) == -1) return err ? err : EIO;
+    if (next->trim(next, count, offset, flags, &err) == -1) return err ? err : EIO;
   }
   return FuaFallback(fua);
 }
@@ -72,8 +130,11 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
 int PluginSink::Flush() {
   if (!can_flush_) return 0;
   int err = 0;
+  Lease lease(this);
+  nbdkit_next* next = lease.get();
+  if (next == nullptr) return ENOTCONN;
   GateHold g(gate_);
-  if (next_->flush(next_, 0, &err) == -1) return err ? err : EIO;
+  if (next->flush(next, 0, &err) == -1) return err ? err : EIO;
   return 0;
 }
 

@@ -1,4 +1,14 @@
-// PluginSink: the engine's Sink over an nbdkit plugin context.
+// PluginSink: the engine's Sink over the plugin contexts of the export's
+// writable client connections.
+//
+// Background writes borrow a context of a connection that is still open
+// (nbdkit's readahead filter does the same from its background thread).
+// A shared context (nbdkit_next_context_open(..., shared=1)) cannot be used:
+// plugins that serve several exports learn the export name from the
+// connection (file dir=, sh, eval), and would write to the wrong export or
+// crash.  A connection leaves (Detach) only after its data was flushed and no
+// background call still uses its context.  With no connection attached,
+// writes fail with ENOTCONN and stay buffered.
 //
 // It does what the plugin allows: FUA becomes a plugin flush when the
 // plugin has no FUA, zeroes become written zero blocks when it cannot zero,
@@ -10,7 +20,10 @@
 // client request.
 #pragma once
 
+#include <condition_variable>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #include <nbdkit-filter.h>
 
@@ -46,8 +59,15 @@ class GateHold {
 
 class PluginSink : public Sink {
  public:
-  // Queries the context's capabilities; the context must be prepared.
-  PluginSink(nbdkit_next* next, PluginGate* gate);
+  // `first` is the context of the connection that creates the cache; its
+  // capabilities stand for the export's.  Call from .prepare.
+  PluginSink(nbdkit_next* first, PluginGate* gate);
+
+  void Attach(nbdkit_next* next);
+  // Removes `next` once no background call uses it.  With `unless_last`,
+  // leaves it attached (and returns false) if it is the only context: the
+  // caller must first write everything buffered.
+  bool Detach(nbdkit_next* next, bool unless_last);
 
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
@@ -58,13 +78,32 @@ class PluginSink : public Sink {
   uint32_t max_write() const { return max_write_; }
 
  private:
+  // A borrowed context, returned to the pool when the Lease ends.
+  class Lease {
+   public:
+    explicit Lease(PluginSink* sink);
+    ~Lease();
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    nbdkit_next* get() const { return next_; }
+
+   private:
+    PluginSink* sink_;
+    nbdkit_next* next_;
+  };
   int FuaFallback(bool fua);
 
-  nbdkit_next* const next_;
   PluginGate* const gate_;
   int can_fua_, can_zero_;
   bool can_flush_, can_trim_, multi_conn_;
   uint32_t max_write_;
+
+  std::mutex mu_;
+  std::condition_variable idle_;
+  // Guarded by mu_: attached contexts, oldest first, with their calls in
+  // flight.  Calls use the oldest, so a plugin without multi-conn sees a
+  // batch and its flush on one context.
+  std::vector<std::pair<nbdkit_next*, int>> contexts_;
 };
 
 }  // namespace sdccache

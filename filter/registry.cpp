@@ -21,35 +21,18 @@ static void OnBatch(void* opaque, Trigger why, uint64_t requests, uint64_t bytes
   if (stats) stats->Kick();
 }
 
-ExportCache* Registry::Get(const std::string& name, bool create, int* err) {
+ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = exports_.find(name);
-  if (it != exports_.end()) return it->second.get();
-  if (!create) return nullptr;
+  if (it != exports_.end()) {
+    if (writer) it->second->sink->Attach(writer);
+    return it->second.get();
+  }
+  if (writer == nullptr) return nullptr;
 
   auto cache = std::make_unique<ExportCache>();
   cache->name = name;
-  cache->context = nbdkit_next_context_open(backend_, 0, name.c_str(), 1);
-  if (cache->context == nullptr) {
-    nbdkit_error("sdccache: cannot open a plugin context for export '%s'", name.c_str());
-    *err = EIO;
-    return nullptr;
-  }
-  if (cache->context->prepare(cache->context) == -1) {
-    nbdkit_error("sdccache: cannot prepare the plugin context for export '%s'", name.c_str());
-    nbdkit_next_context_close(cache->context);
-    *err = EIO;
-    return nullptr;
-  }
-  // nbdkit checks request bounds against a size it learns from get_size.
-  if (cache->context->get_size(cache->context) == -1) {
-    nbdkit_error("sdccache: cannot get the size of export '%s'", name.c_str());
-    cache->context->finalize(cache->context);
-    nbdkit_next_context_close(cache->context);
-    *err = EIO;
-    return nullptr;
-  }
-  cache->sink = std::make_unique<PluginSink>(cache->context, &gate_);
+  cache->sink = std::make_unique<PluginSink>(writer, &gate_);
   WriteBackOptions opts;
   opts.threshold = threshold_override_ ? threshold_override_ : params_.threshold;
   opts.queue_max_bytes = params_.queue_max_size;
@@ -70,6 +53,16 @@ ExportCache* Registry::Get(const std::string& name, bool create, int* err) {
   ExportCache* raw = cache.get();
   exports_.emplace(name, std::move(cache));
   return raw;
+}
+
+int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
+  int err = wrote ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
+  if (cache->sink->Detach(writer, /*unless_last=*/true)) return err;
+  // The last connection of this export: nothing could write the buffered
+  // data after it, so keep trying (the plugin may recover) for a while.
+  err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect);
+  cache->sink->Detach(writer, /*unless_last=*/false);
+  return err;
 }
 
 std::vector<ExportCache*> Registry::All() {
@@ -138,7 +131,7 @@ std::string Registry::Summary() {
 void Registry::Drain() {
   for (ExportCache* c : All()) {
     const std::string& name = c->name;
-    Leftover left = c->writeback->Stop(params_.shutdown_timeout);
+    Leftover left = c->writeback->Stop(std::chrono::milliseconds(0));
     if (left.bytes > 0 || left.requests > 0)
       nbdkit_error("sdccache: export '%s': %llu requests, %llu bytes could not be written to "
                    "the plugin (%s) and are lost: %s",
@@ -167,8 +160,6 @@ void Registry::Close() {
   for (auto& [name, c] : exports) {
     c->writeback.reset();
     c->sink.reset();
-    c->context->finalize(c->context);
-    nbdkit_next_context_close(c->context);
   }
 }
 

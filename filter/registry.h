@@ -1,5 +1,5 @@
-// Registry: one WriteBack per export, each with its own shared plugin
-// context, so data never lands in another export.  Also the parameters and
+// Registry: one WriteBack per export, written through the plugin contexts
+// of that export's own connections, so data never lands in another export.  Also the parameters and
 // runtime settings shared by the callbacks, the stats file and the control
 // socket.
 //
@@ -29,18 +29,21 @@ class StatsFile;
 
 struct ExportCache {
   std::string name;
-  nbdkit_next* context = nullptr;  // shared plugin context of the flusher
   std::unique_ptr<PluginSink> sink;
   std::unique_ptr<WriteBack> writeback;
 };
 
 class Registry {
  public:
-  Registry(const Params& params, nbdkit_backend* backend) : params_(params), backend_(backend) {}
+  explicit Registry(const Params& params) : params_(params) {}
 
-  // Finds the export's cache; creates it (opening its plugin context) when
-  // `create`.  Returns nullptr (with *err set) on failure, or when absent.
-  ExportCache* Get(const std::string& name, bool create, int* err);
+  // Finds the export's cache.  With a writable connection's context
+  // `writer`, creates the cache if needed and attaches the context to it.
+  ExportCache* Get(const std::string& name, nbdkit_next* writer);
+  // Called from .finalize of a writable connection: makes what it wrote
+  // durable, and when it is the export's last connection, everything
+  // buffered (retrying up to shutdown-timeout); then detaches its context.
+  int Leave(ExportCache* cache, nbdkit_next* writer, bool wrote);
   std::vector<ExportCache*> All();
 
   // Control: applied to existing and future caches.
@@ -52,8 +55,8 @@ class Registry {
   CounterList Stats();
   std::string Summary();  // the one-line export description suffix
 
-  // Drains every cache and stops its flusher; logs what could not be
-  // written.  Counters stay readable until Close().
+  // Stops every flusher; logs what could not be written (all connections
+  // have left, so nothing more can be).  Counters stay readable until Close().
   void Drain();
   void Close();
 
@@ -65,7 +68,6 @@ class Registry {
 
  private:
   const Params params_;
-  nbdkit_backend* const backend_;
   PluginGate gate_;
   StatsFile* stats_file_ = nullptr;
   std::mutex mu_;

@@ -38,7 +38,8 @@ Globals* g;
 
 struct Handle {
   std::string exportname;
-  ExportCache* cache = nullptr;  // null: read-only pass-through
+  ExportCache* cache = nullptr;   // null: no writer yet, pass-through
+  nbdkit_next* writer = nullptr;  // set when this connection can write
   bool wrote = false;
 };
 
@@ -158,10 +159,10 @@ static int sdccache_get_ready(int thread_model) {
   return 0;
 }
 
-static int sdccache_after_fork(nbdkit_backend* backend) {
+static int sdccache_after_fork(nbdkit_backend*) {
   int err = 0;
   return Guarded("after_fork", &err, [&] {
-    g->registry = std::make_unique<Registry>(g->params, backend);
+    g->registry = std::make_unique<Registry>(g->params);
     // A plugin that is not fully parallel must never see the flusher's
     // requests beside a client's.
     g->registry->gate()->Enable(g->thread_model < NBDKIT_THREAD_MODEL_PARALLEL);
@@ -218,21 +219,21 @@ static int sdccache_prepare(nbdkit_next* next, void* handle, int readonly) {
       can_write = next->can_write(next);
     }
     if (can_write == -1) return -1;
-    const bool writable = !readonly && can_write == 1;
-    h->cache = g->registry->Get(h->exportname, writable, &err);
-    if (writable && h->cache == nullptr) return -1;
+    // A writable connection lends its plugin context to the export's
+    // background writes; a read-only one only reads the overlay.
+    h->writer = !readonly && can_write == 1 ? next : nullptr;
+    h->cache = g->registry->Get(h->exportname, h->writer);
     return 0;
   });
 }
 
 static int sdccache_finalize(nbdkit_next*, void* handle) {
   auto* h = static_cast<Handle*>(handle);
-  if (!h->cache || !h->wrote) return 0;
+  if (!h->writer) return 0;
   int err = 0;
   return Guarded("finalize", &err, [&] {
-    // What this connection wrote is durable before it closes.
-    if (int e = h->cache->writeback->Flush(Trigger::kDisconnect))
-      return Fail("flush on disconnect", e, &err);
+    if (int e = g->registry->Leave(h->cache, h->writer, h->wrote))
+      return Fail("writing buffered data on disconnect", e, &err);
     return 0;
   });
 }
@@ -255,34 +256,34 @@ static const char* sdccache_export_description(nbdkit_next* next, void* handle) 
 
 // Advertised whenever writable: buffered writes are volatile until flushed.
 static int sdccache_can_flush(nbdkit_next* next, void* handle) {
-  if (!static_cast<Handle*>(handle)->cache) return next->can_flush(next);
+  if (!static_cast<Handle*>(handle)->writer) return next->can_flush(next);
   return 1;
 }
 
 static int sdccache_can_fua(nbdkit_next* next, void* handle) {
-  if (!static_cast<Handle*>(handle)->cache) return next->can_fua(next);
+  if (!static_cast<Handle*>(handle)->writer) return next->can_fua(next);
   return NBDKIT_FUA_NATIVE;
 }
 
 static int sdccache_can_zero(nbdkit_next* next, void* handle) {
-  if (!static_cast<Handle*>(handle)->cache) return next->can_zero(next);
+  if (!static_cast<Handle*>(handle)->writer) return next->can_zero(next);
   return NBDKIT_ZERO_NATIVE;
 }
 
 // Buffering a zero is always fast.
 static int sdccache_can_fast_zero(nbdkit_next* next, void* handle) {
-  if (!static_cast<Handle*>(handle)->cache) return next->can_fast_zero(next);
+  if (!static_cast<Handle*>(handle)->writer) return next->can_fast_zero(next);
   return 1;
 }
 
 static int sdccache_can_extents(nbdkit_next* next, void* handle) {
-  if (!static_cast<Handle*>(handle)->cache) return next->can_extents(next);
+  if (!static_cast<Handle*>(handle)->writer) return next->can_extents(next);
   return 1;
 }
 
 static int sdccache_can_multi_conn(nbdkit_next* next, void* handle) {
   auto* h = static_cast<Handle*>(handle);
-  if (!h->cache) return next->can_multi_conn(next);
+  if (!h->writer) return next->can_multi_conn(next);
   // One overlay serves every connection, but plugin data reaches other
   // contexts coherently only if the plugin says so.
   return h->cache->sink->multi_conn() ? 1 : 0;

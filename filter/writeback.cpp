@@ -201,6 +201,10 @@ void WriteBack::RunBatch(Trigger why) {
   const bool flush_after = opts_.flush_before_release;
   pressure_ = false;
   kick_ = false;
+  // Requested flushes were counted when asked for; batches the flusher
+  // starts by itself are counted here, a retry of a failed one as a retry.
+  if (backoff_.count() > 0)
+    why = Trigger::kRetry;
   if (why != Trigger::kClient && why != Trigger::kFua && why != Trigger::kDisconnect &&
       why != Trigger::kShutdown && why != Trigger::kControl)
     counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
@@ -328,14 +332,23 @@ int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin
   return 0;
 }
 
-Leftover WriteBack::Stop(milliseconds deadline) {
-  const auto until = Clock::now() + deadline;
-  if (deadline.count() > 0) {
-    while (Flush(Trigger::kShutdown) != 0 && Clock::now() < until) {
-      MutexLock l(&mu_);
-      done_.WaitUntil(std::min(until, retry_at_));
-    }
+int WriteBack::FlushUntil(milliseconds limit, Trigger why) {
+  const auto until = Clock::now() + limit;
+  int err;
+  while ((err = Flush(why)) != 0 && Clock::now() < until) {
+    MutexLock l(&mu_);
+    done_.WaitUntil(std::min(until, retry_at_));
   }
+  return err;
+}
+
+Leftover WriteBack::Stop(milliseconds limit) {
+  bool buffered;
+  {
+    MutexLock l(&mu_);
+    buffered = !active_.empty() || !flushing_.empty() || FlushPending();
+  }
+  if (buffered && limit.count() > 0) FlushUntil(limit, Trigger::kShutdown);
   {
     MutexLock l(&mu_);
     stopping_ = true;

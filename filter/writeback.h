@@ -73,9 +73,13 @@ class WriteBack {
   // and block status.  Take it before reading the plugin.
   Overlay Lookup(uint64_t offset, uint64_t length) EXCLUDES(mu_);
 
-  // Tries to write everything until `deadline` passes, then stops the
-  // flusher.  Returns what is still unwritten.
-  Leftover Stop(std::chrono::milliseconds deadline) EXCLUDES(mu_);
+  // Flush(), retried (at the backoff pace) until it succeeds or `limit`
+  // has passed.  At least one attempt is made.
+  int FlushUntil(std::chrono::milliseconds limit, Trigger why) EXCLUDES(mu_);
+
+  // With limit > 0, makes one last FlushUntil(limit, kShutdown) if anything
+  // is buffered; then stops the flusher.  Returns what is still unwritten.
+  Leftover Stop(std::chrono::milliseconds limit) EXCLUDES(mu_);
 
   void Pause() EXCLUDES(mu_);   // no threshold/age batches until Resume
   void Resume() EXCLUDES(mu_);

@@ -20,9 +20,26 @@ size_t HeapInUse() {
 
 class MemoryTest : public ::testing::TestWithParam<int> {};
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SDC_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SDC_SANITIZED 1
+#endif
+#endif
+
 TEST_P(MemoryTest, MemoryBytesTracksRealHeapWithinTenPercent) {
+#ifdef SDC_SANITIZED
+  GTEST_SKIP() << "sanitizer allocators do not report through mallinfo2";
+#endif
   const int n = GetParam();
-  FakeSink sink(4096);
+  // Discards everything: only the buffering is measured.
+  struct NullSink : Sink {
+    int Write(const void*, uint32_t, uint64_t, bool) override { return 0; }
+    int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
+    int Trim(uint32_t, uint64_t, bool) override { return 0; }
+    int Flush() override { return 0; }
+  } sink;
   WriteBackOptions o;
   o.threshold = 1048576;
   o.queue_max_bytes = 1ull << 34;

@@ -68,6 +68,10 @@ void DirtyMap::Collect(uint64_t offset, uint64_t length, std::vector<DirtyRange>
     out->push_back(it->second.Slice(offset, stop));
 }
 
+void DirtyMap::EraseFirst(size_t n) {
+  for (auto it = ranges_.begin(); n > 0 && it != ranges_.end(); --n) it = Remove(it);
+}
+
 void DirtyMap::clear() {
   ranges_.clear();
   data_bytes_ = total_bytes_ = 0;

@@ -216,10 +216,11 @@ void WriteBack::RunBatch(Trigger why) {
 
   const auto start = Clock::now();
   uint64_t plugin_writes = 0;
+  size_t done = 0;
   int err;
   {
     MutexUnlock u(&mu_);
-    err = WriteRanges(plan, &plugin_writes);
+    err = WriteRanges(plan, &plugin_writes, &done);
     if (err == 0 && flush_after) err = sink_->Flush();
     plan.clear();  // drop chunk references outside the lock
   }
@@ -241,7 +242,11 @@ void WriteBack::RunBatch(Trigger why) {
     counters_.bytes_flushed.fetch_add(bytes, std::memory_order_relaxed);
     counters_.RecordBatchLatency(us);
   } else {
-    // Keep the data: the failed batch is older than anything buffered since.
+    // Ranges written before the failure are in the plugin (and visible to
+    // every context when it is multi-conn): retire them, so that a plugin
+    // failing now and then still makes progress.  Keep the rest: the
+    // failed batch is older than anything buffered since.
+    if (!flush_after) flushing_.EraseFirst(done);
     active_.InsertUnder(std::move(flushing_));
     flushing_ = DirtyMap();
     active_requests_ += flushing_requests_;
@@ -286,7 +291,8 @@ void WriteBack::RecordError(int err) {
   retry_at_ = Clock::now() + backoff_;
 }
 
-int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes) {
+int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes,
+                           size_t* done) {
   const uint64_t cap = std::max<uint32_t>(opts_.max_plugin_write, 1);
   std::vector<uint8_t> joined;
   size_t i = 0;
@@ -298,7 +304,7 @@ int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin
                     : sink_->Trim(static_cast<uint32_t>(r.length), r.offset, false);
       if (err) return err;
       ++*plugin_writes;
-      ++i;
+      *done = ++i;
       continue;
     }
     // Coalesce a run of adjacent data ranges up to the cap.
@@ -327,7 +333,7 @@ int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin
         return err;
       ++*plugin_writes;
     }
-    i = j;
+    *done = i = j;
   }
   return 0;
 }

@@ -109,7 +109,8 @@ class WriteBack {
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
   void RunBatch(Trigger why) REQUIRES(mu_);
   void RunPluginFlush() REQUIRES(mu_);
-  int WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes);
+  // Writes plan in order; *done counts the leading ranges fully written.
+  int WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes, size_t* done);
   void RecordError(int err) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
   uint64_t MemoryBytesLocked() const REQUIRES(mu_);

@@ -23,6 +23,7 @@ class FakeSink : public Sink {
     cv_.notify_all();
     cv_.wait(l, [this] { return !held_; });
     if (int e = Injected(fail_)) return e;
+    if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     std::memcpy(disk_.data() + offset, buf, count);
     ++writes_;
     bytes_ += count;
@@ -79,6 +80,12 @@ class FakeSink : public Sink {
     std::lock_guard<std::mutex> l(mu_);
     return injected_;
   }
+  // Writes at or past `offset` fail with err (0: none).
+  void FailFrom(uint64_t offset, int err) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_from_ = offset;
+    fail_from_err_ = err;
+  }
   void Fail(int err) {
     std::lock_guard<std::mutex> l(mu_);
     fail_ = err;
@@ -114,7 +121,8 @@ class FakeSink : public Sink {
   std::vector<uint8_t> disk_;
   bool held_ = false;
   int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
-  uint64_t fail_next_ = 0, injected_ = 0;
+  uint64_t fail_next_ = 0, injected_ = 0, fail_from_ = 0;
+  int fail_from_err_ = 0;
   // REQUIRES: mu_ held.  The error this call must return, or 0.
   int Injected(int always) {
     if (always) return always;

@@ -93,12 +93,30 @@ TEST(WriteBackTest, FailedBatchMergesBackUnderNewerWrites) {
   EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
   EXPECT_EQ(ReadThrough(wb, sink, 0, 4), "AABB");
   EXPECT_GE(wb.counters().flush_errors.load(), 1u);
+  EXPECT_GE(wb.counters().by_trigger[static_cast<size_t>(Trigger::kRetry)].load(), 1u);
   // ...and succeeds once it recovers, with the newer data on top.
   sink.Fail(0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4), "AABB");
   EXPECT_EQ(wb.queued_requests(), 0u);
+}
+
+TEST(WriteBackTest, FailedBatchRetiresTheRangesItWrote) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.retry_min = o.retry_max = std::chrono::seconds(60);  // only Flush() retries
+  WriteBack wb(&sink, o);
+  sink.FailFrom(65536, EIO);
+  ASSERT_EQ(wb.Write("low", 3, 0, false), 0);
+  ASSERT_EQ(wb.Write("high", 4, 65536, false), 0);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  // "low" reached the plugin and left the overlay; "high" is kept.
+  EXPECT_EQ(wb.DebugString(), "[65536,+4)D | ");
+  EXPECT_EQ(sink.Disk()[0], 'l');
+  sink.FailFrom(0, 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.Disk()[65536], 'h');
 }
 
 TEST(WriteBackTest, FailedPluginFlushIsReported) {

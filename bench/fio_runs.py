@@ -80,10 +80,19 @@ def summarise_job(job):
             "p99_ms": p99, "syncs": job.get("sync", {}).get("total_ios", 0)}
 
 
-def connect(uri):
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return h
+def connect(uri, timeout=10):
+    """Connects, retrying while the socket exists but nbdkit has not called
+    listen() yet (ECONNREFUSED), up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        h = nbd.NBD()
+        try:
+            h.connect_uri(uri)
+            return h
+        except nbd.Error as e:
+            if "ECONNREFUSED" not in str(e) or time.monotonic() > deadline:
+                raise BenchError("connect %s: %s" % (uri, e))
+        time.sleep(0.01)
 
 
 def disconnect(h):
@@ -110,6 +119,9 @@ def measure_cell(row, workload, ctx, tag, runtime, sdc_args=()):
             disconnect(drain_h)
             del drain_h
         counted = server.stop()
+    except nbd.Error as e:
+        server.kill()
+        raise BenchError("%s: %s" % (tag, e))
     except BaseException:
         server.kill()
         raise

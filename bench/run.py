@@ -24,7 +24,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import experiments  # noqa: E402
 import report  # noqa: E402
 from fio_runs import WORKLOADS, WORKLOADS_BY_NAME, measure_cell  # noqa: E402
-from servers import ALL_ROWS, ROWS_BY_NAME, BenchError, stats_filter_works_under  # noqa: E402
+from servers import ALL_ROWS, ROWS_BY_NAME, stats_filter_works_under  # noqa: E402
 from targets import Targets, verdict  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
@@ -160,8 +160,8 @@ def run(a, filter_so, workdir):
                 tag = "r%d-%s-%s" % (rep, wl, name.replace("/", "-"))
                 try:
                     rec = measure_cell(ROWS_BY_NAME[name], wl, ctx, tag, a.runtime, sdc_args)
-                except BenchError as e:
-                    errors.append("%s: %s" % (tag, e))
+                except Exception as e:  # noqa: BLE001 -- one cell fails, the run goes on
+                    errors.append("%s: %s: %s" % (tag, type(e).__name__, e))
                     print("[%d/%d] %s: ERROR %s" % (n, total, tag, str(e).splitlines()[0]),
                           flush=True)
                     continue
@@ -179,14 +179,19 @@ def run(a, filter_so, workdir):
             try:
                 drain6[top] = experiments.reads_during_drain(ctx, top)
                 print("reads during drain (%s): %r" % (top, drain6[top]), flush=True)
-            except BenchError as e:
+            except Exception as e:  # noqa: BLE001
                 errors.append("reads during drain (%s): %s" % (top, e))
         try:
             memory7 = experiments.memory_run(ctx)
             print("memory run: %r" % memory7, flush=True)
-        except BenchError as e:
+        except Exception as e:  # noqa: BLE001
             errors.append("memory run: %s" % e)
-    micro8 = {} if a.no_micro else run_micro(a.build, a.quick)
+    micro8 = {}
+    if not a.no_micro:
+        try:
+            micro8 = run_micro(a.build, a.quick)
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
+            errors.append("microbenchmarks: %s" % e)
     if micro8:
         print("microbenchmarks (ns): %r" % micro8, flush=True)
 

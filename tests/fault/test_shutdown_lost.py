@@ -1,5 +1,13 @@
-# Shutdown with a plugin that never recovers: nbdkit exits once
-# shutdown-timeout has passed and logs how many bytes could not be written.
+# Shutdown with a plugin that never recovers: the last disconnect retries for
+# shutdown-timeout, then nbdkit's cleanup logs exactly what was lost.
+#
+# The last connection of an export writes everything buffered on disconnect
+# and keeps retrying a failing plugin for shutdown-timeout before the
+# connection closes; libnbd's shutdown() waits for that close.  Once that
+# connection has gone nothing can write any more, so SIGTERM exits at once.
+# nbdkit 1.32 does not drop a connected client on SIGTERM: in the second
+# variant the signal comes first, and the retry window must still apply when
+# the client then leaves during shutdown.
 import errno
 import os
 import random
@@ -14,47 +22,130 @@ from faultlib import error_args, expect_errno, read_file
 
 SIZE = 4 << 20
 TIMEOUT_S = 2
+SLACK_S = 6  # scheduling slack on a loaded 2-core machine
+
+
+def start(tmp, img):
+    return Server(["file", img] + error_args(["pwrite"], "100%"),
+                  ["threshold=3", "shutdown-timeout=%ds" % TIMEOUT_S,
+                   "statsfile=" + os.path.join(tmp, "stats")],
+                  under=["error"], tmpdir=tmp)
+
+
+def write_disjoint(h, rng, count):
+    """`count` writes in separate 100000-byte slots, never adjacent, so the
+    filter can neither merge them nor report them as fewer ranges."""
+    ranges = []
+    for i in range(count):
+        n = rng.randint(1, 90000)
+        off = i * 100000 + rng.randrange(0, 100000 - n)
+        h.pwrite(rng.randbytes(n), off)
+        ranges.append((off, n))
+    return ranges
+
+
+def expected_listing(ranges):
+    """The filter's summary: the first 8 ranges, then '... (N ranges)'."""
+    shown = " ".join("[%d,+%d)" % r for r in ranges[:8])
+    if len(ranges) > 8:
+        shown += " ... (%d ranges)" % len(ranges)
+    return shown
+
+
+def timed_shutdown(h):
+    start = time.monotonic()
+    h.shutdown()
+    return time.monotonic() - start
+
+
+def wait_exit(srv, what):
+    wait_until(lambda: srv.proc.poll() is not None, TIMEOUT_S + SLACK_S + 10, what,
+               interval=0.02)
+
+
+def check_lost(srv, img, tmp, ranges):
+    log = srv.log_text()
+    m = re.search(r"sdccache: export '': (\d+) requests, (\d+) bytes could not be written "
+                  r"to the plugin \(([^)]*)\) and are lost: (.*)", log)
+    check(m is not None, "no 'could not be written' line in the log:\n" + log[-3000:])
+    written = sum(n for _, n in ranges)
+    check(int(m.group(1)) == len(ranges),
+          "log names %s requests lost, the client made %d" % (m.group(1), len(ranges)))
+    check(int(m.group(2)) == written,
+          "log names %s bytes lost, the client wrote %d unflushed bytes" % (m.group(2), written))
+    check(m.group(3) == os.strerror(errno.EIO),
+          "lost data blamed on %r, the plugin failed with EIO" % m.group(3))
+    check(m.group(4).strip() == expected_listing(ranges),
+          "lost ranges %r, the client wrote %r" % (m.group(4), expected_listing(ranges)))
+    check(log.count("could not be written") == 1, "lost data reported more than once")
+    check(read_file(img) == bytes(SIZE), "a write reached the failing plugin")
+    st = sdctest.read_stats_file(os.path.join(tmp, "stats"))
+    check(st is not None and int(st["flush_errors"]) >= 2,
+          "the disconnect did not retry the plugin: final stats %r" % st)
+    print("  lost %d bytes in %d requests, as logged; %s plugin errors" %
+          (written, len(ranges), st["flush_errors"]))
+
+
+def disconnect_then_sigterm(rng):
+    """The client leaves first; its disconnect carries the retry window."""
+    tmp = faultlib.tmpdir()
+    img = sdctest.make_image(tmp, SIZE)
+    with start(tmp, img) as srv:
+        h = srv.connect()
+        ranges = write_disjoint(h, rng, 9)
+        expect_errno(h.flush, errno.EIO, "flush with a failing plugin")
+        took = timed_shutdown(h)
+        del h
+        print("disconnect took %.2fs (shutdown-timeout=%ds)" % (took, TIMEOUT_S))
+        check(took >= TIMEOUT_S * 0.9,
+              "the last disconnect gave up after %.2fs, before shutdown-timeout=%ds" %
+              (took, TIMEOUT_S))
+        check(took <= TIMEOUT_S + SLACK_S, "the last disconnect took %.2fs" % took)
+        check(srv.proc.poll() is None, "nbdkit exited without a signal")
+        check("could not be written" not in srv.log_text(),
+              "loss reported before nbdkit's cleanup")
+        check(read_file(img) == bytes(SIZE), "a write reached the failing plugin")
+
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_exit(srv, "nbdkit to exit after SIGTERM")
+        took = time.monotonic() - t0
+        srv.stop()
+        print("nbdkit exited %.2fs after SIGTERM, status %d" % (took, srv.proc.returncode))
+        # With no connection left nothing can be written: no second window.
+        check(took < TIMEOUT_S * 0.75,
+              "nbdkit took %.2fs to exit after the last client had gone" % took)
+        check_lost(srv, img, tmp, ranges)
+
+
+def sigterm_then_disconnect(rng):
+    """SIGTERM arrives while the client is connected; nbdkit waits for the
+    client, whose disconnect during shutdown still retries for the window."""
+    tmp = faultlib.tmpdir()
+    img = sdctest.make_image(tmp, SIZE)
+    with start(tmp, img) as srv:
+        h = srv.connect()
+        ranges = write_disjoint(h, rng, 5)
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        took = timed_shutdown(h)
+        del h
+        wait_exit(srv, "nbdkit to exit after SIGTERM and disconnect")
+        total = time.monotonic() - t0
+        srv.stop()
+        print("disconnect took %.2fs, nbdkit exited %.2fs after it began, status %d" %
+              (took, total, srv.proc.returncode))
+        check(total >= TIMEOUT_S * 0.9,
+              "nbdkit exited %.2fs after the disconnect began, before shutdown-timeout=%ds" %
+              (total, TIMEOUT_S))
+        check(total <= TIMEOUT_S + SLACK_S, "nbdkit took %.2fs to exit" % total)
+        check_lost(srv, img, tmp, ranges)
 
 
 def main():
     rng = random.Random(int(os.environ.get("SEED", "31")))
-    tmp = faultlib.tmpdir()
-    img = sdctest.make_image(tmp, SIZE)
-    srv = Server(["file", img] + error_args(["pwrite"], "100%"),
-                 ["threshold=3", "shutdown-timeout=%ds" % TIMEOUT_S], under=["error"], tmpdir=tmp)
-    with srv:
-        h = srv.connect()
-        # Disjoint ranges, so the bytes left over are exactly their sum.
-        lengths = [rng.randint(1, 90000) for _ in range(9)]
-        written = 0
-        for i, n in enumerate(lengths):
-            h.pwrite(rng.randbytes(n), i * 100000 + rng.randrange(0, 100000 - n + 1))
-            written += n
-        expect_errno(h.flush, errno.EIO, "flush with a failing plugin")
-        h.shutdown()  # the flush on disconnect fails too
-        del h
-
-        start = time.monotonic()
-        srv.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: srv.proc.poll() is not None, TIMEOUT_S + 15,
-                   "nbdkit to exit after SIGTERM", interval=0.05)
-        elapsed = time.monotonic() - start
-        srv.stop()
-        log = srv.log_text()
-        print("nbdkit exited %.2fs after SIGTERM (shutdown-timeout=%ds), status %d" %
-              (elapsed, TIMEOUT_S, srv.proc.returncode))
-        check(elapsed >= TIMEOUT_S * 0.9,
-              "nbdkit gave up after %.2fs, before shutdown-timeout=%ds" % (elapsed, TIMEOUT_S))
-        check(elapsed <= TIMEOUT_S + 10, "nbdkit took %.2fs to exit" % elapsed)
-        m = re.search(r"(\d+) requests, (\d+) bytes could not be written", log)
-        check(m is not None, "no 'bytes could not be written' in the log:\n" + log[-3000:])
-        check(int(m.group(2)) == written,
-              "log names %s bytes lost, the client wrote %d unflushed bytes" %
-              (m.group(2), written))
-        check(int(m.group(1)) == len(lengths),
-              "log names %s requests lost, the client made %d" % (m.group(1), len(lengths)))
-        check(read_file(img) == bytes(SIZE), "a write reached the failing plugin")
-        print("lost %d bytes in %d requests, as logged" % (written, len(lengths)))
+    disconnect_then_sigterm(rng)
+    sigterm_then_disconnect(rng)
     faultlib.cleanup()
 
 

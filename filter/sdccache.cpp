@@ -81,17 +81,17 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
   std::string k = key;
   Params& p = g->params;
   if (k == "threshold") {
-    uint32_t n;
     if (*value == '\0' || strspn(value, "0123456789") != strlen(value)) {
       nbdkit_error("threshold: not a positive integer: '%s'", value);
       return -1;
     }
-    if (nbdkit_parse_uint32_t("threshold", value, &n) == -1) return -1;
+    // Digits only: more than 7 of them is out of range whatever they say.
+    const unsigned long long n = strlen(value) > 7 ? kMaxThreshold + 1ull : strtoull(value, nullptr, 10);
     if (n < 1 || n > kMaxThreshold) {
       nbdkit_error("threshold: must be between 1 and %u, got %s", kMaxThreshold, value);
       return -1;
     }
-    p.threshold = n;
+    p.threshold = static_cast<uint32_t>(n);
     return 0;
   }
   if (k == "queue-max-size") {

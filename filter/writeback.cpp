@@ -369,7 +369,8 @@ Leftover WriteBack::Stop(milliseconds limit) {
   flushing_ = DirtyMap();
   left.requests = active_requests_ + flushing_requests_;
   left.bytes = active_.total_bytes();
-  left.error = last_error_;
+  // An error is worth reporting only if something is left because of it.
+  if (!active_.empty() || FlushPending()) left.error = last_error_ ? last_error_ : EIO;
   size_t shown = 0;
   for (const auto& [off, r] : active_) {
     if (shown++ == 8) {
@@ -380,7 +381,6 @@ Leftover WriteBack::Stop(milliseconds limit) {
     left.ranges += '[' + std::to_string(r.offset) + ",+" + std::to_string(r.length) + ')';
   }
   if (active_.size() > 8) left.ranges += " (" + std::to_string(active_.size()) + " ranges)";
-  if (left.bytes == 0 && FlushPending()) left.error = left.error ? left.error : EIO;
   return left;
 }
 

@@ -49,7 +49,9 @@ class Server:
         self.tmp = tmpdir or tempfile.mkdtemp(prefix="sdctest-")
         self.sock = os.path.join(self.tmp, "nbd.sock")
         self.log = os.path.join(self.tmp, "nbdkit.log")
-        cmd = [NBDKIT, "-f", "-U", self.sock]
+        self.pidfile = os.path.join(self.tmp, "nbdkit.pid")
+        # nbdkit writes its pidfile only once it accepts connections.
+        cmd = [NBDKIT, "-f", "-U", self.sock, "-P", self.pidfile]
         cmd += list(extra)
         for f in over:
             cmd += ["--filter=" + f]
@@ -62,7 +64,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
                                      env=env)
         deadline = time.monotonic() + start_timeout
-        while not os.path.exists(self.sock):
+        while not (os.path.exists(self.pidfile) and os.path.getsize(self.pidfile) > 0):
             if self.proc.poll() is not None:
                 fail("nbdkit exited early (%d): %s\n%s" %
                      (self.proc.returncode, " ".join(cmd), self.log_text()))
@@ -70,12 +72,6 @@ class Server:
                 self.kill()
                 fail("nbdkit did not create its socket within %ds" % start_timeout)
             time.sleep(0.01)
-        # The file appears when nbdkit binds, a moment before it listens.
-        try:
-            wait_listening(self.sock, start_timeout)
-        except SystemExit:
-            self.kill()
-            raise
 
     @property
     def uri(self):
@@ -303,11 +299,8 @@ def wait_listening(sock_path, timeout=10):
 
 
 def start_server(*args, **kwargs):
-    """Server(...) that returns only once nbdkit accepts connections."""
-    srv = Server(*args, **kwargs)
-    try:
-        wait_listening(srv.sock)
-    except SystemExit:
-        srv.kill()
-        raise
-    return srv
+    """Server(...), which returns once nbdkit accepts connections (it waits
+    for nbdkit's pidfile; a probe connection would make nbdkit log an
+    error, and under ASan nbdkit 1.32 deadlocks at exit after logging a %m
+    message)."""
+    return Server(*args, **kwargs)

@@ -46,28 +46,18 @@ class SCOPED_CAPABILITY MutexLock {
   Mutex* const mu_;
 };
 
-// Releases `mu` for its scope (e.g. around plugin I/O), re-acquires after.
-class SCOPED_CAPABILITY MutexUnlock {
- public:
-  explicit MutexUnlock(Mutex* mu) RELEASE(mu) : mu_(mu) { mu_->Unlock(); }
-  ~MutexUnlock() ACQUIRE() { mu_->Lock(); }
-  MutexUnlock(const MutexUnlock&) = delete;
-  MutexUnlock& operator=(const MutexUnlock&) = delete;
-
- private:
-  Mutex* const mu_;
-};
-
 class CondVar {
  public:
   explicit CondVar(Mutex* mu) : mu_(mu) {}
-  // Caller holds mu; it is released while waiting, held again on return.
-  void Wait() REQUIRES(mu_) {
+  // REQUIRES: the caller holds the Mutex given at construction; it is
+  // released while waiting and held again on return.  (Not annotated, as in
+  // LevelDB's port::CondVar: the analysis cannot tie mu_ to the caller's.)
+  void Wait() {
     std::unique_lock<std::mutex> lock(mu_->mu_, std::adopt_lock);
     cv_.wait(lock);
     lock.release();
   }
-  void WaitUntil(std::chrono::steady_clock::time_point t) REQUIRES(mu_) {
+  void WaitUntil(std::chrono::steady_clock::time_point t) {
     std::unique_lock<std::mutex> lock(mu_->mu_, std::adopt_lock);
     cv_.wait_until(lock, t);
     lock.release();

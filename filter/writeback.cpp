@@ -80,11 +80,9 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   // or an older buffered overlap would land over it later.
   if (int err = WaitFor(last_seq_, 0, false, Trigger::kBackpressure)) return err;
   counters_.writethrough_requests.fetch_add(1, std::memory_order_relaxed);
-  int err;
-  {
-    MutexUnlock u(&mu_);
-    err = sink_->Write(buf, count, offset, fua);
-  }
+  mu_.Unlock();  // no lock across plugin I/O
+  const int err = sink_->Write(buf, count, offset, fua);
+  mu_.Lock();
   if (err) return err;
   ++write_gen_;
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
@@ -217,13 +215,11 @@ void WriteBack::RunBatch(Trigger why) {
   const auto start = Clock::now();
   uint64_t plugin_writes = 0;
   size_t done = 0;
-  int err;
-  {
-    MutexUnlock u(&mu_);
-    err = WriteRanges(plan, &plugin_writes, &done);
-    if (err == 0 && flush_after) err = sink_->Flush();
-    plan.clear();  // drop chunk references outside the lock
-  }
+  mu_.Unlock();  // no lock across plugin I/O
+  int err = WriteRanges(plan, &plugin_writes, &done);
+  if (err == 0 && flush_after) err = sink_->Flush();
+  plan.clear();  // drop chunk references outside the lock
+  mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
 
@@ -258,8 +254,9 @@ void WriteBack::RunBatch(Trigger why) {
   if (hook_ != nullptr) {
     BatchHook hook = hook_;
     void* opaque = hook_opaque_;
-    MutexUnlock u(&mu_);
+    mu_.Unlock();
     hook(opaque, why, requests, bytes, plugin_writes, us, err);
+    mu_.Lock();
   }
 }
 
@@ -267,11 +264,9 @@ void WriteBack::RunPluginFlush() {
   const uint64_t seq = written_seq_;
   const uint64_t gen = write_gen_;
   kick_ = false;
-  int err;
-  {
-    MutexUnlock u(&mu_);
-    err = sink_->Flush();
-  }
+  mu_.Unlock();  // no lock across plugin I/O
+  const int err = sink_->Flush();
+  mu_.Lock();
   if (err == 0) {
     flushed_seq_ = std::max(flushed_seq_, seq);
     flushed_gen_ = std::max(flushed_gen_, gen);

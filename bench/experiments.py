@@ -58,7 +58,7 @@ def reads_during_drain(ctx, top, buffered=64 * MIB, delay="1ms", limit_s=300):
         stats = os.path.join(d, tag + ".sdc-stats")
         args = ["--filter=" + ctx.filter_so, "--filter=delay", "file", ctx.image,
                 "delay-write=" + delay, "threshold=1048576", "max-age=0",
-                "queue-max-size=%d" % (4 * buffered), "statsfile=" + stats]
+                "queue-max-size=%d" % (4 * buffered), "sdccache-statsfile=" + stats]
     else:
         stats = None
         args = ["--filter=cache", "--filter=delay", "file", ctx.image,
@@ -140,7 +140,7 @@ def memory_run(ctx, total=1 << 30, queue="64M", limit_s=600):
     if os.path.exists(stats):
         os.unlink(stats)
     srv = Nbdkit(["--filter=" + ctx.filter_so, "file", img, "threshold=1048576", "max-age=0",
-                  "queue-max-size=" + queue, "statsfile=" + stats],
+                  "queue-max-size=" + queue, "sdccache-statsfile=" + stats],
                  os.path.join(d, "memory.sock"), os.path.join(d, "memory.log"))
     samples = []
     rss_peak = [0]

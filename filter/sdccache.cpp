@@ -116,17 +116,18 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
     (k == "max-age" ? p.max_age : p.shutdown_timeout) = d;
     return 0;
   }
-  if (k == "statsfile") {
+  // Prefixed: nbdkit's stats filter, often stacked below, owns statsfile=.
+  if (k == "sdccache-statsfile") {
     if (*value == '\0') {
-      nbdkit_error("statsfile: empty path");
+      nbdkit_error("sdccache-statsfile: empty path");
       return -1;
     }
     p.statsfile = value;
     return 0;
   }
-  if (k == "statsformat") {
+  if (k == "sdccache-statsformat") {
     if (strcmp(value, "json") != 0 && strcmp(value, "text") != 0) {
-      nbdkit_error("statsformat: must be 'text' or 'json', got '%s'", value);
+      nbdkit_error("sdccache-statsformat: must be 'text' or 'json', got '%s'", value);
       return -1;
     }
     p.stats_json = strcmp(value, "json") == 0;
@@ -148,8 +149,8 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
   "queue-max-size=SIZE       Bound on buffered bytes; writers wait past it (64M).\n"  \
   "max-age=DURATION          Write back data older than this (30s; 0 = never).\n"     \
   "shutdown-timeout=DURATION How long shutdown retries a failing plugin (30s).\n"      \
-  "statsfile=PATH            Keep counters in PATH while running.\n"                 \
-  "statsformat=text|json     Format of the stats file (text).\n"                     \
+  "sdccache-statsfile=PATH   Keep counters in PATH while running.\n"                 \
+  "sdccache-statsformat=text|json  Format of the stats file (text).\n"               \
   "control=SOCKET            Unix socket for flush/stats/pause/resume/threshold."
 
 static int sdccache_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }

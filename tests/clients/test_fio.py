@@ -46,7 +46,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="sdc-fio-")
     disk = sdctest.make_image(tmp, SIZE)
     stats = os.path.join(tmp, "stats.txt")
-    params = ["threshold=16", "queue-max-size=4M", "statsfile=" + stats]
+    params = ["threshold=16", "queue-max-size=4M", "sdccache-statsfile=" + stats]
     srv = clientlib.start_server(["file", disk], params, tmpdir=tmp)
     with srv:
         out_json = os.path.join(tmp, "fio-nbd.json")

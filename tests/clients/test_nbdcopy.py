@@ -23,7 +23,7 @@ def main():
     stats = os.path.join(tmp, "stats.txt")
 
     # 1. Round trip: src -> export -> out, four connections each way.
-    params = ["threshold=32", "queue-max-size=16M", "statsfile=" + stats]
+    params = ["threshold=32", "queue-max-size=16M", "sdccache-statsfile=" + stats]
     srv = clientlib.start_server(["file", disk], params, tmpdir=tmp)
     with srv:
         run(["nbdcopy", "-C", "4", src, srv.uri], timeout=120)

@@ -21,7 +21,7 @@ def main():
     clientlib.fill(disk, SIZE, 0xFF)
     stats = os.path.join(srv_tmp, "stats.txt")
 
-    params = ["threshold=8", "queue-max-size=8M", "max-age=0", "statsfile=" + stats]
+    params = ["threshold=8", "queue-max-size=8M", "max-age=0", "sdccache-statsfile=" + stats]
     srv = clientlib.start_server(["file", disk], params, tmpdir=srv_tmp)
     with srv:
         out, _ = run(["qemu-img", "convert", "-n", "-p", "-f", "raw", "-O", "raw", "-W",

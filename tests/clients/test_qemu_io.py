@@ -35,7 +35,7 @@ def main():
     disk = os.path.join(tmp, "disk.img")
     clientlib.fill(disk, SIZE, 0x11)
     stats = os.path.join(tmp, "stats.txt")
-    params = ["threshold=1000", "max-age=0", "statsfile=" + stats]
+    params = ["threshold=1000", "max-age=0", "sdccache-statsfile=" + stats]
     srv = clientlib.start_server(["file", disk], params, tmpdir=tmp)
     with srv:
         # One qemu-io process: writes stay buffered (no trigger fires), and

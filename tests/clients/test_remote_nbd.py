@@ -22,7 +22,7 @@ def main():
         os.mkdir(front_tmp)
         stats = os.path.join(front_tmp, "stats.txt")
         # Nothing but a flush, a disconnect or shutdown writes back.
-        params = ["threshold=1048576", "max-age=0", "statsfile=" + stats]
+        params = ["threshold=1048576", "max-age=0", "sdccache-statsfile=" + stats]
         front = clientlib.start_server(["nbd", "socket=" + back.sock], params, tmpdir=front_tmp)
         rng = random.Random(11)
         h = front.connect()

@@ -28,7 +28,7 @@ SLACK_S = 6  # scheduling slack on a loaded 2-core machine
 def start(tmp, img):
     return Server(["file", img] + error_args(["pwrite"], "100%"),
                   ["threshold=3", "shutdown-timeout=%ds" % TIMEOUT_S,
-                   "statsfile=" + os.path.join(tmp, "stats")],
+                   "sdccache-statsfile=" + os.path.join(tmp, "stats")],
                   under=["error"], tmpdir=tmp)
 
 

@@ -23,7 +23,7 @@ WINDOW_S = 30  # shutdown-timeout: far longer than any recovery below
 def start(tmp, img, trig, ctl):
     return Server(["file", img] + error_args(["pwrite", "zero"], "100%", trig),
                   ["threshold=3", "max-age=0", "shutdown-timeout=%ds" % WINDOW_S,
-                   "control=" + ctl, "statsfile=" + os.path.join(tmp, "stats")],
+                   "control=" + ctl, "sdccache-statsfile=" + os.path.join(tmp, "stats")],
                   under=["error"], tmpdir=tmp)
 
 

@@ -18,7 +18,7 @@ def main():
     model = sdctest.Model(SIZE)
     # Only backpressure (and the final flush) can start a batch.
     args = ["queue-max-size=1M", "threshold=1000", "max-age=1h", "delay-write=20ms",
-            "statsfile=" + stats_path]
+            "sdccache-statsfile=" + stats_path]
     with sdctest.start_server(["file", img], args, under=["delay"], tmpdir=tmp) as srv:
         h = srv.connect()
         start = time.monotonic()

@@ -14,7 +14,7 @@ CASES = [
     ("queue-max-size", "100"),
     ("max-age", "xyz"),
     ("shutdown-timeout", "soon"),
-    ("statsformat", "xml"),
+    ("sdccache-statsformat", "xml"),
 ]
 
 # Good values, so that the refusals above are about the value, not the setup.
@@ -25,7 +25,7 @@ GOOD = [
     ("max-age", "500ms"),
     ("max-age", "0"),
     ("shutdown-timeout", "2m"),
-    ("statsformat", "json"),
+    ("sdccache-statsformat", "json"),
 ]
 
 

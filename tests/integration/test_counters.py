@@ -37,9 +37,9 @@ def scenario(json_format):
     img = sdctest.make_image(tmp, 4 << 20)
     stats_path = os.path.join(tmp, "stats")
     ctl_path = os.path.join(tmp, "ctl.sock")
-    args = ["threshold=5", "max-age=1h", "statsfile=" + stats_path, "control=" + ctl_path]
+    args = ["threshold=5", "max-age=1h", "sdccache-statsfile=" + stats_path, "control=" + ctl_path]
     if json_format:
-        args.append("statsformat=json")
+        args.append("sdccache-statsformat=json")
     with sdctest.start_server(["file", img], args, tmpdir=tmp) as srv:
         srv.control = ctl_path
         st = sdctest.wait_stats(stats_path, lambda s: True, 10, "stats file created",

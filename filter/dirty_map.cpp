@@ -68,8 +68,9 @@ void DirtyMap::Collect(uint64_t offset, uint64_t length, std::vector<DirtyRange>
     out->push_back(it->second.Slice(offset, stop));
 }
 
-void DirtyMap::EraseFirst(size_t n) {
-  for (auto it = ranges_.begin(); n > 0 && it != ranges_.end(); --n) it = Remove(it);
+void DirtyMap::Erase(uint64_t offset) {
+  auto it = ranges_.find(offset);
+  if (it != ranges_.end()) Remove(it);
 }
 
 void DirtyMap::clear() {

@@ -48,8 +48,9 @@ class DirtyMap {
   // in offset order.
   void Collect(uint64_t offset, uint64_t length, std::vector<DirtyRange>* out) const;
 
-  // Drops the n lowest ranges (already written by a batch that then failed).
-  void EraseFirst(size_t n);
+  // Drops the range that starts at `offset` (written by a batch that then
+  // failed elsewhere).
+  void Erase(uint64_t offset);
 
   bool empty() const { return ranges_.empty(); }
   size_t size() const { return ranges_.size(); }

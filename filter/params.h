@@ -9,6 +9,7 @@ namespace sdccache {
 
 struct Params {
   uint32_t threshold = 32;
+  uint32_t writeback_threads = 32;
   uint64_t queue_max_size = 64ull << 20;
   std::chrono::milliseconds max_age{30000};
   std::chrono::milliseconds shutdown_timeout{30000};
@@ -18,6 +19,7 @@ struct Params {
 };
 
 inline constexpr uint32_t kMaxThreshold = 1048576;
+inline constexpr uint32_t kMaxWritebackThreads = 256;
 
 // Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
 // false on anything else (negative, empty, unknown unit, overflow).

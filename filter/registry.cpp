@@ -38,6 +38,7 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   opts.queue_max_bytes = params_.queue_max_size;
   opts.max_age = params_.max_age;
   opts.max_plugin_write = cache->sink->max_write();
+  opts.write_threads = params_.writeback_threads;
   // Other connections read through their own contexts: without multi-conn
   // consistency, only a plugin flush makes our writes visible to them.
   opts.flush_before_release = !cache->sink->multi_conn();

@@ -94,6 +94,17 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
     p.threshold = static_cast<uint32_t>(n);
     return 0;
   }
+  if (k == "writeback-threads") {
+    uint32_t n;
+    if (nbdkit_parse_uint32_t("writeback-threads", value, &n) == -1) return -1;
+    if (n < 1 || n > kMaxWritebackThreads) {
+      nbdkit_error("writeback-threads: must be between 1 and %u, got %s", kMaxWritebackThreads,
+                   value);
+      return -1;
+    }
+    p.writeback_threads = n;
+    return 0;
+  }
   if (k == "queue-max-size") {
     int64_t n = nbdkit_parse_size(value);
     if (n == -1) {
@@ -148,6 +159,7 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
   "threshold=N               Queued write requests that start a batch (default 32).\n" \
   "queue-max-size=SIZE       Bound on buffered bytes; writers wait past it (64M).\n"  \
   "max-age=DURATION          Write back data older than this (30s; 0 = never).\n"     \
+  "writeback-threads=N       Plugin requests in flight during write-back (32).\n"   \
   "shutdown-timeout=DURATION How long shutdown retries a failing plugin (30s).\n"      \
   "sdccache-statsfile=PATH   Keep counters in PATH while running.\n"                 \
   "sdccache-statsformat=text|json  Format of the stats file (text).\n"               \

@@ -12,7 +12,11 @@ using std::chrono::microseconds;
 using std::chrono::milliseconds;
 
 WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
-    : sink_(sink), opts_(opts), account_(opts.queue_max_bytes), threshold_(opts.threshold) {
+    : sink_(sink),
+      opts_(opts),
+      account_(opts.queue_max_bytes),
+      threshold_(opts.threshold),
+      batch_writer_(sink, std::max(1u, opts.write_threads), opts.max_plugin_write) {
   flusher_ = std::thread([this] { FlusherLoop(); });
 }
 
@@ -214,11 +218,11 @@ void WriteBack::RunBatch(Trigger why) {
 
   const auto start = Clock::now();
   uint64_t plugin_writes = 0;
-  size_t done = 0;
+  std::vector<char> written;
   mu_.Unlock();  // no lock across plugin I/O
-  int err = WriteRanges(plan, &plugin_writes, &done);
+  int err = batch_writer_.Write(plan, &written, &plugin_writes);
   if (err == 0 && flush_after) err = sink_->Flush();
-  plan.clear();  // drop chunk references outside the lock
+  if (err == 0) plan.clear();  // drop chunk references outside the lock
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
@@ -242,7 +246,10 @@ void WriteBack::RunBatch(Trigger why) {
     // every context when it is multi-conn): retire them, so that a plugin
     // failing now and then still makes progress.  Keep the rest: the
     // failed batch is older than anything buffered since.
-    if (!flush_after) flushing_.EraseFirst(done);
+    if (!flush_after)
+      for (size_t i = 0; i < plan.size(); ++i)
+        if (written[i]) flushing_.Erase(plan[i].offset);
+    plan.clear();
     active_.InsertUnder(std::move(flushing_));
     flushing_ = DirtyMap();
     active_requests_ += flushing_requests_;
@@ -284,53 +291,6 @@ void WriteBack::RecordError(int err) {
   counters_.last_error.store(err, std::memory_order_relaxed);
   backoff_ = backoff_.count() == 0 ? opts_.retry_min : std::min(backoff_ * 2, opts_.retry_max);
   retry_at_ = Clock::now() + backoff_;
-}
-
-int WriteBack::WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes,
-                           size_t* done) {
-  const uint64_t cap = std::max<uint32_t>(opts_.max_plugin_write, 1);
-  std::vector<uint8_t> joined;
-  size_t i = 0;
-  while (i < plan.size()) {
-    const DirtyRange& r = plan[i];
-    if (r.kind != RangeKind::kData) {
-      int err = r.kind == RangeKind::kZero
-                    ? sink_->Zero(static_cast<uint32_t>(r.length), r.offset, r.may_trim, false)
-                    : sink_->Trim(static_cast<uint32_t>(r.length), r.offset, false);
-      if (err) return err;
-      ++*plugin_writes;
-      *done = ++i;
-      continue;
-    }
-    // Coalesce a run of adjacent data ranges up to the cap.
-    size_t j = i + 1;
-    uint64_t run = r.length;
-    while (j < plan.size() && plan[j].kind == RangeKind::kData &&
-           plan[j].offset == plan[j - 1].end() && run + plan[j].length <= cap) {
-      run += plan[j].length;
-      ++j;
-    }
-    if (j == i + 1) {
-      for (uint64_t done = 0; done < r.length; done += cap) {
-        uint64_t n = std::min(cap, r.length - done);
-        if (int err = sink_->Write(r.bytes() + done, static_cast<uint32_t>(n), r.offset + done, false))
-          return err;
-        ++*plugin_writes;
-      }
-    } else {
-      joined.resize(run);
-      uint64_t at = 0;
-      for (size_t k = i; k < j; ++k) {
-        std::memcpy(joined.data() + at, plan[k].bytes(), plan[k].length);
-        at += plan[k].length;
-      }
-      if (int err = sink_->Write(joined.data(), static_cast<uint32_t>(run), r.offset, false))
-        return err;
-      ++*plugin_writes;
-    }
-    *done = i = j;
-  }
-  return 0;
 }
 
 int WriteBack::FlushUntil(milliseconds limit, Trigger why) {

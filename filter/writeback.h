@@ -29,6 +29,7 @@
 #include <string>
 #include <thread>
 
+#include "batch_writer.h"
 #include "counters.h"
 #include "dirty_map.h"
 #include "memory_account.h"
@@ -43,6 +44,7 @@ struct WriteBackOptions {
   uint64_t queue_max_bytes = 64ull << 20;
   std::chrono::milliseconds max_age{30000};  // 0: no age trigger
   uint32_t max_plugin_write = 4u << 20;      // coalescing cap
+  unsigned write_threads = 32;               // plugin requests in flight
   bool flush_before_release = false;         // Sink contexts not coherent
   std::chrono::milliseconds retry_min{10};
   std::chrono::milliseconds retry_max{1000};
@@ -109,8 +111,6 @@ class WriteBack {
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
   void RunBatch(Trigger why) REQUIRES(mu_);
   void RunPluginFlush() REQUIRES(mu_);
-  // Writes plan in order; *done counts the leading ranges fully written.
-  int WriteRanges(const std::vector<DirtyRange>& plan, uint64_t* plugin_writes, size_t* done);
   void RecordError(int err) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
   uint64_t MemoryBytesLocked() const REQUIRES(mu_);
@@ -159,6 +159,7 @@ class WriteBack {
   BatchHook hook_ GUARDED_BY(mu_) = nullptr;
   void* hook_opaque_ GUARDED_BY(mu_) = nullptr;
 
+  BatchWriter batch_writer_;  // used by the flusher thread only
   std::thread flusher_;
 };
 

@@ -106,6 +106,7 @@ TEST(WriteBackTest, FailedBatchRetiresTheRangesItWrote) {
   FakeSink sink(kDisk);
   WriteBackOptions o = Opts(1000);
   o.retry_min = o.retry_max = std::chrono::seconds(60);  // only Flush() retries
+  o.write_threads = 1;  // requests in order: "low" is written before "high" fails
   WriteBack wb(&sink, o);
   sink.FailFrom(65536, EIO);
   ASSERT_EQ(wb.Write("low", 3, 0, false), 0);

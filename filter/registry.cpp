@@ -1,12 +1,15 @@
 // Registry: per-export caches, control actions and shutdown reporting.
 #include "registry.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
 #include "statsfile.h"
 
 namespace sdccache {
+
+static constexpr uint32_t kMaxCoalesce = 1u << 20;
 
 static void OnBatch(void* opaque, Trigger why, uint64_t requests, uint64_t bytes,
                     uint64_t plugin_writes, uint64_t us, int err) {
@@ -37,7 +40,10 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   opts.threshold = threshold_override_ ? threshold_override_ : params_.threshold;
   opts.queue_max_bytes = params_.queue_max_size;
   opts.max_age = params_.max_age;
-  opts.max_plugin_write = cache->sink->max_write();
+  // Coalesced requests need a bounce buffer per request in flight: 1 MiB
+  // keeps that small (writeback-threads x 1 MiB) and is already large
+  // enough that plugins see few requests for sequential data.
+  opts.max_plugin_write = std::min<uint32_t>(cache->sink->max_write(), kMaxCoalesce);
   opts.write_threads = params_.writeback_threads;
   // Other connections read through their own contexts: without multi-conn
   // consistency, only a plugin flush makes our writes visible to them.

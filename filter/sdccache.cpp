@@ -61,6 +61,24 @@ int Guarded(const char* what, int* err, F&& body) {
   return -1;
 }
 
+// Parses an integer in [1, max] for parameter `key`, with a message that
+// names the parameter.  (Not nbdkit_parse_uint32_t: its messages for "abc"
+// and overflow are vaguer, and the overflow one goes through "%m".)
+int ParseCount(const char* key, const char* value, uint32_t max, uint32_t* out) {
+  if (*value == '\0' || strspn(value, "0123456789") != strlen(value)) {
+    nbdkit_error("%s: not a positive integer: '%s'", key, value);
+    return -1;
+  }
+  // Digits only: more than 10 of them is out of range whatever they say.
+  const unsigned long long n = strlen(value) > 10 ? max + 1ull : strtoull(value, nullptr, 10);
+  if (n < 1 || n > max) {
+    nbdkit_error("%s: must be between 1 and %u, got %s", key, max, value);
+    return -1;
+  }
+  *out = static_cast<uint32_t>(n);
+  return 0;
+}
+
 int Fail(const char* what, int e, int* err) {
   nbdkit_error("sdccache: %s: %s", what, std::strerror(e));
   *err = e;
@@ -80,31 +98,9 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
                            const char* value) {
   std::string k = key;
   Params& p = g->params;
-  if (k == "threshold") {
-    if (*value == '\0' || strspn(value, "0123456789") != strlen(value)) {
-      nbdkit_error("threshold: not a positive integer: '%s'", value);
-      return -1;
-    }
-    // Digits only: more than 7 of them is out of range whatever they say.
-    const unsigned long long n = strlen(value) > 7 ? kMaxThreshold + 1ull : strtoull(value, nullptr, 10);
-    if (n < 1 || n > kMaxThreshold) {
-      nbdkit_error("threshold: must be between 1 and %u, got %s", kMaxThreshold, value);
-      return -1;
-    }
-    p.threshold = static_cast<uint32_t>(n);
-    return 0;
-  }
-  if (k == "writeback-threads") {
-    uint32_t n;
-    if (nbdkit_parse_uint32_t("writeback-threads", value, &n) == -1) return -1;
-    if (n < 1 || n > kMaxWritebackThreads) {
-      nbdkit_error("writeback-threads: must be between 1 and %u, got %s", kMaxWritebackThreads,
-                   value);
-      return -1;
-    }
-    p.writeback_threads = n;
-    return 0;
-  }
+  if (k == "threshold") return ParseCount(key, value, kMaxThreshold, &p.threshold);
+  if (k == "writeback-threads")
+    return ParseCount(key, value, kMaxWritebackThreads, &p.writeback_threads);
   if (k == "queue-max-size") {
     int64_t n = nbdkit_parse_size(value);
     if (n == -1) {

@@ -114,9 +114,9 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
   pending_why_ = why;
   kick_ = true;
   work_.Signal();
-  const uint64_t errors_before = error_gen_;
+  const uint64_t started_before = attempts_started_;
   while (!satisfied()) {
-    if (error_gen_ != errors_before) return last_error_;
+    if (last_failed_attempt_ > started_before) return last_error_;
     if (stopped_) return ESHUTDOWN;
     done_.Wait();
   }
@@ -200,6 +200,7 @@ void WriteBack::RunBatch(Trigger why) {
   flushing_since_ = active_since_;
   const uint64_t batch_seq = last_seq_;
   const uint64_t gen_before = write_gen_;
+  const uint64_t attempt = ++attempts_started_;
   const bool flush_after = opts_.flush_before_release;
   pressure_ = false;
   kick_ = false;
@@ -255,7 +256,7 @@ void WriteBack::RunBatch(Trigger why) {
     active_requests_ += flushing_requests_;
     flushing_requests_ = 0;
     active_since_ = flushing_since_;
-    RecordError(err);
+    RecordError(err, attempt);
   }
   done_.SignalAll();
   if (hook_ != nullptr) {
@@ -270,6 +271,7 @@ void WriteBack::RunBatch(Trigger why) {
 void WriteBack::RunPluginFlush() {
   const uint64_t seq = written_seq_;
   const uint64_t gen = write_gen_;
+  const uint64_t attempt = ++attempts_started_;
   kick_ = false;
   mu_.Unlock();  // no lock across plugin I/O
   const int err = sink_->Flush();
@@ -279,16 +281,18 @@ void WriteBack::RunPluginFlush() {
     flushed_gen_ = std::max(flushed_gen_, gen);
     backoff_ = milliseconds(0);
   } else {
-    RecordError(err);
+    RecordError(err, attempt);
   }
   done_.SignalAll();
 }
 
-void WriteBack::RecordError(int err) {
-  last_error_ = err;
-  ++error_gen_;
+void WriteBack::RecordError(int err, uint64_t attempt) {
+  last_failed_attempt_ = std::max(last_failed_attempt_, attempt);
+  // ENOTCONN only says no connection was there to borrow a plugin context
+  // from: keep reporting the plugin's own error if there was one.
+  if (err != ENOTCONN || last_error_ == 0) last_error_ = err;
   counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
-  counters_.last_error.store(err, std::memory_order_relaxed);
+  counters_.last_error.store(last_error_, std::memory_order_relaxed);
   backoff_ = backoff_.count() == 0 ? opts_.retry_min : std::min(backoff_ * 2, opts_.retry_max);
   retry_at_ = Clock::now() + backoff_;
 }

@@ -111,7 +111,7 @@ class WriteBack {
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
   void RunBatch(Trigger why) REQUIRES(mu_);
   void RunPluginFlush() REQUIRES(mu_);
-  void RecordError(int err) REQUIRES(mu_);
+  void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
   uint64_t MemoryBytesLocked() const REQUIRES(mu_);
 
@@ -151,7 +151,11 @@ class WriteBack {
   uint64_t drain_req_seq_ GUARDED_BY(mu_) = 0;  // must be written
   uint64_t flush_req_seq_ GUARDED_BY(mu_) = 0;  // must be written and flushed
   uint64_t flush_req_gen_ GUARDED_BY(mu_) = 0;
-  uint64_t error_gen_ GUARDED_BY(mu_) = 0;
+  // Plugin attempts (batches and flushes) are numbered as they start; a
+  // waiter fails only on an attempt that started after it asked, so a retry
+  // already in flight when the plugin recovers cannot fail a fresh flush.
+  uint64_t attempts_started_ GUARDED_BY(mu_) = 0;
+  uint64_t last_failed_attempt_ GUARDED_BY(mu_) = 0;
   int last_error_ GUARDED_BY(mu_) = 0;
   Clock::time_point retry_at_ GUARDED_BY(mu_);
   std::chrono::milliseconds backoff_ GUARDED_BY(mu_){0};

@@ -243,6 +243,19 @@ TEST(WriteBackTest, StopWritesEverythingOrReportsIt) {
   EXPECT_EQ(left.ranges, "[4096,+4)");
 }
 
+TEST(WriteBackTest, NoContextDoesNotHideThePluginError) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("e", 1, 0, false), 0);
+  sink.Fail(ENOSPC);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), ENOSPC);
+  sink.Fail(ENOTCONN);  // the last connection has gone: nothing to write with
+  EXPECT_EQ(wb.Flush(Trigger::kClient), ENOSPC);
+  Leftover left = wb.Stop(milliseconds(0));
+  EXPECT_EQ(left.error, ENOSPC);
+  EXPECT_EQ(left.bytes, 1u);
+}
+
 TEST(WriteBackTest, AgeTriggerWritesOldData) {
   FakeSink sink(kDisk);
   WriteBackOptions o = Opts(1000);

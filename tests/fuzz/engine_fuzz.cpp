@@ -41,6 +41,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   o.queue_max_bytes = 4096 + in.Word() % 8192;
   o.max_age = std::chrono::milliseconds(0);
   o.max_plugin_write = 1 + in.Word() % 4096;
+  o.write_threads = 1 + o.threshold % 4;  // parallel write-back, cheaply
   o.retry_min = std::chrono::milliseconds(1);
   o.retry_max = std::chrono::milliseconds(1);
   WriteBack wb(&sink, o);

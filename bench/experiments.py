@@ -8,13 +8,14 @@ flush).  One connection then sends a flush; meanwhile a second connection
 reads 4 KiB blocks that were not written (so every read goes to the plugin),
 one read per millisecond on a fixed schedule, each read's latency counted
 from the time it was due (so a stall counts once per read it delays), until
-the flush returns.
+the flush returns.  The same reads run for 2 s before the flush, as a
+control for this machine's own latency.
 
 memory_run: 1 GiB of 4 KiB random writes (each block once) through sdccache
 over file with queue-max-size=64M and only backpressure triggering
 write-back, so the queue fills with the smallest ranges there are.  The
-statsfile is sampled all along (memory_bytes against queued_bytes), and
-nbdkit's peak RSS (VmHWM) is read at the end.
+statsfile and the control socket are sampled all along (memory_bytes
+against queued_bytes), and nbdkit's peak RSS (VmHWM) is read at the end.
 """
 import os
 import random
@@ -22,11 +23,12 @@ import threading
 import time
 
 from fio_runs import connect, disconnect, run_fio
-from servers import BenchError, Nbdkit, read_key_values
+from servers import BenchError, Nbdkit, control_stats, read_key_values
 
 MIB = 1 << 20
 BLOCK = 4096
 READ_INTERVAL_S = 0.001
+IDLE_READS_S = 2.0
 
 
 def percentile(values, p):
@@ -48,6 +50,27 @@ def _write_blocks(h, blocks, depth=16):
     while inflight:
         h.poll(-1)
         inflight = [c for c in inflight if not h.aio_command_completed(c)]
+
+
+def _scheduled_reads(h, blocks, go_on, limit_s):
+    """4 KiB reads, one per READ_INTERVAL_S on a fixed schedule, while
+    go_on() holds and limit_s has not passed; returns latencies in ms, each
+    counted from the time its read was due: a read held for a second delays
+    the thousand reads due meanwhile, as it would a client's."""
+    lat = []
+    start = time.monotonic()
+    i = 0
+    while go_on():
+        due = start + i * READ_INTERVAL_S
+        if due - start >= limit_s:
+            break
+        now = time.monotonic()
+        if now < due:
+            time.sleep(due - now)
+        h.pread(BLOCK, blocks[i % len(blocks)] * BLOCK)
+        lat.append((time.monotonic() - due) * 1000.0)
+        i += 1
+    return lat
 
 
 def reads_during_drain(ctx, top, buffered=64 * MIB, delay="1ms", limit_s=300):
@@ -96,23 +119,12 @@ def reads_during_drain(ctx, top, buffered=64 * MIB, delay="1ms", limit_s=300):
             except Exception as e:  # reported below
                 result["error"] = str(e)
 
-        lat = []
+        # Control: the same reads with nothing being written back, so the
+        # figure during the drain can be told apart from this machine's noise.
+        idle = _scheduled_reads(hr, unwritten, lambda: True, IDLE_READS_S)
         th = threading.Thread(target=flusher)
         th.start()
-        start = time.monotonic()
-        deadline = start + limit_s
-        i = 0
-        while th.is_alive() and time.monotonic() < deadline:
-            # One read per READ_INTERVAL_S on a fixed schedule, its latency
-            # counted from its scheduled time: a read held for a second
-            # delays the thousand reads due meanwhile, as it would a client.
-            due = start + i * READ_INTERVAL_S
-            now = time.monotonic()
-            if now < due:
-                time.sleep(due - now)
-            hr.pread(BLOCK, unwritten[i % len(unwritten)] * BLOCK)
-            lat.append((time.monotonic() - due) * 1000.0)
-            i += 1
+        lat = _scheduled_reads(hr, unwritten, th.is_alive, limit_s)
         th.join(limit_s)
         if th.is_alive():
             raise BenchError("the flush of %s did not return within %ds" % (top, limit_s))
@@ -127,7 +139,8 @@ def reads_during_drain(ctx, top, buffered=64 * MIB, delay="1ms", limit_s=300):
     return {"top": top, "buffered": buffered, "queued_before": queued,
             "drain_s": result["drain_s"], "reads": len(lat),
             "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-            "max_ms": max(lat) if lat else 0.0}
+            "max_ms": max(lat) if lat else 0.0,
+            "idle_p99_ms": percentile(idle, 99), "idle_max_ms": max(idle) if idle else 0.0}
 
 
 def memory_run(ctx, total=1 << 30, queue="64M", limit_s=600):
@@ -137,20 +150,27 @@ def memory_run(ctx, total=1 << 30, queue="64M", limit_s=600):
     with open(img, "wb") as f:
         f.truncate(total)
     stats = os.path.join(d, "memory.sdc-stats")
-    if os.path.exists(stats):
-        os.unlink(stats)
+    ctl = os.path.join(d, "memory.ctl")
+    for p in (stats, ctl):
+        if os.path.exists(p):
+            os.unlink(p)
     srv = Nbdkit(["--filter=" + ctx.filter_so, "file", img, "threshold=1048576", "max-age=0",
-                  "queue-max-size=" + queue, "sdccache-statsfile=" + stats],
+                  "queue-max-size=" + queue, "sdccache-statsfile=" + stats, "control=" + ctl],
                  os.path.join(d, "memory.sock"), os.path.join(d, "memory.log"))
+    rss_start = srv.status_kib("VmRSS")
     samples = []
     rss_peak = [0]
     stop = threading.Event()
 
     def sampler():
+        # The statsfile is rewritten when counters change (at most every
+        # 50 ms); the control socket answers at once, at any moment of a
+        # batch.  Both are sampled.
         while not stop.is_set():
-            st = read_key_values(stats)
-            if st and "memory_bytes" in st and "queued_bytes" in st:
-                samples.append((st["memory_bytes"], st["queued_bytes"]))
+            for src, st in (("statsfile", read_key_values(stats)),
+                            ("control", control_stats(ctl))):
+                if st and "memory_bytes" in st and "queued_bytes" in st:
+                    samples.append((st["memory_bytes"], st["queued_bytes"], src))
             rss = srv.status_kib("VmRSS")
             if rss:
                 rss_peak[0] = max(rss_peak[0], rss)
@@ -181,15 +201,18 @@ def memory_run(ctx, total=1 << 30, queue="64M", limit_s=600):
     finally:
         os.unlink(img)
     worst = None
-    for mem, q in samples:
+    over = 0
+    for mem, q, src in samples:
         bound = 1.1 * q + MIB
+        over += mem > bound
         if worst is None or mem / bound > worst[0]:
-            worst = (mem / bound, mem, q)
+            worst = (mem / bound, mem, q, src)
     return {"written": job["write"]["io_bytes"], "seconds": elapsed,
             "samples": len(samples), "worst_ratio": worst[0] if worst else None,
             "worst_memory_bytes": worst[1] if worst else None,
             "worst_queued_bytes": worst[2] if worst else None,
-            "max_queued_bytes": max((q for _, q in samples), default=0),
+            "worst_source": worst[3] if worst else None, "samples_over": over,
+            "max_queued_bytes": max((q for _, q, _ in samples), default=0),
             "peak_queued_bytes": final.get("peak_queued_bytes"),
             "backpressure_waits": final.get("backpressure_waits"),
-            "vmhwm_kib": hwm, "vmrss_peak_kib": rss_peak[0]}
+            "vmhwm_kib": hwm, "vmrss_peak_kib": rss_peak[0], "vmrss_start_kib": rss_start}

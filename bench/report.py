@@ -21,6 +21,10 @@ def medians(records):
     for key, rs in groups.items():
         m = {k: statistics.median(r[k] for r in rs) for k, _, _ in METRICS}
         m["reps"] = len(rs)
+        m["iops_drain_min"] = min(r["iops_drain"] for r in rs)
+        m["iops_drain_max"] = max(r["iops_drain"] for r in rs)
+        syncs = statistics.median(r.get("syncs", 0) for r in rs)
+        m["ios_per_flush"] = statistics.median(r["ios"] for r in rs) / syncs if syncs else None
         sdc = [r["sdccache"] for r in rs if r.get("sdccache")]
         if sdc:
             m["sdccache"] = {k: statistics.median(s.get(k, 0) for s in sdc) for k in sdc[0]}
@@ -54,8 +58,11 @@ def workload_tables(cells, rows, workloads, labels):
         for row in rows:
             c = cells.get((row, wl))
             if c:
-                lines.append([row] + [f.format(c[k]) for k, _, f in METRICS])
-        out += _table(["row"] + [h for _, h, _ in METRICS], lines)
+                lines.append([row] + [f.format(c[k]) for k, _, f in METRICS] + [
+                    "{:,.0f}–{:,.0f}".format(c["iops_drain_min"], c["iops_drain_max"]),
+                    "-" if c["ios_per_flush"] is None else "%.1f" % c["ios_per_flush"]])
+        out += _table(["row"] + [h for _, h, _ in METRICS] + ["incl. drain min–max",
+                                                              "I/Os per client flush"], lines)
     return out
 
 
@@ -89,17 +96,25 @@ def experiments_text(drain6, memory7, micro8):
         out += ["", "Reads during a drain of 64 MiB (4 KiB random writes) to the slow backend: "
                 "one 4 KiB read of an unwritten block per ms on a second connection, latency "
                 "counted from when the read was due:", ""]
-        out += _table(["filter", "drain s", "reads", "p50 ms", "p99 ms", "max ms"],
+        out += _table(["filter", "drain s", "reads", "p50 ms", "p99 ms", "max ms",
+                       "idle p99 ms", "idle max ms"],
                       [[k, "%.3f" % v["drain_s"], "%d" % v["reads"], "%.2f" % v["p50_ms"],
-                        "%.2f" % v["p99_ms"], "%.1f" % v["max_ms"]] for k, v in drain6.items()])
+                        "%.2f" % v["p99_ms"], "%.1f" % v["max_ms"],
+                        "%.2f" % v.get("idle_p99_ms", 0), "%.1f" % v.get("idle_max_ms", 0)]
+                       for k, v in drain6.items()])
+        out += ["", "(idle: the same reads for 2 s before the flush, nothing being written "
+                "back.)"]
     if memory7:
         m = memory7
         out += ["", "Memory during a 1 GiB 4 KiB random write, queue-max-size=64M, "
-                "backpressure-only write-back: %d samples; worst memory_bytes %d at queued_bytes "
-                "%d (ratio to 1.1 x queued + 1 MiB: %.3f); max queued %.1f MiB; peak RSS (VmHWM) "
-                "%.1f MiB; %.1f s." % (
-                    m["samples"], m["worst_memory_bytes"] or 0, m["worst_queued_bytes"] or 0,
+                "backpressure-only write-back: %d samples (statsfile and control socket), %d of them "
+                "over 1.1 x queued_bytes + 1 MiB; worst memory_bytes %d at queued_bytes %d "
+                "(%s; ratio %.3f); max queued sampled %.1f MiB; RSS at start "
+                "%.1f MiB, peak RSS (VmHWM) %.1f MiB; %.1f s." % (
+                    m["samples"], m.get("samples_over", 0), m["worst_memory_bytes"] or 0,
+                    m["worst_queued_bytes"] or 0, m.get("worst_source"),
                     m["worst_ratio"] or 0, m["max_queued_bytes"] / (1 << 20),
+                    (m.get("vmrss_start_kib") or 0) / 1024.0,
                     (m["vmhwm_kib"] or 0) / 1024.0, m["seconds"])]
     if micro8:
         out += ["", "Engine microbenchmarks (median real time per operation): " +

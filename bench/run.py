@@ -46,6 +46,8 @@ def parse_args():
     p.add_argument("--out", help="where RESULTS.md, results.json and results.png go "
                    "(default bench/; quick: /var/tmp/sdcbench-quick)")
     p.add_argument("--workdir", help="images, sockets, logs (default: a new /var/tmp/sdcbench-*)")
+    p.add_argument("--describe", help="what sdccache build this is, for the machine line "
+                   "(default: the source tree's git commit)")
     p.add_argument("--no-experiments", action="store_true", help="skip targets 6 and 7")
     p.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks (target 8)")
     a = p.parse_args()
@@ -69,7 +71,7 @@ def first_line(cmd):
         return "?"
 
 
-def machine_line():
+def machine_line(describe=None):
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -78,14 +80,15 @@ def machine_line():
                 break
     with open("/proc/meminfo") as f:
         mem_kib = int(f.readline().split()[1])
-    commit = first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
-    dirty = first_line(["git", "-C", ROOT, "status", "--porcelain", "filter"]) != "?"
+    if describe is None:
+        commit = first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+        dirty = first_line(["git", "-C", ROOT, "status", "--porcelain", "filter"]) != "?"
+        describe = commit + (" + uncommitted filter/ changes" if dirty else "")
     return ("%d x %s, %.1f GiB RAM, Linux %s, %s, %s, load avg %s at start, "
-            "sdccache %s%s, %s" % (
+            "sdccache %s, %s" % (
                 os.cpu_count(), cpu, mem_kib / (1 << 20), platform.release(),
                 first_line(["nbdkit", "--version"]), first_line(["fio", "--version"]),
-                " ".join(open("/proc/loadavg").read().split()[:3]), commit,
-                " + uncommitted filter/ changes" if dirty else "",
+                " ".join(open("/proc/loadavg").read().split()[:3]), describe,
                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
 
 
@@ -134,7 +137,7 @@ def run(a, filter_so, workdir):
     os.makedirs(out, exist_ok=True)
     ctx = SimpleNamespace(workdir=workdir, filter_so=filter_so, image_size=256 << 20,
                           image=os.path.join(workdir, "disk.img"))
-    machine = machine_line()
+    machine = machine_line(a.describe)
     print("machine: " + machine, flush=True)
     ctx.stats_under_sdccache = stats_filter_works_under(filter_so, workdir)
     notes = []
@@ -225,7 +228,8 @@ def run(a, filter_so, workdir):
           "`/remote` = the nbd plugin forwarding to a second nbdkit with the delay filter. "
           "nbdkit's stats filter sits just above every plugin and counts plugin writes. "
           "Drain = one client flush timed from fio's exit; IOPS incl. drain = I/Os / "
-          "(runtime + drain). sdccache parameters: defaults%s." % (
+          "(runtime + drain). `I/Os per client flush` shows how often fio's nbd engine really "
+          "flushed with fsync=32. sdccache parameters: defaults%s." % (
               (" + " + a.sdc_args) if a.sdc_args else ""), "",
           ] + ["Note: " + n + "\n" for n in notes] + [
           "## Targets (issue 5)", ""] + report.target_table(tgt)

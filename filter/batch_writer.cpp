@@ -2,6 +2,7 @@
 #include "batch_writer.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace sdccache {
@@ -27,9 +28,14 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   ops_.clear();
   for (size_t i = 0; i < plan.size();) {
     size_t j = i + 1;
-    if (plan[i].kind == RangeKind::kData) {
+    // Only small ranges are joined: the copy into the bounce buffer costs
+    // more than the plugin saves on ranges that are large already.
+    auto joinable = [&](size_t k) {
+      return plan[k].kind == RangeKind::kData && plan[k].length < kJoinBelow;
+    };
+    if (joinable(i)) {
       uint64_t run = plan[i].length;
-      while (j < plan.size() && plan[j].kind == RangeKind::kData &&
+      while (j < plan.size() && joinable(j) &&
              plan[j].offset == plan[j - 1].end() && run + plan[j].length <= max_write_) {
         run += plan[j].length;
         ++j;
@@ -43,10 +49,13 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   next_op_.store(0);
   error_.store(0);
   calls_.store(0);
-  // Wake enough workers to keep several requests in flight without waking
-  // all of them for a small batch.
-  const unsigned helpers =
-      std::min<size_t>(workers_.size(), ops_.size() > 1 ? (ops_.size() + 3) / 4 : 0);
+  // A slow plugin gets one request in flight per op (up to the pool); a
+  // fast one gets a helper per 8 ops, as waking threads costs more than the
+  // requests themselves.  "Slow" is learnt from the previous batches.
+  const size_t per_helper = op_us_ > kSlowOpUs ? 1 : 8;
+  const unsigned helpers = std::min<size_t>(
+      workers_.size(), ops_.size() > 1 ? (ops_.size() + per_helper - 1) / per_helper : 0);
+  const auto start = std::chrono::steady_clock::now();
   if (helpers > 0) {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -55,19 +64,33 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     }
     wake_.notify_all();
   }
-  RunOps();
+  RunOps(&caller_scratch_);
   if (helpers > 0) {
     std::unique_lock<std::mutex> l(mu_);
     wanted_ = 0;  // latecomers skip this batch
     idle_.wait(l, [this] { return busy_ == 0; });
   }
+  // Per-op latency as one thread saw it, smoothed over batches.
+  const double us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
+  const double per_op = us * (helpers + 1) / static_cast<double>(std::max<size_t>(ops_.size(), 1));
+  op_us_ = op_us_ == 0 ? per_op : 0.8 * op_us_ + 0.2 * per_op;
   *plugin_writes += calls_.load();
   plan_ = nullptr;
   written_ = nullptr;
   return error_.load();
 }
 
+uint8_t* BatchWriter::Scratch::Get(size_t n) {
+  if (n > size) {
+    buf.reset(new uint8_t[n]);  // uninitialised: every byte is written before use
+    size = n;
+  }
+  return buf.get();
+}
+
 void BatchWriter::WorkerLoop() {
+  Scratch scratch;
   std::unique_lock<std::mutex> l(mu_);
   uint64_t seen = job_;
   while (true) {
@@ -77,19 +100,18 @@ void BatchWriter::WorkerLoop() {
     --wanted_;
     ++busy_;
     l.unlock();
-    RunOps();
+    RunOps(&scratch);
     l.lock();
     if (--busy_ == 0) idle_.notify_all();
   }
 }
 
-void BatchWriter::RunOps() {
-  std::vector<uint8_t> scratch;
+void BatchWriter::RunOps(Scratch* scratch) {
   while (error_.load(std::memory_order_relaxed) == 0) {
     const size_t i = next_op_.fetch_add(1);
     if (i >= ops_.size()) return;
     const Op& op = ops_[i];
-    if (int err = RunOp(op, &scratch)) {
+    if (int err = RunOp(op, scratch)) {
       int expected = 0;
       error_.compare_exchange_strong(expected, err);
       return;
@@ -98,7 +120,7 @@ void BatchWriter::RunOps() {
   }
 }
 
-int BatchWriter::RunOp(const Op& op, std::vector<uint8_t>* scratch) {
+int BatchWriter::RunOp(const Op& op, Scratch* scratch) {
   const std::vector<DirtyRange>& plan = *plan_;
   const DirtyRange& r = plan[op.first];
   if (r.kind != RangeKind::kData) {
@@ -117,11 +139,11 @@ int BatchWriter::RunOp(const Op& op, std::vector<uint8_t>* scratch) {
     return 0;
   }
   const uint64_t run = plan[op.last - 1].end() - r.offset;
-  scratch->resize(run);
+  uint8_t* joined = scratch->Get(run);
   for (size_t k = op.first; k < op.last; ++k)
-    std::memcpy(scratch->data() + (plan[k].offset - r.offset), plan[k].bytes(), plan[k].length);
+    std::memcpy(joined + (plan[k].offset - r.offset), plan[k].bytes(), plan[k].length);
   calls_.fetch_add(1, std::memory_order_relaxed);
-  return sink_->Write(scratch->data(), static_cast<uint32_t>(run), r.offset, false);
+  return sink_->Write(joined, static_cast<uint32_t>(run), r.offset, false);
 }
 
 }  // namespace sdccache

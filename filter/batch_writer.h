@@ -3,7 +3,7 @@
 // A batch is a sorted list of non-overlapping ranges, so its plugin requests
 // may run in any order and at once (NBD allows it; the engine orders
 // batches, never requests within one).  Adjacent data ranges are coalesced
-// into one request up to max_write.  Slow backends (remote, or with a
+// into one request up to max_write (ranges of 64 KiB or more go as they are).  Slow backends (remote, or with a
 // per-request latency) are what the parallelism is for: with one request in
 // flight, write-back of random 4 KiB writes over a 1 ms backend would top
 // out at 1000 requests a second.
@@ -15,6 +15,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -40,12 +41,24 @@ class BatchWriter {
   struct Op {
     size_t first, last;  // plan[first, last), coalesced
   };
+  // A bounce buffer for coalesced requests, kept across batches: a fresh
+  // one per batch would cost page faults (and zero-filling) per request.
+  struct Scratch {
+    std::unique_ptr<uint8_t[]> buf;
+    size_t size = 0;
+    uint8_t* Get(size_t n);
+  };
   void WorkerLoop();
-  void RunOps();  // takes ops until none is left
-  int RunOp(const Op& op, std::vector<uint8_t>* scratch);
+  void RunOps(Scratch* scratch);  // takes ops until none is left
+  int RunOp(const Op& op, Scratch* scratch);
+
+  static constexpr double kSlowOpUs = 100;
+  static constexpr uint64_t kJoinBelow = 64 * 1024;
 
   Sink* const sink_;
   const uint64_t max_write_;
+  double op_us_ = 0;  // smoothed plugin request latency; Write() only
+  Scratch caller_scratch_;  // Write()'s own
   std::vector<std::thread> workers_;
 
   std::mutex mu_;

@@ -9,7 +9,7 @@ namespace sdccache {
 
 struct Params {
   uint32_t threshold = 32;
-  uint32_t writeback_threads = 32;
+  uint32_t writeback_threads = 64;
   uint64_t queue_max_size = 64ull << 20;
   std::chrono::milliseconds max_age{30000};
   std::chrono::milliseconds shutdown_timeout{30000};

@@ -155,7 +155,7 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
   "threshold=N               Queued write requests that start a batch (default 32).\n" \
   "queue-max-size=SIZE       Bound on buffered bytes; writers wait past it (64M).\n"  \
   "max-age=DURATION          Write back data older than this (30s; 0 = never).\n"     \
-  "writeback-threads=N       Plugin requests in flight during write-back (32).\n"   \
+  "writeback-threads=N       Plugin requests in flight during write-back (64).\n"   \
   "shutdown-timeout=DURATION How long shutdown retries a failing plugin (30s).\n"      \
   "sdccache-statsfile=PATH   Keep counters in PATH while running.\n"                 \
   "sdccache-statsformat=text|json  Format of the stats file (text).\n"               \

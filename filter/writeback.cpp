@@ -223,13 +223,14 @@ void WriteBack::RunBatch(Trigger why) {
   mu_.Unlock();  // no lock across plugin I/O
   int err = batch_writer_.Write(plan, &written, &plugin_writes);
   if (err == 0 && flush_after) err = sink_->Flush();
-  if (err == 0) plan.clear();  // drop chunk references outside the lock
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
 
+  DirtyMap retired;  // freed after the lock is dropped: reads must not wait for that
   if (err == 0) {
-    flushing_.clear();
+    retired = std::move(flushing_);
+    flushing_ = DirtyMap();
     flushing_requests_ = 0;
     written_seq_ = batch_seq;
     ++write_gen_;
@@ -250,7 +251,6 @@ void WriteBack::RunBatch(Trigger why) {
     if (!flush_after)
       for (size_t i = 0; i < plan.size(); ++i)
         if (written[i]) flushing_.Erase(plan[i].offset);
-    plan.clear();
     active_.InsertUnder(std::move(flushing_));
     flushing_ = DirtyMap();
     active_requests_ += flushing_requests_;
@@ -259,13 +259,13 @@ void WriteBack::RunBatch(Trigger why) {
     RecordError(err, attempt);
   }
   done_.SignalAll();
-  if (hook_ != nullptr) {
-    BatchHook hook = hook_;
-    void* opaque = hook_opaque_;
-    mu_.Unlock();
-    hook(opaque, why, requests, bytes, plugin_writes, us, err);
-    mu_.Lock();
-  }
+  BatchHook hook = hook_;
+  void* opaque = hook_opaque_;
+  mu_.Unlock();
+  retired.clear();
+  plan.clear();
+  if (hook != nullptr) hook(opaque, why, requests, bytes, plugin_writes, us, err);
+  mu_.Lock();
 }
 
 void WriteBack::RunPluginFlush() {

@@ -44,7 +44,7 @@ struct WriteBackOptions {
   uint64_t queue_max_bytes = 64ull << 20;
   std::chrono::milliseconds max_age{30000};  // 0: no age trigger
   uint32_t max_plugin_write = 4u << 20;      // coalescing cap
-  unsigned write_threads = 32;               // plugin requests in flight
+  unsigned write_threads = 64;               // plugin requests in flight
   bool flush_before_release = false;         // Sink contexts not coherent
   std::chrono::milliseconds retry_min{10};
   std::chrono::milliseconds retry_max{1000};

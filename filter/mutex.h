@@ -22,6 +22,7 @@
 #define EXCLUDES(...) SDC_TSA(locks_excluded(__VA_ARGS__))
 #define ACQUIRE(...) SDC_TSA(acquire_capability(__VA_ARGS__))
 #define RELEASE(...) SDC_TSA(release_capability(__VA_ARGS__))
+#define NO_THREAD_SAFETY_ANALYSIS SDC_TSA(no_thread_safety_analysis)
 
 namespace sdccache {
 

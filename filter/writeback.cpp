@@ -211,16 +211,14 @@ void WriteBack::RunBatch(Trigger why) {
   if (why != Trigger::kClient && why != Trigger::kFua && why != Trigger::kDisconnect &&
       why != Trigger::kShutdown && why != Trigger::kControl)
     counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
-  std::vector<DirtyRange> plan;
-  plan.reserve(flushing_.size());
-  for (const auto& [off, r] : flushing_) plan.push_back(r);
   const uint64_t requests = flushing_requests_;
   const uint64_t bytes = flushing_.total_bytes();
 
   const auto start = Clock::now();
   uint64_t plugin_writes = 0;
   std::vector<char> written;
-  mu_.Unlock();  // no lock across plugin I/O
+  mu_.Unlock();  // no lock across plugin I/O, nor while a large batch is copied
+  std::vector<DirtyRange> plan = PlanBatch();
   int err = batch_writer_.Write(plan, &written, &plugin_writes);
   if (err == 0 && flush_after) err = sink_->Flush();
   mu_.Lock();
@@ -266,6 +264,15 @@ void WriteBack::RunBatch(Trigger why) {
   plan.clear();
   if (hook != nullptr) hook(opaque, why, requests, bytes, plugin_writes, us, err);
   mu_.Lock();
+}
+
+// Runs on the flusher thread without mu_: readers only read flushing_, and
+// only this thread changes it, so iterating it here races with nothing.
+std::vector<DirtyRange> WriteBack::PlanBatch() const {
+  std::vector<DirtyRange> plan;
+  plan.reserve(flushing_.size());
+  for (const auto& [off, r] : flushing_) plan.push_back(r);
+  return plan;
 }
 
 void WriteBack::RunPluginFlush() {

@@ -110,6 +110,8 @@ class WriteBack {
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
   void RunBatch(Trigger why) REQUIRES(mu_);
+  // The flusher's copy of flushing_, made without mu_ (see the .cpp).
+  std::vector<DirtyRange> PlanBatch() const NO_THREAD_SAFETY_ANALYSIS;
   void RunPluginFlush() REQUIRES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
@@ -126,7 +128,9 @@ class WriteBack {
   CondVar work_{&mu_};  // wakes the flusher
   CondVar done_{&mu_};  // wakes Flush() and write-through waiters
   DirtyMap active_ GUARDED_BY(mu_);
-  DirtyMap flushing_ GUARDED_BY(mu_);  // changed only by the flusher
+  // Changed only by the flusher thread, under mu_; so the flusher alone
+  // may also read it without mu_ (PlanBatch).
+  DirtyMap flushing_ GUARDED_BY(mu_);
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
   uint64_t flushing_requests_ GUARDED_BY(mu_) = 0;
   Clock::time_point active_since_ GUARDED_BY(mu_);  // oldest request in active_

@@ -30,6 +30,7 @@ ModelRun RunModel(uint64_t seed, uint64_t ops) {
   o.queue_max_bytes = 16 * 1024 + rng() % (64 * 1024);
   o.max_age = std::chrono::milliseconds(0);
   o.max_plugin_write = 512 + static_cast<uint32_t>(rng() % 8192);
+  o.write_threads = 1 + static_cast<unsigned>(rng() % 4);  // parallel write-back, cheaply
   o.retry_min = std::chrono::milliseconds(1);
   o.retry_max = std::chrono::milliseconds(2);
   WriteBack wb(&sink, o);

@@ -64,7 +64,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     }
     wake_.notify_all();
   }
-  RunOps(&caller_scratch_);
+  RunOps();
   if (helpers > 0) {
     std::unique_lock<std::mutex> l(mu_);
     wanted_ = 0;  // latecomers skip this batch
@@ -81,16 +81,28 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   return error_.load();
 }
 
-uint8_t* BatchWriter::Scratch::Get(size_t n) {
-  if (n > size) {
-    buf.reset(new uint8_t[n]);  // uninitialised: every byte is written before use
-    size = n;
+uint8_t* BatchWriter::AcquireBounce() {
+  std::unique_lock<std::mutex> l(bounce_mu_);
+  if (bounce_idle_.empty() && bounce_all_.size() < kBounceBuffers) {
+    // Uninitialised: every byte is written before the plugin sees it.
+    bounce_all_.emplace_back(new uint8_t[max_write_]);
+    return bounce_all_.back().get();
   }
-  return buf.get();
+  bounce_free_.wait(l, [this] { return !bounce_idle_.empty(); });
+  uint8_t* buf = bounce_idle_.back();
+  bounce_idle_.pop_back();
+  return buf;
+}
+
+void BatchWriter::ReleaseBounce(uint8_t* buf) {
+  {
+    std::lock_guard<std::mutex> l(bounce_mu_);
+    bounce_idle_.push_back(buf);
+  }
+  bounce_free_.notify_one();
 }
 
 void BatchWriter::WorkerLoop() {
-  Scratch scratch;
   std::unique_lock<std::mutex> l(mu_);
   uint64_t seen = job_;
   while (true) {
@@ -100,18 +112,18 @@ void BatchWriter::WorkerLoop() {
     --wanted_;
     ++busy_;
     l.unlock();
-    RunOps(&scratch);
+    RunOps();
     l.lock();
     if (--busy_ == 0) idle_.notify_all();
   }
 }
 
-void BatchWriter::RunOps(Scratch* scratch) {
+void BatchWriter::RunOps() {
   while (error_.load(std::memory_order_relaxed) == 0) {
     const size_t i = next_op_.fetch_add(1);
     if (i >= ops_.size()) return;
     const Op& op = ops_[i];
-    if (int err = RunOp(op, scratch)) {
+    if (int err = RunOp(op)) {
       int expected = 0;
       error_.compare_exchange_strong(expected, err);
       return;
@@ -120,7 +132,7 @@ void BatchWriter::RunOps(Scratch* scratch) {
   }
 }
 
-int BatchWriter::RunOp(const Op& op, Scratch* scratch) {
+int BatchWriter::RunOp(const Op& op) {
   const std::vector<DirtyRange>& plan = *plan_;
   const DirtyRange& r = plan[op.first];
   if (r.kind != RangeKind::kData) {
@@ -139,11 +151,13 @@ int BatchWriter::RunOp(const Op& op, Scratch* scratch) {
     return 0;
   }
   const uint64_t run = plan[op.last - 1].end() - r.offset;
-  uint8_t* joined = scratch->Get(run);
+  uint8_t* joined = AcquireBounce();
   for (size_t k = op.first; k < op.last; ++k)
     std::memcpy(joined + (plan[k].offset - r.offset), plan[k].bytes(), plan[k].length);
   calls_.fetch_add(1, std::memory_order_relaxed);
-  return sink_->Write(joined, static_cast<uint32_t>(run), r.offset, false);
+  const int err = sink_->Write(joined, static_cast<uint32_t>(run), r.offset, false);
+  ReleaseBounce(joined);
+  return err;
 }
 
 }  // namespace sdccache

@@ -41,16 +41,16 @@ class BatchWriter {
   struct Op {
     size_t first, last;  // plan[first, last), coalesced
   };
-  // A bounce buffer for coalesced requests, kept across batches: a fresh
-  // one per batch would cost page faults (and zero-filling) per request.
-  struct Scratch {
-    std::unique_ptr<uint8_t[]> buf;
-    size_t size = 0;
-    uint8_t* Get(size_t n);
-  };
+  // Bounce buffers for coalesced requests: at most kBounceBuffers of
+  // max_write bytes, allocated once and shared by the workers (one each
+  // would cost writeback-threads x 1 MiB of resident memory; fresh ones per
+  // batch would cost page faults).
+  static constexpr size_t kBounceBuffers = 8;
+  uint8_t* AcquireBounce();
+  void ReleaseBounce(uint8_t* buf);
   void WorkerLoop();
-  void RunOps(Scratch* scratch);  // takes ops until none is left
-  int RunOp(const Op& op, Scratch* scratch);
+  void RunOps();  // takes ops until none is left
+  int RunOp(const Op& op);
 
   static constexpr double kSlowOpUs = 100;
   static constexpr uint64_t kJoinBelow = 64 * 1024;
@@ -58,7 +58,10 @@ class BatchWriter {
   Sink* const sink_;
   const uint64_t max_write_;
   double op_us_ = 0;  // smoothed plugin request latency; Write() only
-  Scratch caller_scratch_;  // Write()'s own
+  std::mutex bounce_mu_;
+  std::condition_variable bounce_free_;
+  std::vector<std::unique_ptr<uint8_t[]>> bounce_all_;  // guarded by bounce_mu_
+  std::vector<uint8_t*> bounce_idle_;                   // guarded by bounce_mu_
   std::vector<std::thread> workers_;
 
   std::mutex mu_;

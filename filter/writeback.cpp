@@ -4,12 +4,17 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 namespace sdccache {
 
 using std::chrono::duration_cast;
 using std::chrono::microseconds;
 using std::chrono::milliseconds;
+
+static constexpr uint64_t kTrimAfterBytes = 4u << 20;
 
 WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
     : sink_(sink),
@@ -229,6 +234,7 @@ void WriteBack::RunBatch(Trigger why) {
   if (err == 0) {
     retired = std::move(flushing_);
     flushing_ = DirtyMap();
+    retiring_ = true;
     flushing_requests_ = 0;
     written_seq_ = batch_seq;
     ++write_gen_;
@@ -262,8 +268,22 @@ void WriteBack::RunBatch(Trigger why) {
   mu_.Unlock();
   retired.clear();
   plan.clear();
-  if (hook != nullptr) hook(opaque, why, requests, bytes, plugin_writes, us, err);
+#ifdef __GLIBC__
+  // Chunks are allocated by nbdkit's request threads and freed here, so
+  // their pages sit free in many malloc arenas; hand large batches' pages
+  // back, or the process's resident size grows well past queue-max-size.
+  if (err == 0 && bytes >= kTrimAfterBytes) malloc_trim(0);
+#endif
   mu_.Lock();
+  if (retiring_) {
+    retiring_ = false;
+    done_.SignalAll();
+  }
+  if (hook != nullptr) {
+    mu_.Unlock();
+    hook(opaque, why, requests, bytes, plugin_writes, us, err);
+    mu_.Lock();
+  }
 }
 
 // Runs on the flusher thread without mu_: readers only read flushing_, and
@@ -389,6 +409,7 @@ uint64_t WriteBack::queued_bytes() {
 
 uint64_t WriteBack::memory_bytes() {
   MutexLock l(&mu_);
+  while (retiring_) done_.Wait();
   return MemoryBytesLocked();
 }
 
@@ -407,6 +428,7 @@ CounterList WriteBack::Stats() {
   auto add = [&c](const char* k, uint64_t v) { c.emplace_back(k, std::to_string(v)); };
   {
     MutexLock l(&mu_);
+    while (retiring_) done_.Wait();
     add("threshold", threshold_);
     add("paused", paused_ ? 1 : 0);
     add("queued_requests", active_requests_ + flushing_requests_);

@@ -141,6 +141,9 @@ class WriteBack {
   bool kick_ GUARDED_BY(mu_) = false;      // a fresh request skips the backoff
   bool stopping_ GUARDED_BY(mu_) = false;
   bool stopped_ GUARDED_BY(mu_) = false;
+  // A written batch is being freed outside mu_: Stats() waits, so that it
+  // never reports queued bytes gone while their memory is still held.
+  bool retiring_ GUARDED_BY(mu_) = false;
   Trigger pending_why_ GUARDED_BY(mu_) = Trigger::kClient;
 
   // Epochs.  Every buffered request gets seq = ++last_seq_.  Requests up to

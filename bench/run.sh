@@ -5,6 +5,7 @@
 # Set SDCCACHE_BUILD to use another meson build directory (default build-bench).
 set -e
 root=$(cd "$(dirname "$0")/.." && pwd)
+"$root/scripts/deps.sh" --bench   # fio, nbdkit, python3-libnbd, matplotlib...
 build=${SDCCACHE_BUILD:-$root/build-bench}
 [ -d "$build" ] || meson setup "$build" "$root" >/dev/null
 ninja -C "$build" filter/nbdkit-sdccache-filter.so bench/engine-bench >/dev/null

@@ -30,7 +30,6 @@ class MemoryAccount {
   void Release(uint64_t bytes);
 
   uint64_t used() const { return used_.load(std::memory_order_relaxed); }
-  uint64_t limit() const { return limit_; }
   uint64_t waits() const { return waits_.load(std::memory_order_relaxed); }
   uint64_t wait_ns() const { return wait_ns_.load(std::memory_order_relaxed); }
 

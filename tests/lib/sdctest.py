@@ -280,24 +280,6 @@ def run_command(cmd, timeout=30, check_rc=True):
     return p
 
 
-def wait_listening(sock_path, timeout=10):
-    """Waits until a Unix socket accepts connections.  nbdkit binds its
-    socket (the file appears) a moment before it listens, so a client that
-    only waits for the file can get ECONNREFUSED on a loaded machine."""
-    import socket
-
-    def accepts():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(sock_path)
-            return True
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        finally:
-            s.close()
-    wait_until(accepts, timeout, "%s to accept connections" % sock_path)
-
-
 def start_server(*args, **kwargs):
     """Server(...), which returns once nbdkit accepts connections (it waits
     for nbdkit's pidfile; a probe connection would make nbdkit log an

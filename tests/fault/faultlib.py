@@ -8,7 +8,7 @@ import tempfile
 
 import nbd
 
-from sdctest import check, control_stats, fail, wait_until
+from sdctest import check, check_read, control_stats, fail, wait_until
 
 
 def tmpdir():
@@ -152,12 +152,7 @@ class FaultyOps:
             if op < 0.50:
                 self._write(i, off, n, fua=rng.random() < 0.08)
             elif op < 0.92:
-                got = h.pread(n, off)
-                want = model.read(off, n)
-                if got != want:
-                    first = next(j for j in range(n) if got[j] != want[j])
-                    fail("seed %d op %d: read [%d,+%d) differs at byte %d" %
-                         (self.seed, i, off, n, off + first))
+                check_read(h, model, off, n, "seed %d op %d" % (self.seed, i))
             else:
                 try:
                     h.flush()

@@ -144,6 +144,17 @@ class Model:
         return bytes(self.buf[off:off + n])
 
 
+def check_read(h, model, off, n, where):
+    """Reads [off, off+n) through h; fails the test, naming the first
+    differing byte, unless it equals the model."""
+    got = h.pread(n, off)
+    want = model.read(off, n)
+    if got != want:
+        first = next(j for j in range(n) if got[j] != want[j])
+        fail("%s: read [%d,+%d) differs at byte %d (got %d want %d)" %
+             (where, off, n, off + first, got[first], want[first]))
+
+
 def random_ops(h_list, model, size, count, seed, ops_log=None):
     """Runs `count` random requests, spread over the handles in h_list,
     checking every read against the model.  Offsets and lengths are
@@ -163,12 +174,7 @@ def random_ops(h_list, model, size, count, seed, ops_log=None):
             h.pwrite(data, off, nbd.CMD_FLAG_FUA if fua else 0)
             model.write(off, data)
         elif op < 0.75:
-            got = h.pread(n, off)
-            want = model.read(off, n)
-            if got != want:
-                first = next(j for j in range(n) if got[j] != want[j])
-                fail("seed %d op %d: read [%d,+%d) differs at byte %d (got %d want %d)" %
-                     (seed, i, off, n, off + first, got[first], want[first]))
+            check_read(h, model, off, n, "seed %d op %d" % (seed, i))
         elif op < 0.85:
             h.zero(n, off, nbd.CMD_FLAG_FUA if rng.random() < 0.05 else 0)
             model.zero(off, n)

@@ -2,8 +2,8 @@
 #include "batch_writer.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
+#include <ctime>
 
 namespace sdccache {
 
@@ -49,13 +49,28 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   next_op_.store(0);
   error_.store(0);
   calls_.store(0);
-  // A slow plugin gets one request in flight per op (up to the pool); a
-  // fast one gets a helper per 8 ops, as waking threads costs more than the
-  // requests themselves.  "Slow" is learnt from the previous batches.
-  const size_t per_helper = op_us_ > kSlowOpUs ? 1 : 8;
-  const unsigned helpers = std::min<size_t>(
-      workers_.size(), ops_.size() > 1 ? (ops_.size() + per_helper - 1) / per_helper : 0);
-  const auto start = std::chrono::steady_clock::now();
+  // The first request runs alone on this thread, timed by the wall clock
+  // and by the thread's CPU clock.  A request that mostly waits (a remote
+  // or delayed plugin) is latency-bound: the rest of the batch gets one
+  // request in flight per op (up to the pool).  One that mostly computes
+  // (copying into a local page cache) is CPU-bound: more threads only
+  // contend for the same cores and file locks, so the rest runs here too.
+  if (!ops_.empty()) {
+    const double wall0 = NowUs(CLOCK_MONOTONIC), cpu0 = NowUs(CLOCK_THREAD_CPUTIME_ID);
+    next_op_.store(1);
+    RunOne(0);
+    const double wall = NowUs(CLOCK_MONOTONIC) - wall0;
+    const double cpu = NowUs(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    if (wall > 0) {
+      const double waiting = std::clamp(1.0 - cpu / wall, 0.0, 1.0);
+      wait_frac_ = first_batch_ ? waiting : 0.7 * wait_frac_ + 0.3 * waiting;
+      first_batch_ = false;
+    }
+  }
+  const bool latency_bound = wait_frac_ >= kLatencyBound;
+  const size_t left = ops_.size() > 1 ? ops_.size() - 1 : 0;
+  const unsigned helpers =
+      latency_bound && error_.load() == 0 ? static_cast<unsigned>(std::min<size_t>(workers_.size(), left)) : 0;
   if (helpers > 0) {
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -70,11 +85,6 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     wanted_ = 0;  // latecomers skip this batch
     idle_.wait(l, [this] { return busy_ == 0; });
   }
-  // Per-op latency as one thread saw it, smoothed over batches.
-  const double us =
-      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
-  const double per_op = us * (helpers + 1) / static_cast<double>(std::max<size_t>(ops_.size(), 1));
-  op_us_ = op_us_ == 0 ? per_op : 0.8 * op_us_ + 0.2 * per_op;
   *plugin_writes += calls_.load();
   plan_ = nullptr;
   written_ = nullptr;
@@ -122,14 +132,24 @@ void BatchWriter::RunOps() {
   while (error_.load(std::memory_order_relaxed) == 0) {
     const size_t i = next_op_.fetch_add(1);
     if (i >= ops_.size()) return;
-    const Op& op = ops_[i];
-    if (int err = RunOp(op)) {
-      int expected = 0;
-      error_.compare_exchange_strong(expected, err);
-      return;
-    }
-    for (size_t k = op.first; k < op.last; ++k) (*written_)[k] = 1;
+    RunOne(i);
   }
+}
+
+void BatchWriter::RunOne(size_t i) {
+  const Op& op = ops_[i];
+  if (int err = RunOp(op)) {
+    int expected = 0;
+    error_.compare_exchange_strong(expected, err);
+    return;
+  }
+  for (size_t k = op.first; k < op.last; ++k) (*written_)[k] = 1;
+}
+
+double BatchWriter::NowUs(clockid_t clock) {
+  struct timespec ts;
+  clock_gettime(clock, &ts);
+  return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) / 1e3;
 }
 
 int BatchWriter::RunOp(const Op& op) {

@@ -3,10 +3,11 @@
 // A batch is a sorted list of non-overlapping ranges, so its plugin requests
 // may run in any order and at once (NBD allows it; the engine orders
 // batches, never requests within one).  Adjacent data ranges are coalesced
-// into one request up to max_write (ranges of 64 KiB or more go as they are).  Slow backends (remote, or with a
-// per-request latency) are what the parallelism is for: with one request in
-// flight, write-back of random 4 KiB writes over a 1 ms backend would top
-// out at 1000 requests a second.
+// into one request up to max_write (ranges of 64 KiB or more go as they
+// are).  Slow backends (remote, or with a per-request latency) are what the
+// parallelism is for: with one request in flight, write-back of random 4 KiB
+// writes over a 1 ms backend would top out at 1000 requests a second.  A
+// backend whose requests are CPU-bound gets them one at a time (Write()).
 //
 // Thread safety: Write() is called by one thread at a time (the flusher),
 // which also does part of the work; the workers are private.
@@ -19,6 +20,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include <time.h>
 
 #include "dirty_map.h"
 #include "sink.h"
@@ -50,14 +53,20 @@ class BatchWriter {
   void ReleaseBounce(uint8_t* buf);
   void WorkerLoop();
   void RunOps();  // takes ops until none is left
+  void RunOne(size_t i);  // ops_[i], recording success or the first error
   int RunOp(const Op& op);
+  static double NowUs(clockid_t clock);
 
-  static constexpr double kSlowOpUs = 100;
+  // A request that spends at least this share of its time off the CPU is
+  // latency-bound (see Write()).
+  static constexpr double kLatencyBound = 0.5;
   static constexpr uint64_t kJoinBelow = 64 * 1024;
 
   Sink* const sink_;
   const uint64_t max_write_;
-  double op_us_ = 0;  // smoothed plugin request latency; Write() only
+  // Smoothed share of a request's wall time spent waiting; Write() only.
+  double wait_frac_ = 1.0;
+  bool first_batch_ = true;
   std::mutex bounce_mu_;
   std::condition_variable bounce_free_;
   std::vector<std::unique_ptr<uint8_t[]>> bounce_all_;  // guarded by bounce_mu_

@@ -9,8 +9,13 @@
 namespace sdccache {
 
 Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account) {
-  void* mem = std::malloc(AllocationSize(size));
-  if (mem == nullptr) return nullptr;
+  const bool pooled = account != nullptr && MemoryAccount::Poolable(size);
+  void* mem = pooled ? account->Take(size) : nullptr;
+  if (mem == nullptr) {
+    mem = std::malloc(AllocationSize(size));
+    if (mem == nullptr) return nullptr;
+    if (pooled) account->Evict();  // new memory: make the pool give some back
+  }
   auto* c = new (mem) Chunk(size, account);
   if (size) std::memcpy(c->payload(), src, size);
   return c;
@@ -19,10 +24,89 @@ Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account) {
 void Chunk::Unref() {
   if (refs_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   MemoryAccount* account = account_;
-  size_t bytes = AllocationSize(size_);
+  const size_t size = size_;
+  const size_t bytes = AllocationSize(size);
   this->~Chunk();
+  if (account != nullptr && MemoryAccount::Poolable(size)) {
+    account->Recycle(this, size, bytes);
+    return;
+  }
   std::free(this);
   if (account) account->Release(bytes);
+}
+
+void* MemoryAccount::Take(uint64_t payload) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const size_t k = payload / kPoolUnit;
+  FreeBuf* b = pool_[k];
+  if (b == nullptr) return nullptr;
+  pool_[k] = b->next;
+  const uint64_t bytes = Chunk::AllocationSize(payload);
+  pooled_.fetch_sub(bytes, std::memory_order_relaxed);
+  return b;
+}
+
+void MemoryAccount::Recycle(void* mem, uint64_t payload, uint64_t bytes) {
+  FreeBuf* to_free = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    used_.fetch_sub(bytes, std::memory_order_relaxed);
+    if (used_.load(std::memory_order_relaxed) + pooled_.load(std::memory_order_relaxed) + bytes <=
+        limit_) {
+      const size_t k = payload / kPoolUnit;
+      pool_[k] = new (mem) FreeBuf{pool_[k]};
+      pooled_.fetch_add(bytes, std::memory_order_relaxed);
+    } else {
+      to_free = new (mem) FreeBuf{nullptr};
+    }
+  }
+  room_.notify_all();
+  FreeList(to_free);
+}
+
+MemoryAccount::FreeBuf* MemoryAccount::EvictLocked(uint64_t target) {
+  FreeBuf* out = nullptr;
+  // Largest buffers first: fewest frees for the room needed.
+  for (size_t k = kClasses; k-- > 0 && pooled_.load(std::memory_order_relaxed) > target;) {
+    while (pool_[k] != nullptr && pooled_.load(std::memory_order_relaxed) > target) {
+      FreeBuf* b = pool_[k];
+      pool_[k] = b->next;
+      const uint64_t bytes = Chunk::AllocationSize(k * kPoolUnit);
+      pooled_.fetch_sub(bytes, std::memory_order_relaxed);
+      b->next = out;
+      out = b;
+    }
+  }
+  return out;
+}
+
+void MemoryAccount::Evict() {
+  FreeBuf* to_free;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const uint64_t used = used_.load(std::memory_order_relaxed);
+    if (used + pooled_.load(std::memory_order_relaxed) <= limit_) return;
+    to_free = EvictLocked(used >= limit_ ? 0 : limit_ - used);
+  }
+  FreeList(to_free);
+}
+
+void MemoryAccount::Drain() {
+  FreeBuf* to_free;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    to_free = EvictLocked(0);
+  }
+  FreeList(to_free);
+}
+
+void MemoryAccount::FreeList(FreeBuf* list) {
+  while (list != nullptr) {
+    FreeBuf* next = list->next;
+    list->~FreeBuf();
+    std::free(list);
+    list = next;
+  }
 }
 
 std::chrono::nanoseconds MemoryAccount::Reserve(uint64_t bytes,

@@ -5,9 +5,17 @@
 // wakes the waiters.  A request never waits when nothing is charged, so any
 // request no larger than the limit eventually fits.
 //
-// Thread safety: all methods may be called from any thread.  Release() may be
-// called with other engine locks held (chunks die inside index operations);
-// Reserve() must be called with no engine lock held.
+// The account also keeps a pool of freed chunk buffers, so that the next
+// write of the same size reuses memory that is already mapped: a fresh
+// malloc of a few KiB costs page faults (zeroing and charging each page),
+// which is most of what buffering a write would otherwise cost.  Buffers in
+// use plus buffers pooled never exceed the limit, and an idle export returns
+// the pool (Drain).  Only payload sizes that are multiples of 4 KiB up to
+// 1 MiB are pooled (each size has its own list); others go back to malloc.
+//
+// Thread safety: all methods may be called from any thread.  Release() and
+// Recycle() may be called with other engine locks held (chunks die inside
+// index operations); Reserve() must be called with no engine lock held.
 #pragma once
 
 #include <atomic>
@@ -22,6 +30,9 @@ namespace sdccache {
 class MemoryAccount {
  public:
   explicit MemoryAccount(uint64_t limit) : limit_(limit) {}
+  ~MemoryAccount() { Drain(); }
+  MemoryAccount(const MemoryAccount&) = delete;
+  MemoryAccount& operator=(const MemoryAccount&) = delete;
 
   // Blocks until `bytes` fit under the limit, then charges them.  Before each
   // wait it calls `on_wait` (with no lock held) so the caller can start a
@@ -29,13 +40,38 @@ class MemoryAccount {
   std::chrono::nanoseconds Reserve(uint64_t bytes, const std::function<void()>& on_wait);
   void Release(uint64_t bytes);
 
+  // Pool of freed buffers of `bytes` (a Chunk::AllocationSize).  Take()
+  // returns one or nullptr; Recycle() releases `bytes` like Release() and
+  // keeps or frees `mem`.  Evict() frees pooled buffers until in-use plus
+  // pooled bytes fit the limit again (call it after a pool miss).
+  static bool Poolable(uint64_t payload) {
+    return payload != 0 && payload % kPoolUnit == 0 && payload <= kPoolMax;
+  }
+  void* Take(uint64_t payload);
+  void Recycle(void* mem, uint64_t payload, uint64_t bytes);
+  void Evict();
+  void Drain();  // frees the whole pool
+  uint64_t pooled() const { return pooled_.load(std::memory_order_relaxed); }
+
   uint64_t used() const { return used_.load(std::memory_order_relaxed); }
   uint64_t waits() const { return waits_.load(std::memory_order_relaxed); }
   uint64_t wait_ns() const { return wait_ns_.load(std::memory_order_relaxed); }
 
  private:
+  static constexpr uint64_t kPoolUnit = 4096;
+  static constexpr uint64_t kPoolMax = 1u << 20;
+  static constexpr size_t kClasses = kPoolMax / kPoolUnit + 1;
+  struct FreeBuf {
+    FreeBuf* next;
+  };
+  // Frees buffers popped from the pool (outside mu_).
+  static void FreeList(FreeBuf* list);
+  FreeBuf* EvictLocked(uint64_t target);  // returns what to free
+
   const uint64_t limit_;
   std::mutex mu_;
+  FreeBuf* pool_[kClasses] = {};           // guarded by mu_; by payload / kPoolUnit
+  std::atomic<uint64_t> pooled_{0};        // written under mu_
   std::condition_variable room_;
   std::atomic<uint64_t> used_{0};  // written under mu_, read anywhere
   std::atomic<uint64_t> waits_{0};

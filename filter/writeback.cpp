@@ -14,7 +14,9 @@ using std::chrono::duration_cast;
 using std::chrono::microseconds;
 using std::chrono::milliseconds;
 
-static constexpr uint64_t kTrimAfterBytes = 4u << 20;
+// An export with nothing buffered for this long returns its pool of chunk
+// buffers (and malloc's free pages) to the system.
+static constexpr milliseconds kIdleRelease{2000};
 
 WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
     : sink_(sink),
@@ -186,7 +188,17 @@ void WriteBack::FlusherLoop() {
       RunPluginFlush();
     } else {
       auto wake = Clock::time_point::max();
-      if (backing_off) wake = retry_at_;
+      if (active_.empty() && account_.pooled() > 0) {
+        const auto release_at = last_work_ + kIdleRelease;
+        if (now >= release_at) {
+          mu_.Unlock();
+          ReleaseIdleMemory();
+          mu_.Lock();
+          continue;
+        }
+        wake = release_at;
+      }
+      if (backing_off) wake = std::min(wake, retry_at_);
       if (!active_.empty() && !paused_ && opts_.max_age.count() > 0)
         wake = std::min(wake, active_since_ + opts_.max_age);
       if (wake == Clock::time_point::max())
@@ -268,13 +280,8 @@ void WriteBack::RunBatch(Trigger why) {
   mu_.Unlock();
   retired.clear();
   plan.clear();
-#ifdef __GLIBC__
-  // Chunks are allocated by nbdkit's request threads and freed here, so
-  // their pages sit free in many malloc arenas; hand large batches' pages
-  // back, or the process's resident size grows well past queue-max-size.
-  if (err == 0 && bytes >= kTrimAfterBytes) malloc_trim(0);
-#endif
   mu_.Lock();
+  last_work_ = Clock::now();
   if (retiring_) {
     retiring_ = false;
     done_.SignalAll();
@@ -284,6 +291,15 @@ void WriteBack::RunBatch(Trigger why) {
     hook(opaque, why, requests, bytes, plugin_writes, us, err);
     mu_.Lock();
   }
+}
+
+void WriteBack::ReleaseIdleMemory() {
+  account_.Drain();
+#ifdef __GLIBC__
+  // Chunks are allocated by nbdkit's request threads and freed by others,
+  // so their pages sit free in several malloc arenas: hand them back too.
+  malloc_trim(0);
+#endif
 }
 
 // Runs on the flusher thread without mu_: readers only read flushing_, and
@@ -436,6 +452,7 @@ CounterList WriteBack::Stats() {
     add("queued_zero_bytes", active_.total_bytes() + flushing_.total_bytes() -
                                  active_.data_bytes() - flushing_.data_bytes());
     add("memory_bytes", MemoryBytesLocked());
+    add("pooled_bytes", account_.pooled());
     uint64_t age = 0;
     if (!flushing_.empty() || !active_.empty()) {
       auto since = flushing_.empty() ? active_since_ : flushing_since_;

@@ -115,6 +115,7 @@ class WriteBack {
   void RunPluginFlush() REQUIRES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
+  void ReleaseIdleMemory() EXCLUDES(mu_);
   uint64_t MemoryBytesLocked() const REQUIRES(mu_);
 
   // Constant after construction.
@@ -135,6 +136,7 @@ class WriteBack {
   uint64_t flushing_requests_ GUARDED_BY(mu_) = 0;
   Clock::time_point active_since_ GUARDED_BY(mu_);  // oldest request in active_
   Clock::time_point flushing_since_ GUARDED_BY(mu_);
+  Clock::time_point last_work_ GUARDED_BY(mu_);  // end of the last batch
   uint32_t threshold_ GUARDED_BY(mu_);
   bool paused_ GUARDED_BY(mu_) = false;
   bool pressure_ GUARDED_BY(mu_) = false;  // a writer waits for room

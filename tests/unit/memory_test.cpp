@@ -6,8 +6,11 @@
 #include <chrono>
 #include <cmath>
 #include <string>
+#include <vector>
 
+#include "chunk.h"
 #include "fake_sink.h"
+#include "memory_account.h"
 #include "writeback.h"
 
 namespace sdccache {
@@ -59,6 +62,61 @@ TEST_P(MemoryTest, MemoryBytesTracksRealHeapWithinTenPercent) {
 }
 
 INSTANTIATE_TEST_SUITE_P(QueuedRequests, MemoryTest, ::testing::Values(1, 1000, 100000));
+
+// A chunk charged to `account`, as WriteBack::Write makes it.
+Chunk* NewChunk(MemoryAccount* account, size_t size) {
+  std::string payload(size, 'p');
+  account->Reserve(Chunk::AllocationSize(size), [] {});
+  return Chunk::Create(payload.data(), size, account);
+}
+
+TEST(ChunkPoolTest, FreedBufferIsReusedForTheSameSize) {
+  MemoryAccount account(1 << 20);
+  Chunk* a = NewChunk(&account, 4096);
+  const void* where = a;
+  a->Unref();
+  EXPECT_EQ(account.used(), 0u);
+  EXPECT_EQ(account.pooled(), Chunk::AllocationSize(4096));
+  Chunk* b = NewChunk(&account, 4096);
+  EXPECT_EQ(static_cast<const void*>(b), where);
+  EXPECT_EQ(account.pooled(), 0u);
+  EXPECT_EQ(b->data()[4095], 'p');
+  b->Unref();
+  account.Drain();
+  EXPECT_EQ(account.pooled(), 0u);
+}
+
+TEST(ChunkPoolTest, OddSizesAreNotPooled) {
+  MemoryAccount account(1 << 20);
+  NewChunk(&account, 4097)->Unref();
+  NewChunk(&account, 512)->Unref();
+  NewChunk(&account, (1 << 20) + 4096)->Unref();
+  EXPECT_EQ(account.pooled(), 0u);
+  EXPECT_EQ(account.used(), 0u);
+}
+
+TEST(ChunkPoolTest, InUsePlusPooledNeverExceedsTheLimit) {
+  const uint64_t limit = 256 * 1024;
+  MemoryAccount account(limit);
+  std::vector<Chunk*> live;
+  // Fill with 8 KiB chunks, free them all (pooled), then fill with 4 KiB
+  // chunks: every pool miss must evict 8 KiB buffers to stay in bounds.
+  for (int round = 0; round < 3; ++round) {
+    const size_t size = round == 1 ? 4096 : 8192;
+    while (account.used() + Chunk::AllocationSize(size) <= limit) {
+      live.push_back(NewChunk(&account, size));
+      ASSERT_LE(account.used() + account.pooled(), limit);
+    }
+    for (Chunk* c : live) {
+      c->Unref();
+      ASSERT_LE(account.used() + account.pooled(), limit);
+    }
+    live.clear();
+    EXPECT_GT(account.pooled(), limit / 2) << "round " << round;
+  }
+  account.Drain();
+  EXPECT_EQ(account.pooled(), 0u);
+}
 
 }  // namespace
 }  // namespace sdccache

@@ -20,31 +20,40 @@ DirtyRange DirtyRange::Slice(uint64_t from, uint64_t to) const {
 void DirtyMap::Add(DirtyRange r) {
   total_bytes_ += r.length;
   if (r.kind == RangeKind::kData) data_bytes_ += r.length;
-  uint64_t key = r.offset;
-  ranges_.emplace_hint(ranges_.end(), key, std::move(r));
+  ranges_.Insert(std::move(r));
 }
 
-std::map<uint64_t, DirtyRange>::iterator DirtyMap::Remove(
-    std::map<uint64_t, DirtyRange>::iterator it) {
-  total_bytes_ -= it->second.length;
-  if (it->second.kind == RangeKind::kData) data_bytes_ -= it->second.length;
-  return ranges_.erase(it);
+RangeIndex::Pos DirtyMap::Remove(RangeIndex::Pos p) {
+  const DirtyRange& r = ranges_.At(p);
+  total_bytes_ -= r.length;
+  if (r.kind == RangeKind::kData) data_bytes_ -= r.length;
+  return ranges_.Erase(p);
+}
+
+RangeIndex::Pos DirtyMap::FirstEndingAfter(uint64_t offset) const {
+  RangeIndex::Pos p = ranges_.LowerBound(offset);
+  if (!ranges_.IsBegin(p)) {
+    const RangeIndex::Pos prev = ranges_.Prev(p);
+    if (ranges_.At(prev).end() > offset) return prev;
+  }
+  return p;
 }
 
 void DirtyMap::Insert(DirtyRange r) {
   if (r.length == 0) return;
   const uint64_t start = r.offset, stop = r.end();
-  auto it = ranges_.lower_bound(start);
-  if (it != ranges_.begin()) {
-    auto prev = std::prev(it);
-    if (prev->second.end() > start) it = prev;
+  // Ranges do not overlap, so only the first one cut can keep a head and
+  // only the last one a tail; they are added back once the cut is done.
+  DirtyRange head, tail;
+  RangeIndex::Pos p = FirstEndingAfter(start);
+  while (!ranges_.AtEnd(p) && ranges_.At(p).offset < stop) {
+    const DirtyRange& old = ranges_.At(p);
+    if (old.offset < start) head = old.Slice(old.offset, start);
+    if (old.end() > stop) tail = old.Slice(stop, old.end());
+    p = Remove(p);
   }
-  while (it != ranges_.end() && it->second.offset < stop) {
-    DirtyRange old = it->second;
-    it = Remove(it);
-    if (old.offset < start) Add(old.Slice(old.offset, start));
-    if (old.end() > stop) Add(old.Slice(stop, old.end()));
-  }
+  if (head.length) Add(std::move(head));
+  if (tail.length) Add(std::move(tail));
   Add(std::move(r));
 }
 
@@ -53,24 +62,20 @@ void DirtyMap::InsertUnder(DirtyMap&& older) {
   DirtyMap newer = std::move(*this);
   *this = std::move(older);
   older.clear();
-  for (auto& [off, r] : newer.ranges_) Insert(r);
+  for (const DirtyRange& r : newer) Insert(r);
 }
 
 void DirtyMap::Collect(uint64_t offset, uint64_t length, std::vector<DirtyRange>* out) const {
   if (length == 0) return;
   const uint64_t stop = offset + length;
-  auto it = ranges_.lower_bound(offset);
-  if (it != ranges_.begin()) {
-    auto prev = std::prev(it);
-    if (prev->second.end() > offset) it = prev;
-  }
-  for (; it != ranges_.end() && it->second.offset < stop; ++it)
-    out->push_back(it->second.Slice(offset, stop));
+  for (RangeIndex::Pos p = FirstEndingAfter(offset);
+       !ranges_.AtEnd(p) && ranges_.At(p).offset < stop; p = ranges_.Next(p))
+    out->push_back(ranges_.At(p).Slice(offset, stop));
 }
 
 void DirtyMap::Erase(uint64_t offset) {
-  auto it = ranges_.find(offset);
-  if (it != ranges_.end()) Remove(it);
+  const RangeIndex::Pos p = ranges_.LowerBound(offset);
+  if (!ranges_.AtEnd(p) && ranges_.KeyAt(p) == offset) Remove(p);
 }
 
 void DirtyMap::clear() {
@@ -80,7 +85,7 @@ void DirtyMap::clear() {
 
 std::string DirtyMap::ToString() const {
   std::string s;
-  for (const auto& [off, r] : ranges_) {
+  for (const DirtyRange& r : ranges_) {
     if (!s.empty()) s += ' ';
     s += '[' + std::to_string(r.offset) + ",+" + std::to_string(r.length) + ')';
     s += r.kind == RangeKind::kData ? 'D' : r.kind == RangeKind::kZero ? 'Z' : 'T';

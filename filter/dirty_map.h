@@ -10,36 +10,16 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <string>
 #include <vector>
 
-#include "chunk.h"
+#include "dirty_range.h"
+#include "range_index.h"
 
 namespace sdccache {
 
-enum class RangeKind : uint8_t { kData, kZero, kTrim };
-
-struct DirtyRange {
-  uint64_t offset = 0;
-  uint64_t length = 0;
-  RangeKind kind = RangeKind::kData;
-  bool may_trim = false;   // kZero only: the plugin may punch a hole
-  ChunkRef chunk;          // kData only
-  uint64_t chunk_offset = 0;  // kData only: where `offset` is in the chunk
-
-  uint64_t end() const { return offset + length; }
-  const uint8_t* bytes() const { return chunk.get()->data() + chunk_offset; }
-  // The part of this range inside [from, to); requires an overlap.
-  DirtyRange Slice(uint64_t from, uint64_t to) const;
-};
-
 class DirtyMap {
  public:
-  // Heap bytes the index spends per range, for memory accounting.
-  static constexpr size_t kNodeBytes =
-      sizeof(std::pair<const uint64_t, DirtyRange>) + 4 * sizeof(void*);
-
   void Insert(DirtyRange r);
   // Merge-back: keeps every range of this map, and adds the parts of
   // `older` this map does not cover.
@@ -56,19 +36,23 @@ class DirtyMap {
   size_t size() const { return ranges_.size(); }
   uint64_t data_bytes() const { return data_bytes_; }  // live kData bytes
   uint64_t total_bytes() const { return total_bytes_; }  // all kinds
+  size_t index_bytes() const { return ranges_.bytes(); }  // heap the index holds
   void clear();
 
-  std::map<uint64_t, DirtyRange>::const_iterator begin() const { return ranges_.begin(); }
-  std::map<uint64_t, DirtyRange>::const_iterator end() const { return ranges_.end(); }
+  // Iterates the ranges (const DirtyRange&) in offset order.
+  RangeIndex::const_iterator begin() const { return ranges_.begin(); }
+  RangeIndex::const_iterator end() const { return ranges_.end(); }
 
   // "[off,+len)D [off,+len)Z ..." for tests and debug output.
   std::string ToString() const;
 
  private:
   void Add(DirtyRange r);
-  std::map<uint64_t, DirtyRange>::iterator Remove(std::map<uint64_t, DirtyRange>::iterator it);
+  RangeIndex::Pos Remove(RangeIndex::Pos p);
+  // The first range that ends after offset (or the end).
+  RangeIndex::Pos FirstEndingAfter(uint64_t offset) const;
 
-  std::map<uint64_t, DirtyRange> ranges_;  // keyed by offset
+  RangeIndex ranges_;  // keyed by offset
   uint64_t data_bytes_ = 0;
   uint64_t total_bytes_ = 0;
 };

@@ -307,7 +307,7 @@ void WriteBack::ReleaseIdleMemory() {
 std::vector<DirtyRange> WriteBack::PlanBatch() const {
   std::vector<DirtyRange> plan;
   plan.reserve(flushing_.size());
-  for (const auto& [off, r] : flushing_) plan.push_back(r);
+  for (const DirtyRange& r : flushing_) plan.push_back(r);
   return plan;
 }
 
@@ -374,7 +374,7 @@ Leftover WriteBack::Stop(milliseconds limit) {
   // An error is worth reporting only if something is left because of it.
   if (!active_.empty() || FlushPending()) left.error = last_error_ ? last_error_ : EIO;
   size_t shown = 0;
-  for (const auto& [off, r] : active_) {
+  for (const DirtyRange& r : active_) {
     if (shown++ == 8) {
       left.ranges += " ...";
       break;
@@ -410,7 +410,7 @@ void WriteBack::SetBatchHook(BatchHook hook, void* opaque) {
 }
 
 uint64_t WriteBack::MemoryBytesLocked() const {
-  return account_.used() + (active_.size() + flushing_.size()) * DirtyMap::kNodeBytes;
+  return account_.used() + active_.index_bytes() + flushing_.index_bytes();
 }
 
 uint64_t WriteBack::queued_requests() {

@@ -1,6 +1,9 @@
 // DirtyMap and Overlay: newest-wins ranges, reads and block status.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -85,6 +88,95 @@ TEST_F(DirtyMapTest, InsertUnderKeepsNewer) {
   newer.Insert(Other(8, 4, RangeKind::kZero));
   newer.InsertUnder(std::move(older));
   EXPECT_EQ(Read(newer, 0, 13), "oooonnoo0000.");
+}
+
+// The index against a plain std::map doing the same newest-wins cuts, over
+// enough ranges to split, merge and empty many leaves.
+TEST(DirtyMapIndexTest, MatchesAReferenceMapUnderRandomInsertsAndErases) {
+  struct Ref {
+    uint64_t offset, length, chunk_offset;
+    RangeKind kind;
+  };
+  std::map<uint64_t, Ref> ref;
+  auto ref_insert = [&](Ref r) {
+    const uint64_t start = r.offset, stop = r.offset + r.length;
+    auto it = ref.lower_bound(start);
+    if (it != ref.begin() && std::prev(it)->second.offset + std::prev(it)->second.length > start)
+      --it;
+    std::vector<Ref> keep;
+    while (it != ref.end() && it->second.offset < stop) {
+      Ref old = it->second;
+      it = ref.erase(it);
+      if (old.offset < start) keep.push_back({old.offset, start - old.offset, old.chunk_offset, old.kind});
+      if (old.offset + old.length > stop)
+        keep.push_back({stop, old.offset + old.length - stop,
+                        old.chunk_offset + (stop - old.offset), old.kind});
+    }
+    for (const Ref& k : keep) ref[k.offset] = k;
+    ref[r.offset] = r;
+  };
+  auto same = [&](const DirtyMap& m) {
+    if (m.size() != ref.size()) return false;
+    auto it = ref.begin();
+    for (const DirtyRange& r : m) {
+      const Ref& e = (it++)->second;
+      if (r.offset != e.offset || r.length != e.length || r.kind != e.kind ||
+          (r.kind == RangeKind::kData && r.chunk_offset != e.chunk_offset))
+        return false;
+    }
+    return true;
+  };
+  MemoryAccount account(1ull << 40);
+  const std::string payload(4096, 'x');
+  std::mt19937_64 rng(12345);
+  DirtyMap m;
+  size_t peak = 0;
+  for (int op = 0; op < 60000; ++op) {
+    // Phases: grow to thousands of ranges, then shrink by wide cuts and erases.
+    const bool shrinking = (op / 15000) % 2 == 1;
+    const uint64_t span = 4u << 20;
+    const uint64_t off = rng() % span;
+    if (shrinking && rng() % 2 == 0 && !ref.empty()) {
+      auto it = ref.lower_bound(off);
+      if (it == ref.end()) it = ref.begin();
+      const uint64_t key = it->first;
+      m.Erase(key);
+      ref.erase(key);
+    } else {
+      const uint64_t len = shrinking ? 1 + rng() % 65536 : 1 + rng() % 4096;
+      DirtyRange r;
+      r.offset = off;
+      r.length = len;
+      r.kind = static_cast<RangeKind>(rng() % 3);
+      if (r.kind == RangeKind::kData) {
+        account.Reserve(Chunk::AllocationSize(4096), [] {});
+        r.chunk = ChunkRef(Chunk::Create(payload.data(), 4096, &account));
+        r.length = std::min<uint64_t>(len, 4096);
+      }
+      ref_insert({r.offset, r.length, 0, r.kind});
+      m.Insert(std::move(r));
+    }
+    peak = std::max(peak, m.size());
+    if (op % 997 == 0 || m.size() < 200) {
+      ASSERT_TRUE(same(m)) << "op " << op;
+    }
+    // A window read returns exactly the reference's pieces.
+    std::vector<DirtyRange> got;
+    const uint64_t woff = rng() % span, wlen = 1 + rng() % 20000;
+    m.Collect(woff, wlen, &got);
+    size_t expected = 0;
+    for (const auto& [k, e] : ref)
+      if (e.offset < woff + wlen && e.offset + e.length > woff) ++expected;
+    ASSERT_EQ(got.size(), expected) << "op " << op;
+    for (const DirtyRange& g : got) ASSERT_TRUE(g.offset >= woff && g.end() <= woff + wlen);
+  }
+  ASSERT_TRUE(same(m));
+  EXPECT_GT(peak, 1000u);  // many leaves were in play
+  // Chunks held only by erased/cut ranges are gone: what is charged is what
+  // the remaining data ranges reference.
+  m.clear();
+  EXPECT_EQ(account.used(), 0u);
+  EXPECT_EQ(m.index_bytes(), 0u);
 }
 
 TEST(OverlayTest, CoversAllNeedsEveryByte) {

@@ -22,8 +22,11 @@ class MemoryAccount;
 class Chunk {
  public:
   // Copies `size` bytes from `src`; charges the allocation to `account`
-  // (which must outlive the chunk).  Returns nullptr if malloc fails.
-  static Chunk* Create(const void* src, size_t size, MemoryAccount* account);
+  // (which must outlive the chunk).  `mem` is a buffer from the account's
+  // pool, or nullptr to take one or allocate.  Returns nullptr if malloc
+  // fails.
+  static Chunk* Create(const void* src, size_t size, MemoryAccount* account,
+                       void* mem = nullptr);
 
   // Heap bytes one chunk of `size` payload bytes costs.
   static size_t AllocationSize(size_t size) { return sizeof(Chunk) + size; }

@@ -8,9 +8,9 @@
 
 namespace sdccache {
 
-Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account) {
+Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account, void* mem) {
   const bool pooled = account != nullptr && MemoryAccount::Poolable(size);
-  void* mem = pooled ? account->Take(size) : nullptr;
+  if (mem == nullptr && pooled) mem = account->Take(size);
   if (mem == nullptr) {
     mem = std::malloc(AllocationSize(size));
     if (mem == nullptr) return nullptr;
@@ -37,10 +37,17 @@ void Chunk::Unref() {
 
 void* MemoryAccount::Take(uint64_t payload) {
   std::lock_guard<std::mutex> lock(mu_);
+  return TakeLocked(payload);
+}
+
+void* MemoryAccount::TakeLocked(uint64_t payload) {
+  if (!Poolable(payload)) return nullptr;
   const size_t k = payload / kPoolUnit;
   FreeBuf* b = pool_[k];
   if (b == nullptr) return nullptr;
   pool_[k] = b->next;
+  // The next Take reads that buffer's link: start fetching it now.
+  if (b->next != nullptr) __builtin_prefetch(b->next, 1);
   const uint64_t bytes = Chunk::AllocationSize(payload);
   pooled_.fetch_sub(bytes, std::memory_order_relaxed);
   return b;
@@ -109,8 +116,8 @@ void MemoryAccount::FreeList(FreeBuf* list) {
   }
 }
 
-std::chrono::nanoseconds MemoryAccount::Reserve(uint64_t bytes,
-                                                const std::function<void()>& on_wait) {
+void* MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait,
+                             uint64_t pool_payload) {
   using Clock = std::chrono::steady_clock;
   std::unique_lock<std::mutex> lock(mu_);
   Clock::time_point start{};
@@ -132,10 +139,12 @@ std::chrono::nanoseconds MemoryAccount::Reserve(uint64_t bytes,
     room_.wait(lock);
   }
   used_.fetch_add(bytes, std::memory_order_relaxed);
-  if (!waited) return std::chrono::nanoseconds(0);
-  auto spent = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
-  wait_ns_.fetch_add(static_cast<uint64_t>(spent.count()), std::memory_order_relaxed);
-  return spent;
+  void* mem = pool_payload ? TakeLocked(pool_payload) : nullptr;
+  if (waited) {
+    auto spent = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
+    wait_ns_.fetch_add(static_cast<uint64_t>(spent.count()), std::memory_order_relaxed);
+  }
+  return mem;
 }
 
 void MemoryAccount::Release(uint64_t bytes) {

@@ -36,8 +36,10 @@ class MemoryAccount {
 
   // Blocks until `bytes` fit under the limit, then charges them.  Before each
   // wait it calls `on_wait` (with no lock held) so the caller can start a
-  // write-back that will free room.  Returns the time spent waiting.
-  std::chrono::nanoseconds Reserve(uint64_t bytes, const std::function<void()>& on_wait);
+  // write-back that will free room.  With pool_payload set, also takes a
+  // pooled buffer for a chunk of that payload size in the same step
+  // (returned, or nullptr when there is none).
+  void* Reserve(uint64_t bytes, const std::function<void()>& on_wait, uint64_t pool_payload = 0);
   void Release(uint64_t bytes);
 
   // Pool of freed buffers of `bytes` (a Chunk::AllocationSize).  Take()
@@ -47,7 +49,7 @@ class MemoryAccount {
   static bool Poolable(uint64_t payload) {
     return payload != 0 && payload % kPoolUnit == 0 && payload <= kPoolMax;
   }
-  void* Take(uint64_t payload);
+  void* Take(uint64_t payload);  // for chunks charged by a plain Reserve
   void Recycle(void* mem, uint64_t payload, uint64_t bytes);
   void Evict();
   void Drain();  // frees the whole pool
@@ -67,6 +69,7 @@ class MemoryAccount {
   // Frees buffers popped from the pool (outside mu_).
   static void FreeList(FreeBuf* list);
   FreeBuf* EvictLocked(uint64_t target);  // returns what to free
+  void* TakeLocked(uint64_t payload);
 
   const uint64_t limit_;
   std::mutex mu_;

@@ -40,8 +40,8 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   if (count == 0) return fua ? Flush(Trigger::kFua) : 0;
   if (count > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
   const size_t need = Chunk::AllocationSize(count);
-  account_.Reserve(need, [this] { WakeForRoom(); });
-  Chunk* c = Chunk::Create(buf, count, &account_);
+  void* pooled = account_.Reserve(need, [this] { WakeForRoom(); }, count);
+  Chunk* c = Chunk::Create(buf, count, &account_, pooled);
   if (c == nullptr) {
     account_.Release(need);
     return ENOMEM;

@@ -49,13 +49,19 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   next_op_.store(0);
   error_.store(0);
   calls_.store(0);
-  // The first request runs alone on this thread, timed by the wall clock
-  // and by the thread's CPU clock.  A request that mostly waits (a remote
-  // or delayed plugin) is latency-bound: the rest of the batch gets one
-  // request in flight per op (up to the pool).  One that mostly computes
-  // (copying into a local page cache) is CPU-bound: more threads only
-  // contend for the same cores and file locks, so the rest runs here too.
-  if (!ops_.empty()) {
+  // How to run the batch depends on what the plugin's requests do.  One
+  // that mostly waits (a remote or delayed plugin) is latency-bound: the
+  // batch gets one request in flight per op (up to the pool).  One that
+  // mostly computes (copying into a local page cache) is CPU-bound: more
+  // threads only contend for the same cores and file locks, so the batch
+  // runs on this thread alone.  To tell, the first request of a batch runs
+  // alone, timed by the wall clock and by this thread's CPU clock: in every
+  // batch while CPU-bound (it costs nothing then), and in every
+  // kProbeEvery-th batch while latency-bound (where waiting for one request
+  // before starting the others costs one request's latency).
+  const bool probe = !ops_.empty() && (wait_frac_ < kLatencyBound || batches_ % kProbeEvery == 0);
+  ++batches_;
+  if (probe) {
     const double wall0 = NowUs(CLOCK_MONOTONIC), cpu0 = NowUs(CLOCK_THREAD_CPUTIME_ID);
     next_op_.store(1);
     RunOne(0);
@@ -63,14 +69,16 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     const double cpu = NowUs(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     if (wall > 0) {
       const double waiting = std::clamp(1.0 - cpu / wall, 0.0, 1.0);
-      wait_frac_ = first_batch_ ? waiting : 0.7 * wait_frac_ + 0.3 * waiting;
-      first_batch_ = false;
+      // A latency-bound plugin is probed seldom: trust each probe fully.
+      wait_frac_ = wait_frac_ >= kLatencyBound ? waiting : 0.7 * wait_frac_ + 0.3 * waiting;
     }
   }
   const bool latency_bound = wait_frac_ >= kLatencyBound;
-  const size_t left = ops_.size() > 1 ? ops_.size() - 1 : 0;
+  const size_t left = ops_.size() - next_op_.load();
   const unsigned helpers =
-      latency_bound && error_.load() == 0 ? static_cast<unsigned>(std::min<size_t>(workers_.size(), left)) : 0;
+      latency_bound && error_.load() == 0 && left > 1
+          ? static_cast<unsigned>(std::min<size_t>(workers_.size(), left - 1))
+          : 0;
   if (helpers > 0) {
     {
       std::lock_guard<std::mutex> l(mu_);

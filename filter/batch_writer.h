@@ -60,13 +60,15 @@ class BatchWriter {
   // A request that spends at least this share of its time off the CPU is
   // latency-bound (see Write()).
   static constexpr double kLatencyBound = 0.5;
+  static constexpr uint64_t kProbeEvery = 16;
   static constexpr uint64_t kJoinBelow = 64 * 1024;
 
   Sink* const sink_;
   const uint64_t max_write_;
   // Smoothed share of a request's wall time spent waiting; Write() only.
+  // Starts latency-bound, so that a slow plugin's first batch is parallel.
   double wait_frac_ = 1.0;
-  bool first_batch_ = true;
+  uint64_t batches_ = 0;
   std::mutex bounce_mu_;
   std::condition_variable bounce_free_;
   std::vector<std::unique_ptr<uint8_t[]>> bounce_all_;  // guarded by bounce_mu_

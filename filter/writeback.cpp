@@ -25,6 +25,7 @@ WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
       threshold_(opts.threshold),
       batch_writer_(sink, std::max(1u, opts.write_threads), opts.max_plugin_write) {
   flusher_ = std::thread([this] { FlusherLoop(); });
+  for (auto& t : plugin_flushers_) t = std::thread([this] { PluginFlushLoop(); });
 }
 
 WriteBack::~WriteBack() {
@@ -184,8 +185,8 @@ void WriteBack::FlusherLoop() {
     Trigger why = Trigger::kThreshold;
     if (!backing_off && !active_.empty() && BatchDue(now, &why)) {
       RunBatch(why);
-    } else if (!backing_off && FlushPending() && written_seq_ >= flush_req_seq_) {
-      RunPluginFlush();
+    } else if (!backing_off && PluginFlushDue()) {
+      StartPluginFlush();
     } else {
       auto wake = Clock::time_point::max();
       if (active_.empty() && account_.pooled() > 0) {
@@ -311,22 +312,49 @@ std::vector<DirtyRange> WriteBack::PlanBatch() const {
   return plan;
 }
 
-void WriteBack::RunPluginFlush() {
-  const uint64_t seq = written_seq_;
-  const uint64_t gen = write_gen_;
-  const uint64_t attempt = ++attempts_started_;
+bool WriteBack::PluginFlushDue() const {
+  if (!FlushPending() || written_seq_ < flush_req_seq_) return false;
+  if (flushes_in_flight_ == 0) return true;
+  // One in flight already covers every request: wait for it.
+  if (newest_flush_seq_ >= flush_req_seq_ && newest_flush_gen_ >= flush_req_gen_) return false;
+  return flushes_in_flight_ < kFlushThreads;
+}
+
+void WriteBack::StartPluginFlush() {
+  newest_flush_seq_ = written_seq_;
+  newest_flush_gen_ = write_gen_;
+  flush_jobs_.push_back({written_seq_, write_gen_, ++attempts_started_});
+  ++flushes_in_flight_;
   kick_ = false;
-  mu_.Unlock();  // no lock across plugin I/O
-  const int err = sink_->Flush();
-  mu_.Lock();
-  if (err == 0) {
-    flushed_seq_ = std::max(flushed_seq_, seq);
-    flushed_gen_ = std::max(flushed_gen_, gen);
-    backoff_ = milliseconds(0);
-  } else {
-    RecordError(err, attempt);
+  flush_wake_.Signal();
+}
+
+// Plugin flushes run on these threads, so that the flusher can write the
+// next batch meanwhile, and several may be in flight: a client that flushes
+// often (fio's fsync=N, a database's commits) then waits for its batch and
+// one flush, not for earlier flushes as well.  A flush covers the writes
+// that completed before it started (FlushJob), which is all NBD promises.
+void WriteBack::PluginFlushLoop() {
+  MutexLock l(&mu_);
+  while (true) {
+    while (flush_jobs_.empty() && !flush_thread_stop_) flush_wake_.Wait();
+    if (flush_jobs_.empty()) return;
+    const FlushJob job = flush_jobs_.front();
+    flush_jobs_.pop_front();
+    mu_.Unlock();  // no lock across plugin I/O
+    const int err = sink_->Flush();
+    mu_.Lock();
+    if (err == 0) {
+      flushed_seq_ = std::max(flushed_seq_, job.seq);
+      flushed_gen_ = std::max(flushed_gen_, job.gen);
+      if (job.attempt > last_failed_attempt_) backoff_ = milliseconds(0);
+    } else {
+      RecordError(err, job.attempt);
+    }
+    --flushes_in_flight_;
+    done_.SignalAll();
+    work_.Signal();  // the flusher may start the next flush
   }
-  done_.SignalAll();
 }
 
 void WriteBack::RecordError(int err, uint64_t attempt) {
@@ -363,6 +391,13 @@ Leftover WriteBack::Stop(milliseconds limit) {
     work_.SignalAll();
   }
   if (flusher_.joinable()) flusher_.join();
+  {
+    MutexLock l(&mu_);
+    flush_thread_stop_ = true;  // flushes started finish first
+    flush_wake_.SignalAll();
+  }
+  for (auto& t : plugin_flushers_)
+    if (t.joinable()) t.join();
   MutexLock l(&mu_);
   stopped_ = true;
   done_.SignalAll();

@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <string>
 #include <thread>
 
@@ -112,7 +113,9 @@ class WriteBack {
   void RunBatch(Trigger why) REQUIRES(mu_);
   // The flusher's copy of flushing_, made without mu_ (see the .cpp).
   std::vector<DirtyRange> PlanBatch() const NO_THREAD_SAFETY_ANALYSIS;
-  void RunPluginFlush() REQUIRES(mu_);
+  bool PluginFlushDue() const REQUIRES(mu_);
+  void StartPluginFlush() REQUIRES(mu_);
+  void PluginFlushLoop() EXCLUDES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
   void ReleaseIdleMemory() EXCLUDES(mu_);
@@ -128,6 +131,7 @@ class WriteBack {
   Mutex mu_;
   CondVar work_{&mu_};  // wakes the flusher
   CondVar done_{&mu_};  // wakes Flush() and write-through waiters
+  CondVar flush_wake_{&mu_};  // wakes the plugin flush thread
   DirtyMap active_ GUARDED_BY(mu_);
   // Changed only by the flusher thread, under mu_; so the flusher alone
   // may also read it without mu_ (PlanBatch).
@@ -169,11 +173,24 @@ class WriteBack {
   Clock::time_point retry_at_ GUARDED_BY(mu_);
   std::chrono::milliseconds backoff_ GUARDED_BY(mu_){0};
 
+  // Plugin flushes started and not finished (on plugin_flushers_): what
+  // each covers and its attempt number.
+  struct FlushJob {
+    uint64_t seq, gen, attempt;
+  };
+  static constexpr unsigned kFlushThreads = 4;
+  std::deque<FlushJob> flush_jobs_ GUARDED_BY(mu_);  // not yet picked up
+  unsigned flushes_in_flight_ GUARDED_BY(mu_) = 0;    // queued or running
+  uint64_t newest_flush_seq_ GUARDED_BY(mu_) = 0;     // of the last started
+  uint64_t newest_flush_gen_ GUARDED_BY(mu_) = 0;
+  bool flush_thread_stop_ GUARDED_BY(mu_) = false;
+
   BatchHook hook_ GUARDED_BY(mu_) = nullptr;
   void* hook_opaque_ GUARDED_BY(mu_) = nullptr;
 
   BatchWriter batch_writer_;  // used by the flusher thread only
   std::thread flusher_;
+  std::thread plugin_flushers_[kFlushThreads];
 };
 
 }  // namespace sdccache

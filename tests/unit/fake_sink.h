@@ -26,6 +26,7 @@ class FakeSink : public Sink {
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     std::memcpy(disk_.data() + offset, buf, count);
     ++writes_;
+    cv_.notify_all();
     bytes_ += count;
     max_write_ = std::max<uint64_t>(max_write_, count);
     return 0;
@@ -47,7 +48,10 @@ class FakeSink : public Sink {
     return 0;
   }
   int Flush() override {
-    std::lock_guard<std::mutex> l(mu_);
+    std::unique_lock<std::mutex> l(mu_);
+    const uint64_t ticket = flushes_started_++;
+    cv_.notify_all();
+    cv_.wait(l, [&] { return !flush_held_ || ticket < flushes_allowed_; });
     if (int e = Injected(fail_flush_)) return e;
     ++flushes_;
     return 0;
@@ -64,6 +68,37 @@ class FakeSink : public Sink {
       held_ = false;
     }
     cv_.notify_all();
+  }
+  // Flushes wait while held (writes do not); ReleaseFlushes(n) lets the
+  // next n through in the order they arrived.
+  void HoldFlush() {
+    std::lock_guard<std::mutex> l(mu_);
+    flush_held_ = true;
+    flushes_allowed_ = flushes_started_;
+  }
+  void ReleaseFlushes(uint64_t n) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      flushes_allowed_ += n;
+    }
+    cv_.notify_all();
+  }
+  void ReleaseFlush() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      flush_held_ = false;
+    }
+    cv_.notify_all();
+  }
+  // Blocks until at least n flushes have started (entered Flush).
+  void AwaitFlushesStarted(uint64_t n) {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return flushes_started_ >= n; });
+  }
+  // Blocks until at least n writes have completed.
+  void AwaitWrites(uint64_t n) {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return writes_ >= n; });
   }
   // Blocks until at least n writes have started (entered Write).
   void AwaitWritesStarted(uint64_t n) {
@@ -119,7 +154,8 @@ class FakeSink : public Sink {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint8_t> disk_;
-  bool held_ = false;
+  bool held_ = false, flush_held_ = false;
+  uint64_t flushes_started_ = 0, flushes_allowed_ = 0;
   int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
   uint64_t fail_next_ = 0, injected_ = 0, fail_from_ = 0;
   int fail_from_err_ = 0;

@@ -10,16 +10,14 @@ namespace sdccache {
 BatchWriter::BatchWriter(Sink* sink, unsigned threads, uint32_t max_write)
     : sink_(sink), max_write_(std::max<uint32_t>(max_write, 1)) {
   // The calling (flusher) thread is one of the writers.
-  for (unsigned i = 1; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+  for (unsigned i = 1; i < threads; ++i) workers_.push_back(std::make_unique<Worker>());
+  for (auto& w : workers_) w->thread = std::thread([this, w = w.get()] { WorkerLoop(w); });
 }
 
 BatchWriter::~BatchWriter() {
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    stopping_ = true;
-  }
-  wake_.notify_all();
-  for (auto& t : workers_) t.join();
+  stopping_.store(true);
+  for (auto& w : workers_) w->go.release();
+  for (auto& w : workers_) w->thread.join();
 }
 
 int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
@@ -79,20 +77,12 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
       latency_bound && error_.load() == 0 && left > 1
           ? static_cast<unsigned>(std::min<size_t>(workers_.size(), left - 1))
           : 0;
-  if (helpers > 0) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      ++job_;
-      wanted_ = helpers;
-    }
-    wake_.notify_all();
-  }
+  // Each helper is woken through its own semaphore (no herd on one lock);
+  // the last one to finish wakes this thread.
+  pending_.store(helpers);
+  for (unsigned i = 0; i < helpers; ++i) workers_[i]->go.release();
   RunOps();
-  if (helpers > 0) {
-    std::unique_lock<std::mutex> l(mu_);
-    wanted_ = 0;  // latecomers skip this batch
-    idle_.wait(l, [this] { return busy_ == 0; });
-  }
+  if (helpers > 0) all_done_.acquire();
   *plugin_writes += calls_.load();
   plan_ = nullptr;
   written_ = nullptr;
@@ -120,19 +110,12 @@ void BatchWriter::ReleaseBounce(uint8_t* buf) {
   bounce_free_.notify_one();
 }
 
-void BatchWriter::WorkerLoop() {
-  std::unique_lock<std::mutex> l(mu_);
-  uint64_t seen = job_;
+void BatchWriter::WorkerLoop(Worker* self) {
   while (true) {
-    wake_.wait(l, [&] { return stopping_ || (job_ != seen && wanted_ > 0); });
-    if (stopping_) return;
-    seen = job_;
-    --wanted_;
-    ++busy_;
-    l.unlock();
+    self->go.acquire();
+    if (stopping_.load()) return;
     RunOps();
-    l.lock();
-    if (--busy_ == 0) idle_.notify_all();
+    if (pending_.fetch_sub(1) == 1) all_done_.release();
   }
 }
 

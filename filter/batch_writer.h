@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <semaphore>
 #include <thread>
 #include <vector>
 
@@ -51,7 +52,11 @@ class BatchWriter {
   static constexpr size_t kBounceBuffers = 8;
   uint8_t* AcquireBounce();
   void ReleaseBounce(uint8_t* buf);
-  void WorkerLoop();
+  struct Worker {
+    std::binary_semaphore go{0};  // one release per batch it is to help with
+    std::thread thread;
+  };
+  void WorkerLoop(Worker* self);
   void RunOps();  // takes ops until none is left
   void RunOne(size_t i);  // ops_[i], recording success or the first error
   int RunOp(const Op& op);
@@ -73,14 +78,10 @@ class BatchWriter {
   std::condition_variable bounce_free_;
   std::vector<std::unique_ptr<uint8_t[]>> bounce_all_;  // guarded by bounce_mu_
   std::vector<uint8_t*> bounce_idle_;                   // guarded by bounce_mu_
-  std::vector<std::thread> workers_;
-
-  std::mutex mu_;
-  std::condition_variable wake_, idle_;
-  uint64_t job_ = 0;      // guarded by mu_: bumped for each batch
-  unsigned wanted_ = 0;   // guarded by mu_: workers still to join this batch
-  unsigned busy_ = 0;     // guarded by mu_: workers inside RunOps
-  bool stopping_ = false; // guarded by mu_
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::atomic<unsigned> pending_{0};   // helpers of this batch not yet done
+  std::binary_semaphore all_done_{0};  // released by the last of them
+  std::atomic<bool> stopping_{false};
 
   // The batch in progress: set by Write() before workers are woken.
   const std::vector<DirtyRange>* plan_ = nullptr;

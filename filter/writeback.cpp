@@ -121,14 +121,39 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
   }
   pending_why_ = why;
   kick_ = true;
-  work_.Signal();
   const uint64_t started_before = attempts_started_;
   while (!satisfied()) {
     if (last_failed_attempt_ > started_before) return last_error_;
     if (stopped_) return ESHUTDOWN;
-    done_.Wait();
+    // The caller does the work itself when nobody else is at it: handing
+    // the batch and the plugin flush to other threads and waiting to be
+    // woken costs several context switches per client flush, which is most
+    // of a flush's cost on a fast plugin.
+    if (!RunHere(seq, flush)) done_.Wait();
   }
   return 0;
+}
+
+bool WriteBack::RunHere(uint64_t seq, bool flush) {
+  if (stopping_) return false;
+  if (written_seq_ < seq) {
+    if (batch_running_ || active_.empty()) return false;  // someone else's batch has it
+    RunBatchExclusive(pending_why_);
+    return true;
+  }
+  if (flush && PluginFlushDue()) {
+    RunFlushJob(NewFlushJob());
+    return true;
+  }
+  return false;
+}
+
+void WriteBack::RunBatchExclusive(Trigger why) {
+  batch_running_ = true;
+  RunBatch(why);
+  batch_running_ = false;
+  done_.SignalAll();
+  work_.Signal();  // the flusher may have waited for the batch to end
 }
 
 void WriteBack::WakeForRoom() {
@@ -183,8 +208,8 @@ void WriteBack::FlusherLoop() {
     const auto now = Clock::now();
     const bool backing_off = backoff_.count() > 0 && now < retry_at_ && !kick_;
     Trigger why = Trigger::kThreshold;
-    if (!backing_off && !active_.empty() && BatchDue(now, &why)) {
-      RunBatch(why);
+    if (!backing_off && !batch_running_ && !active_.empty() && BatchDue(now, &why)) {
+      RunBatchExclusive(why);
     } else if (!backing_off && PluginFlushDue()) {
       StartPluginFlush();
     } else {
@@ -303,8 +328,9 @@ void WriteBack::ReleaseIdleMemory() {
 #endif
 }
 
-// Runs on the flusher thread without mu_: readers only read flushing_, and
-// only this thread changes it, so iterating it here races with nothing.
+// Runs on the batch's thread without mu_: readers only read flushing_, and
+// only the thread running the batch (batch_running_) changes it, so
+// iterating it here races with nothing.
 std::vector<DirtyRange> WriteBack::PlanBatch() const {
   std::vector<DirtyRange> plan;
   plan.reserve(flushing_.size());
@@ -320,20 +346,41 @@ bool WriteBack::PluginFlushDue() const {
   return flushes_in_flight_ < kFlushThreads;
 }
 
-void WriteBack::StartPluginFlush() {
+WriteBack::FlushJob WriteBack::NewFlushJob() {
   newest_flush_seq_ = written_seq_;
   newest_flush_gen_ = write_gen_;
-  flush_jobs_.push_back({written_seq_, write_gen_, ++attempts_started_});
   ++flushes_in_flight_;
   kick_ = false;
+  return {written_seq_, write_gen_, ++attempts_started_};
+}
+
+void WriteBack::StartPluginFlush() {
+  flush_jobs_.push_back(NewFlushJob());
   flush_wake_.Signal();
 }
 
-// Plugin flushes run on these threads, so that the flusher can write the
-// next batch meanwhile, and several may be in flight: a client that flushes
-// often (fio's fsync=N, a database's commits) then waits for its batch and
-// one flush, not for earlier flushes as well.  A flush covers the writes
-// that completed before it started (FlushJob), which is all NBD promises.
+void WriteBack::RunFlushJob(const FlushJob& job) {
+  mu_.Unlock();  // no lock across plugin I/O
+  const int err = sink_->Flush();
+  mu_.Lock();
+  if (err == 0) {
+    flushed_seq_ = std::max(flushed_seq_, job.seq);
+    flushed_gen_ = std::max(flushed_gen_, job.gen);
+    if (job.attempt > last_failed_attempt_) backoff_ = milliseconds(0);
+  } else {
+    RecordError(err, job.attempt);
+  }
+  --flushes_in_flight_;
+  done_.SignalAll();
+  work_.Signal();  // the flusher may start the next flush
+}
+
+// Plugin flushes the flusher starts run on these threads, so that it can
+// write the next batch meanwhile, and several may be in flight: a client
+// that flushes often (fio's fsync=N, a database's commits) then waits for
+// its batch and one flush, not for earlier flushes as well.  A flush covers
+// the writes that completed before it started (FlushJob), which is all NBD
+// promises.
 void WriteBack::PluginFlushLoop() {
   MutexLock l(&mu_);
   while (true) {
@@ -341,19 +388,7 @@ void WriteBack::PluginFlushLoop() {
     if (flush_jobs_.empty()) return;
     const FlushJob job = flush_jobs_.front();
     flush_jobs_.pop_front();
-    mu_.Unlock();  // no lock across plugin I/O
-    const int err = sink_->Flush();
-    mu_.Lock();
-    if (err == 0) {
-      flushed_seq_ = std::max(flushed_seq_, job.seq);
-      flushed_gen_ = std::max(flushed_gen_, job.gen);
-      if (job.attempt > last_failed_attempt_) backoff_ = milliseconds(0);
-    } else {
-      RecordError(err, job.attempt);
-    }
-    --flushes_in_flight_;
-    done_.SignalAll();
-    work_.Signal();  // the flusher may start the next flush
+    RunFlushJob(job);
   }
 }
 

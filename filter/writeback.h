@@ -6,7 +6,9 @@
 //  - A background flusher writes the buffered set to the Sink when
 //    `threshold` requests are queued, when the oldest is `max_age` old, when
 //    a writer waits for room, and when Flush() asks.  While it writes one
-//    batch ("flushing"), new requests go to the next ("active").
+//    batch ("flushing"), new requests go to the next ("active").  A caller
+//    of Flush() (or a FUA or write-through request) that finds no batch
+//    running writes the batch, and then the plugin flush, in its own thread.
 //  - Flush(): when it returns 0, everything buffered before the call is in
 //    the Sink and the Sink was flushed.  Requests made meanwhile do not wait.
 //    A FUA request is buffered, then flushed before it returns.
@@ -98,7 +100,8 @@ class WriteBack {
   std::string DebugString() EXCLUDES(mu_);
 
   // Called after each batch with (trigger, requests, bytes, plugin writes,
-  // duration in µs, errno); from the flusher thread, with no lock held.
+  // duration in µs, errno); from the thread that ran it (the flusher or a
+  // flushing client), with no lock held.
   using BatchHook = void (*)(void* opaque, Trigger, uint64_t, uint64_t, uint64_t, uint64_t, int);
   void SetBatchHook(BatchHook hook, void* opaque) EXCLUDES(mu_);
 
@@ -110,11 +113,22 @@ class WriteBack {
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
+  // Runs a batch unless one is running (batch_running_ is its token); the
+  // flusher and flushing clients both may.
+  void RunBatchExclusive(Trigger why) REQUIRES(mu_);
   void RunBatch(Trigger why) REQUIRES(mu_);
+  // A waiter's own step towards seq (a batch or a plugin flush); false if
+  // there is nothing it can do now.
+  bool RunHere(uint64_t seq, bool flush) REQUIRES(mu_);
   // The flusher's copy of flushing_, made without mu_ (see the .cpp).
   std::vector<DirtyRange> PlanBatch() const NO_THREAD_SAFETY_ANALYSIS;
+  struct FlushJob {
+    uint64_t seq, gen, attempt;
+  };
   bool PluginFlushDue() const REQUIRES(mu_);
-  void StartPluginFlush() REQUIRES(mu_);
+  FlushJob NewFlushJob() REQUIRES(mu_);
+  void StartPluginFlush() REQUIRES(mu_);        // on a plugin flush thread
+  void RunFlushJob(const FlushJob& job) REQUIRES(mu_);  // here
   void PluginFlushLoop() EXCLUDES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
@@ -133,8 +147,8 @@ class WriteBack {
   CondVar done_{&mu_};  // wakes Flush() and write-through waiters
   CondVar flush_wake_{&mu_};  // wakes the plugin flush thread
   DirtyMap active_ GUARDED_BY(mu_);
-  // Changed only by the flusher thread, under mu_; so the flusher alone
-  // may also read it without mu_ (PlanBatch).
+  // Changed only by the thread running a batch (batch_running_), under
+  // mu_; so that thread alone may also read it without mu_ (PlanBatch).
   DirtyMap flushing_ GUARDED_BY(mu_);
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
   uint64_t flushing_requests_ GUARDED_BY(mu_) = 0;
@@ -147,6 +161,7 @@ class WriteBack {
   bool kick_ GUARDED_BY(mu_) = false;      // a fresh request skips the backoff
   bool stopping_ GUARDED_BY(mu_) = false;
   bool stopped_ GUARDED_BY(mu_) = false;
+  bool batch_running_ GUARDED_BY(mu_) = false;
   // A written batch is being freed outside mu_: Stats() waits, so that it
   // never reports queued bytes gone while their memory is still held.
   bool retiring_ GUARDED_BY(mu_) = false;
@@ -173,11 +188,8 @@ class WriteBack {
   Clock::time_point retry_at_ GUARDED_BY(mu_);
   std::chrono::milliseconds backoff_ GUARDED_BY(mu_){0};
 
-  // Plugin flushes started and not finished (on plugin_flushers_): what
-  // each covers and its attempt number.
-  struct FlushJob {
-    uint64_t seq, gen, attempt;
-  };
+  // Plugin flushes started and not finished (on plugin_flushers_ or in a
+  // waiting client's thread): what each covers and its attempt number.
   static constexpr unsigned kFlushThreads = 4;
   std::deque<FlushJob> flush_jobs_ GUARDED_BY(mu_);  // not yet picked up
   unsigned flushes_in_flight_ GUARDED_BY(mu_) = 0;    // queued or running
@@ -188,7 +200,7 @@ class WriteBack {
   BatchHook hook_ GUARDED_BY(mu_) = nullptr;
   void* hook_opaque_ GUARDED_BY(mu_) = nullptr;
 
-  BatchWriter batch_writer_;  // used by the flusher thread only
+  BatchWriter batch_writer_;  // used by the thread running a batch only
   std::thread flusher_;
   std::thread plugin_flushers_[kFlushThreads];
 };

@@ -65,14 +65,6 @@ void DirtyMap::InsertUnder(DirtyMap&& older) {
   for (const DirtyRange& r : newer) Insert(r);
 }
 
-void DirtyMap::Collect(uint64_t offset, uint64_t length, std::vector<DirtyRange>* out) const {
-  if (length == 0) return;
-  const uint64_t stop = offset + length;
-  for (RangeIndex::Pos p = FirstEndingAfter(offset);
-       !ranges_.AtEnd(p) && ranges_.At(p).offset < stop; p = ranges_.Next(p))
-    out->push_back(ranges_.At(p).Slice(offset, stop));
-}
-
 void DirtyMap::Erase(uint64_t offset) {
   const RangeIndex::Pos p = ranges_.LowerBound(offset);
   if (!ranges_.AtEnd(p) && ranges_.KeyAt(p) == offset) Remove(p);

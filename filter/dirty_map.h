@@ -25,8 +25,15 @@ class DirtyMap {
   // `older` this map does not cover.
   void InsertUnder(DirtyMap&& older);
   // Appends the parts of buffered ranges inside [offset, offset+length),
-  // in offset order.
-  void Collect(uint64_t offset, uint64_t length, std::vector<DirtyRange>* out) const;
+  // in offset order, to out (anything with push_back(DirtyRange)).
+  template <class Out>
+  void Collect(uint64_t offset, uint64_t length, Out* out) const {
+    if (length == 0) return;
+    const uint64_t stop = offset + length;
+    for (RangeIndex::Pos p = FirstEndingAfter(offset);
+         !ranges_.AtEnd(p) && ranges_.At(p).offset < stop; p = ranges_.Next(p))
+      out->push_back(ranges_.At(p).Slice(offset, stop));
+  }
 
   // Drops the range that starts at `offset` (written by a batch that then
   // failed elsewhere).

@@ -9,6 +9,7 @@ namespace sdccache {
 
 bool Overlay::CoversAll() const {
   if (pieces_.empty()) return false;
+  if (pieces_.size() == 1) return pieces_[0].offset <= offset_ && pieces_[0].end() >= offset_ + length_;
   std::vector<std::pair<uint64_t, uint64_t>> spans;
   spans.reserve(pieces_.size());
   for (const auto& p : pieces_) spans.emplace_back(p.offset, p.end());

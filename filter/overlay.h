@@ -27,12 +27,52 @@ struct Extent {
 inline constexpr uint32_t kExtentHole = 1;
 inline constexpr uint32_t kExtentZero = 2;
 
+// The pieces of one Overlay.  Most reads touch one or two buffered ranges,
+// so the first kInline live inside the list: no heap allocation per read.
+class PieceList {
+ public:
+  static constexpr size_t kInline = 2;
+  void push_back(DirtyRange r) {
+    if (n_ < kInline)
+      inline_[n_] = std::move(r);
+    else
+      more_.push_back(std::move(r));
+    ++n_;
+  }
+  size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+  const DirtyRange& operator[](size_t i) const { return i < kInline ? inline_[i] : more_[i - kInline]; }
+
+  class const_iterator {
+   public:
+    const_iterator(const PieceList* l, size_t i) : l_(l), i_(i) {}
+    const DirtyRange& operator*() const { return (*l_)[i_]; }
+    const DirtyRange* operator->() const { return &(*l_)[i_]; }
+    const_iterator& operator++() {
+      ++i_;
+      return *this;
+    }
+    bool operator==(const const_iterator& o) const { return i_ == o.i_; }
+
+   private:
+    const PieceList* l_;
+    size_t i_;
+  };
+  const_iterator begin() const { return {this, 0}; }
+  const_iterator end() const { return {this, n_}; }
+
+ private:
+  DirtyRange inline_[kInline];
+  std::vector<DirtyRange> more_;
+  size_t n_ = 0;
+};
+
 class Overlay {
  public:
   Overlay(uint64_t offset, uint64_t length) : offset_(offset), length_(length) {}
 
   // Appends pieces; each call's pieces are newer than every earlier call's.
-  std::vector<DirtyRange>& pieces() { return pieces_; }
+  PieceList& pieces() { return pieces_; }
   bool empty() const { return pieces_.empty(); }
   // True when buffered ranges cover every byte, so the plugin need not be read.
   bool CoversAll() const;
@@ -45,7 +85,7 @@ class Overlay {
 
  private:
   uint64_t offset_, length_;
-  std::vector<DirtyRange> pieces_;
+  PieceList pieces_;
 };
 
 }  // namespace sdccache

@@ -17,16 +17,19 @@ DirtyRange DirtyRange::Slice(uint64_t from, uint64_t to) const {
   return r;
 }
 
+void DirtyMap::Account(const DirtyRange& r, int sign) {
+  const uint64_t n = sign > 0 ? r.length : -r.length;  // modular: adds or subtracts
+  total_bytes_ += n;
+  if (r.kind == RangeKind::kData) data_bytes_ += n;
+}
+
 void DirtyMap::Add(DirtyRange r) {
-  total_bytes_ += r.length;
-  if (r.kind == RangeKind::kData) data_bytes_ += r.length;
+  Account(r, +1);
   ranges_.Insert(std::move(r));
 }
 
 RangeIndex::Pos DirtyMap::Remove(RangeIndex::Pos p) {
-  const DirtyRange& r = ranges_.At(p);
-  total_bytes_ -= r.length;
-  if (r.kind == RangeKind::kData) data_bytes_ -= r.length;
+  Account(ranges_.At(p), -1);
   return ranges_.Erase(p);
 }
 
@@ -42,10 +45,23 @@ RangeIndex::Pos DirtyMap::FirstEndingAfter(uint64_t offset) const {
 void DirtyMap::Insert(DirtyRange r) {
   if (r.length == 0) return;
   const uint64_t start = r.offset, stop = r.end();
+  RangeIndex::Pos p = FirstEndingAfter(start);
+  // Common cases first: nothing overlaps (insert where the search ended),
+  // or exactly the same range is rewritten (replace it in place).
+  if (ranges_.AtEnd(p) || ranges_.At(p).offset >= stop) {
+    Account(r, +1);
+    ranges_.InsertAt(p, std::move(r));
+    return;
+  }
+  if (ranges_.At(p).offset == start && ranges_.At(p).end() == stop) {
+    Account(ranges_.At(p), -1);
+    Account(r, +1);
+    ranges_.Replace(p, std::move(r));
+    return;
+  }
   // Ranges do not overlap, so only the first one cut can keep a head and
   // only the last one a tail; they are added back once the cut is done.
   DirtyRange head, tail;
-  RangeIndex::Pos p = FirstEndingAfter(start);
   while (!ranges_.AtEnd(p) && ranges_.At(p).offset < stop) {
     const DirtyRange& old = ranges_.At(p);
     if (old.offset < start) head = old.Slice(old.offset, start);

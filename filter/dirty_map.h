@@ -55,6 +55,7 @@ class DirtyMap {
 
  private:
   void Add(DirtyRange r);
+  void Account(const DirtyRange& r, int sign);  // byte totals, +1 or -1
   RangeIndex::Pos Remove(RangeIndex::Pos p);
   // The first range that ends after offset (or the end).
   RangeIndex::Pos FirstEndingAfter(uint64_t offset) const;

@@ -1,4 +1,5 @@
 // Chunk allocation and the MemoryAccount byte budget.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -36,18 +37,35 @@ void Chunk::Unref() {
 }
 
 void* MemoryAccount::Take(uint64_t payload) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return TakeLocked(payload);
+  void* mem;
+  const void* next;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    mem = TakeLocked(payload, &next);
+  }
+  Prefetch(next, payload);
+  return mem;
 }
 
-void* MemoryAccount::TakeLocked(uint64_t payload) {
+// The next Take of this size will copy a payload into `next`, which has sat
+// in the pool since its data was written back and is likely out of cache:
+// start fetching its first 4 KiB now, so that the copy does not wait for
+// memory line by line.
+void MemoryAccount::Prefetch(const void* next, uint64_t payload) {
+  if (next == nullptr) return;
+  const auto* p = static_cast<const char*>(next);
+  const size_t len = std::min<size_t>(Chunk::AllocationSize(payload), 4096 + 64);
+  for (size_t off = 0; off < len; off += 64) __builtin_prefetch(p + off, 1, 3);
+}
+
+void* MemoryAccount::TakeLocked(uint64_t payload, const void** next) {
+  *next = nullptr;
   if (!Poolable(payload)) return nullptr;
   const size_t k = payload / kPoolUnit;
   FreeBuf* b = pool_[k];
   if (b == nullptr) return nullptr;
   pool_[k] = b->next;
-  // The next Take reads that buffer's link: start fetching it now.
-  if (b->next != nullptr) __builtin_prefetch(b->next, 1);
+  *next = b->next;
   const uint64_t bytes = Chunk::AllocationSize(payload);
   pooled_.fetch_sub(bytes, std::memory_order_relaxed);
   return b;
@@ -139,7 +157,10 @@ void* MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wai
     room_.wait(lock);
   }
   used_.fetch_add(bytes, std::memory_order_relaxed);
-  void* mem = pool_payload ? TakeLocked(pool_payload) : nullptr;
+  const void* next = nullptr;
+  void* mem = pool_payload ? TakeLocked(pool_payload, &next) : nullptr;
+  lock.unlock();
+  Prefetch(next, pool_payload);
   if (waited) {
     auto spent = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
     wait_ns_.fetch_add(static_cast<uint64_t>(spent.count()), std::memory_order_relaxed);

@@ -69,7 +69,9 @@ class MemoryAccount {
   // Frees buffers popped from the pool (outside mu_).
   static void FreeList(FreeBuf* list);
   FreeBuf* EvictLocked(uint64_t target);  // returns what to free
-  void* TakeLocked(uint64_t payload);
+  // Pops a buffer; *next is the one after it (to Prefetch once unlocked).
+  void* TakeLocked(uint64_t payload, const void** next);
+  static void Prefetch(const void* next, uint64_t payload);
 
   const uint64_t limit_;
   std::mutex mu_;

@@ -55,6 +55,23 @@ void RangeIndex::RemoveLeaf(size_t at) {
 }
 
 void RangeIndex::Insert(DirtyRange r) {
+  if (leaves_.empty()) {
+    InsertAt(Pos{}, std::move(r));
+    return;
+  }
+  const size_t li = LeafFor(r.offset);
+  const Leaf& leaf = *leaves_[li];
+  const auto s =
+      static_cast<uint32_t>(std::lower_bound(leaf.keys, leaf.keys + leaf.n, r.offset) - leaf.keys);
+  InsertAt(Pos{li, s}, std::move(r));
+}
+
+void RangeIndex::Replace(Pos p, DirtyRange r) {
+  assert(KeyAt(p) == r.offset);
+  leaves_[p.leaf]->vals[p.slot] = std::move(r);
+}
+
+void RangeIndex::InsertAt(Pos p, DirtyRange r) {
   const uint64_t key = r.offset;
   if (leaves_.empty()) {
     auto leaf = std::make_unique<Leaf>();
@@ -65,10 +82,14 @@ void RangeIndex::Insert(DirtyRange r) {
     size_ = 1;
     return;
   }
-  size_t li = LeafFor(key);
+  // The end, or the first slot of a leaf past the first: append to the
+  // leaf before instead, so that its first key need not change.
+  if (AtEnd(p) || (p.slot == 0 && p.leaf > 0)) p = Pos{p.leaf - 1, leaves_[p.leaf - 1]->n};
+  size_t li = p.leaf;
   Leaf* leaf = leaves_[li].get();
-  auto s = static_cast<uint32_t>(std::lower_bound(leaf->keys, leaf->keys + leaf->n, key) - leaf->keys);
-  assert(s == leaf->n || leaf->keys[s] != key);
+  uint32_t s = p.slot;
+  assert(s == leaf->n || leaf->keys[s] > key);
+  assert(s == 0 || leaf->keys[s - 1] < key);
   if (leaf->n == kLeafCap) {  // split: the upper half moves to a new leaf
     constexpr uint32_t kHalf = kLeafCap / 2;
     auto upper = std::make_unique<Leaf>();

@@ -57,6 +57,10 @@ class RangeIndex {
   Pos LowerBound(uint64_t key) const;
   // Adds r under key r.offset, which must not be present.
   void Insert(DirtyRange r);
+  // The same, where p is LowerBound(r.offset) (saves the search).
+  void InsertAt(Pos p, DirtyRange r);
+  // Replaces the entry at p with r, which has the same key.
+  void Replace(Pos p, DirtyRange r);
   // Removes the entry at p; returns the position of the one after it.
   Pos Erase(Pos p);
 

@@ -155,48 +155,54 @@ TEST(WriteBackTest, FlushDoesNotWaitForLaterWrites) {
   EXPECT_EQ(wb.queued_requests(), 1u);  // "b" is still buffered
 }
 
-// A client flush waits for its batch and one plugin flush; the flusher
-// writes the next batch, and starts the next plugin flush, while an earlier
-// plugin flush is still running.
+// Two client flushes: the first waits in a held plugin flush (covering
+// "a"); "b" is written after that plugin flush started, then the second
+// client flush is sent.  Futures are members after wb, so they are waited
+// for before wb goes away.
+struct TwoFlushes {
+  FakeSink sink{kDisk};
+  WriteBack wb{&sink, Opts(1000)};
+  std::future<int> first, second;
+  TwoFlushes() {
+    EXPECT_EQ(wb.Write("a", 1, 0, false), 0);
+    sink.HoldFlush();
+    first = std::async(std::launch::async, [this] { return wb.Flush(Trigger::kClient); });
+    sink.AwaitFlushesStarted(1);
+    EXPECT_EQ(wb.Write("b", 1, 1, false), 0);
+    second = std::async(std::launch::async, [this] { return wb.Flush(Trigger::kClient); });
+  }
+};
+
+// A client flush waits for its batch and one plugin flush; the next batch
+// is written, and the next plugin flush started, while an earlier plugin
+// flush is still running.
 TEST(WriteBackTest, NextBatchAndFlushRunWhileAPluginFlushIsInFlight) {
-  FakeSink sink(kDisk);
-  WriteBack wb(&sink, Opts(1000));
-  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
-  sink.HoldFlush();
-  auto first = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  sink.AwaitFlushesStarted(1);
-  ASSERT_EQ(wb.Write("b", 1, 1, false), 0);
-  auto second = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  sink.AwaitWrites(2);            // "b" reached the plugin during the first flush
-  sink.AwaitFlushesStarted(2);    // and its own flush started beside it
-  EXPECT_EQ(sink.Disk()[1], 'b');
-  EXPECT_EQ(first.wait_for(milliseconds(0)), std::future_status::timeout);
-  EXPECT_EQ(second.wait_for(milliseconds(0)), std::future_status::timeout);
-  sink.ReleaseFlush();
-  EXPECT_EQ(first.get(), 0);
-  EXPECT_EQ(second.get(), 0);
-  EXPECT_EQ(sink.flushes(), 2u);
+  TwoFlushes t;
+  t.sink.AwaitWrites(2);          // "b" reached the plugin during the first flush
+  t.sink.AwaitFlushesStarted(2);  // and its own flush started beside it
+  EXPECT_EQ(t.sink.Disk()[1], 'b');
+  EXPECT_EQ(t.first.wait_for(milliseconds(0)), std::future_status::timeout);
+  EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
+  t.sink.ReleaseFlush();
+  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_EQ(t.second.get(), 0);
+  EXPECT_EQ(t.sink.flushes(), 2u);
 }
 
 // A plugin flush that started before the second batch was written does not
 // satisfy a flush waiting for that batch: when the later plugin flush fails,
 // only the later waiter fails.
 TEST(WriteBackTest, FlushThatStartedEarlierDoesNotCoverLaterWrites) {
-  FakeSink sink(kDisk);
-  WriteBack wb(&sink, Opts(1000));
-  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
-  sink.HoldFlush();
-  auto first = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  sink.AwaitFlushesStarted(1);
-  ASSERT_EQ(wb.Write("b", 1, 1, false), 0);
-  auto second = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  TwoFlushes t;
+  FakeSink& sink = t.sink;
+  WriteBack& wb = t.wb;
   sink.AwaitFlushesStarted(2);
   sink.ReleaseFlushes(1);  // the first plugin flush succeeds
-  EXPECT_EQ(first.get(), 0);
-  EXPECT_EQ(second.wait_for(milliseconds(50)), std::future_status::timeout);
+  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_EQ(t.second.wait_for(milliseconds(50)), std::future_status::timeout);
   sink.FailFlush(EIO);
   sink.ReleaseFlushes(1);  // the second fails
-  EXPECT_EQ(second.get(), EIO);
+  EXPECT_EQ(t.second.get(), EIO);
   sink.FailFlush(0);
   sink.ReleaseFlush();
   EXPECT_EQ(wb.Flush(Trigger::kClient), 0);

@@ -67,12 +67,14 @@ std::vector<DirtyRange> Plan() {
   return plan;
 }
 
-// Over 5 batches, how many ran with more than one request in flight.
+constexpr int kBatches = 10;
+
+// Over kBatches batches, how many ran with more than one request in flight.
 int ParallelBatches(TimedSink* sink) {
   BatchWriter writer(sink, 8, 1 << 20);
   const std::vector<DirtyRange> plan = Plan();
   int parallel = 0;
-  for (int b = 0; b < 5; ++b) {
+  for (int b = 0; b < kBatches; ++b) {
     std::vector<char> written;
     uint64_t calls = 0;
     EXPECT_EQ(writer.Write(plan, &written, &calls), 0);
@@ -85,13 +87,14 @@ int ParallelBatches(TimedSink* sink) {
 
 TEST(BatchWriterTest, WaitingRequestsRunInParallel) {
   TimedSink sink(true, std::chrono::microseconds(2000));
-  EXPECT_GE(ParallelBatches(&sink), 4);
+  EXPECT_GE(ParallelBatches(&sink), kBatches - 1);
 }
 
 TEST(BatchWriterTest, ComputingRequestsRunOneAtATime) {
   TimedSink sink(false, std::chrono::microseconds(2000));
-  // A preempted request can look like a waiting one now and then.
-  EXPECT_LE(ParallelBatches(&sink), 1);
+  // A request preempted on a loaded machine can look like a waiting one now
+  // and then (the smoothing absorbs one such probe, not several in a row).
+  EXPECT_LE(ParallelBatches(&sink), kBatches / 4);
 }
 
 }  // namespace

@@ -81,7 +81,8 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   active_.Insert(std::move(r));
   ++active_requests_;
   counters_.RaisePeak(active_.data_bytes() + flushing_.data_bytes());
-  if (active_requests_ >= threshold_ || (was_empty && opts_.max_age.count() > 0)) work_.Signal();
+  if (active_requests_ == threshold_) threshold_at_ = Clock::now();
+  if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0)) work_.Signal();
   if (fua) return WaitFor(seq, write_gen_, true, Trigger::kFua);
   return 0;
 }
@@ -191,7 +192,7 @@ bool WriteBack::BatchDue(Clock::time_point now, Trigger* why) const {
     return true;
   }
   if (paused_) return false;
-  if (active_requests_ >= threshold_) {
+  if (active_requests_ >= threshold_ && now >= threshold_at_ + opts_.gather) {
     *why = Trigger::kThreshold;
     return true;
   }
@@ -227,6 +228,8 @@ void WriteBack::FlusherLoop() {
       if (backing_off) wake = std::min(wake, retry_at_);
       if (!active_.empty() && !paused_ && opts_.max_age.count() > 0)
         wake = std::min(wake, active_since_ + opts_.max_age);
+      if (!paused_ && active_requests_ >= threshold_)
+        wake = std::min(wake, threshold_at_ + opts_.gather);
       if (wake == Clock::time_point::max())
         work_.Wait();
       else

@@ -4,7 +4,8 @@
 //  - Write/Zero/Trim buffer the request and return; reads (Lookup) on any
 //    thread see it at once.  Requests are applied newest-wins.
 //  - A background flusher writes the buffered set to the Sink when
-//    `threshold` requests are queued, when the oldest is `max_age` old, when
+//    `threshold` requests are queued (`gather` later, so that requests
+//    still arriving join the batch), when the oldest is `max_age` old, when
 //    a writer waits for room, and when Flush() asks.  While it writes one
 //    batch ("flushing"), new requests go to the next ("active").  A caller
 //    of Flush() (or a FUA or write-through request) that finds no batch
@@ -46,6 +47,7 @@ struct WriteBackOptions {
   uint32_t threshold = 32;
   uint64_t queue_max_bytes = 64ull << 20;
   std::chrono::milliseconds max_age{30000};  // 0: no age trigger
+  std::chrono::microseconds gather{1000};    // threshold batches start this late
   uint32_t max_plugin_write = 4u << 20;      // coalescing cap
   unsigned write_threads = 64;               // plugin requests in flight
   bool flush_before_release = false;         // Sink contexts not coherent
@@ -155,6 +157,7 @@ class WriteBack {
   Clock::time_point active_since_ GUARDED_BY(mu_);  // oldest request in active_
   Clock::time_point flushing_since_ GUARDED_BY(mu_);
   Clock::time_point last_work_ GUARDED_BY(mu_);  // end of the last batch
+  Clock::time_point threshold_at_ GUARDED_BY(mu_);  // when active_ reached threshold_
   uint32_t threshold_ GUARDED_BY(mu_);
   bool paused_ GUARDED_BY(mu_) = false;
   bool pressure_ GUARDED_BY(mu_) = false;  // a writer waits for room

@@ -100,6 +100,13 @@ class FakeSink : public Sink {
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait(l, [&] { return writes_ >= n; });
   }
+  // Like AwaitWritesStarted, but gives up after `limit`; returns whether
+  // they started.
+  template <class Duration>
+  bool WritesStartWithin(uint64_t n, Duration limit) {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, limit, [&] { return writes_started_ >= n; });
+  }
   // Blocks until at least n writes have started (entered Write).
   void AwaitWritesStarted(uint64_t n) {
     std::unique_lock<std::mutex> l(mu_);

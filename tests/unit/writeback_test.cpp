@@ -61,6 +61,38 @@ TEST(WriteBackTest, ThresholdStartsABatchWithoutFlush) {
   EXPECT_EQ(wb.counters().batches_flushed.load(), 1u);
 }
 
+// A threshold batch starts `gather` after the threshold is reached, so that
+// requests still arriving (a sequential stream's next writes) join it and
+// coalesce; a client flush does not wait for that window.
+TEST(WriteBackTest, ThresholdBatchGathersLateRequests) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(4);
+  o.gather = std::chrono::milliseconds(300);
+  WriteBack wb(&sink, o);
+  std::string block(4096, 'g');
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 4096, false), 0);
+  // Threshold reached: nothing is written for a good part of the window...
+  EXPECT_FALSE(sink.WritesStartWithin(1, std::chrono::milliseconds(100)));
+  // ...so a request arriving meanwhile joins the batch.
+  ASSERT_EQ(wb.Write(block.data(), 4096, 4 * 4096, false), 0);
+  sink.AwaitWrites(1);
+  while (wb.queued_requests() != 0) std::this_thread::yield();
+  EXPECT_EQ(sink.writes(), 1u);
+  EXPECT_EQ(sink.max_write(), 5u * 4096);
+  EXPECT_EQ(wb.counters().batches_flushed.load(), 1u);
+}
+
+TEST(WriteBackTest, FlushDoesNotWaitForTheGatherWindow) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(2);
+  o.gather = std::chrono::hours(1);
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
+  ASSERT_EQ(wb.Write("b", 1, 1, false), 0);  // threshold reached, batch an hour away
+  EXPECT_EQ(wb.Flush(Trigger::kClient), 0);  // bounded by the test's own timeout
+  EXPECT_EQ(sink.Disk()[1], 'b');
+}
+
 TEST(WriteBackTest, BatchLeavesOverlayOnlyWhenWritten) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1));

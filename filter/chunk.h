@@ -23,7 +23,7 @@ class Chunk {
  public:
   // Copies `size` bytes from `src`; charges the allocation to `account`
   // (which must outlive the chunk).  `mem` is a buffer from the account's
-  // pool, or nullptr to take one or allocate.  Returns nullptr if malloc
+  // pool (MemoryAccount::Reserve), or nullptr to allocate one.  Returns nullptr if malloc
   // fails.
   static Chunk* Create(const void* src, size_t size, MemoryAccount* account,
                        void* mem = nullptr);

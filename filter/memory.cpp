@@ -10,12 +10,11 @@
 namespace sdccache {
 
 Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account, void* mem) {
-  const bool pooled = account != nullptr && MemoryAccount::Poolable(size);
-  if (mem == nullptr && pooled) mem = account->Take(size);
   if (mem == nullptr) {
     mem = std::malloc(AllocationSize(size));
     if (mem == nullptr) return nullptr;
-    if (pooled) account->Evict();  // new memory: make the pool give some back
+    // New memory: make the pool give some back.
+    if (account != nullptr && MemoryAccount::Poolable(size)) account->Evict();
   }
   auto* c = new (mem) Chunk(size, account);
   if (size) std::memcpy(c->payload(), src, size);
@@ -36,18 +35,7 @@ void Chunk::Unref() {
   if (account) account->Release(bytes);
 }
 
-void* MemoryAccount::Take(uint64_t payload) {
-  void* mem;
-  const void* next;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    mem = TakeLocked(payload, &next);
-  }
-  Prefetch(next, payload);
-  return mem;
-}
-
-// The next Take of this size will copy a payload into `next`, which has sat
+// The next Reserve of this size will copy a payload into `next`, which has sat
 // in the pool since its data was written back and is likely out of cache:
 // start fetching its first 4 KiB now, so that the copy does not wait for
 // memory line by line.

@@ -42,14 +42,13 @@ class MemoryAccount {
   void* Reserve(uint64_t bytes, const std::function<void()>& on_wait, uint64_t pool_payload = 0);
   void Release(uint64_t bytes);
 
-  // Pool of freed buffers of `bytes` (a Chunk::AllocationSize).  Take()
-  // returns one or nullptr; Recycle() releases `bytes` like Release() and
-  // keeps or frees `mem`.  Evict() frees pooled buffers until in-use plus
+  // Pool of freed buffers of `bytes` (a Chunk::AllocationSize); Reserve()
+  // takes from it.  Recycle() releases `bytes` like Release() and keeps or
+  // frees `mem`.  Evict() frees pooled buffers until in-use plus
   // pooled bytes fit the limit again (call it after a pool miss).
   static bool Poolable(uint64_t payload) {
     return payload != 0 && payload % kPoolUnit == 0 && payload <= kPoolMax;
   }
-  void* Take(uint64_t payload);  // for chunks charged by a plain Reserve
   void Recycle(void* mem, uint64_t payload, uint64_t bytes);
   void Evict();
   void Drain();  // frees the whole pool

@@ -55,15 +55,8 @@ void RangeIndex::RemoveLeaf(size_t at) {
 }
 
 void RangeIndex::Insert(DirtyRange r) {
-  if (leaves_.empty()) {
-    InsertAt(Pos{}, std::move(r));
-    return;
-  }
-  const size_t li = LeafFor(r.offset);
-  const Leaf& leaf = *leaves_[li];
-  const auto s =
-      static_cast<uint32_t>(std::lower_bound(leaf.keys, leaf.keys + leaf.n, r.offset) - leaf.keys);
-  InsertAt(Pos{li, s}, std::move(r));
+  const Pos p = LowerBound(r.offset);
+  InsertAt(p, std::move(r));
 }
 
 void RangeIndex::Replace(Pos p, DirtyRange r) {

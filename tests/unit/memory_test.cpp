@@ -66,8 +66,8 @@ INSTANTIATE_TEST_SUITE_P(QueuedRequests, MemoryTest, ::testing::Values(1, 1000, 
 // A chunk charged to `account`, as WriteBack::Write makes it.
 Chunk* NewChunk(MemoryAccount* account, size_t size) {
   std::string payload(size, 'p');
-  account->Reserve(Chunk::AllocationSize(size), [] {});
-  return Chunk::Create(payload.data(), size, account);
+  void* pooled = account->Reserve(Chunk::AllocationSize(size), [] {}, size);
+  return Chunk::Create(payload.data(), size, account, pooled);
 }
 
 TEST(ChunkPoolTest, FreedBufferIsReusedForTheSameSize) {

@@ -9,8 +9,10 @@
 // writes over a 1 ms backend would top out at 1000 requests a second.  A
 // backend whose requests are CPU-bound gets them one at a time (Write()).
 //
-// Thread safety: Write() is called by one thread at a time (the flusher),
-// which also does part of the work; the workers are private.
+// Thread safety: Write() may be called by several threads at once, one
+// batch each (the engine only runs batches together when their ranges are
+// disjoint); each caller does part of its own batch's work and borrows
+// whichever helpers are idle.
 #pragma once
 
 #include <atomic>
@@ -45,6 +47,18 @@ class BatchWriter {
   struct Op {
     size_t first, last;  // plan[first, last), coalesced
   };
+  // One call of Write(): lives on its caller's stack until every helper it
+  // borrowed has finished with it.
+  struct Job {
+    const std::vector<DirtyRange>* plan = nullptr;
+    std::vector<Op> ops;
+    std::vector<char>* written = nullptr;
+    std::atomic<size_t> next_op{0};
+    std::atomic<int> error{0};
+    std::atomic<uint64_t> calls{0};
+    std::atomic<unsigned> pending{0};  // helpers not yet done with it
+    std::binary_semaphore done{0};     // released by the last of them
+  };
   // Bounce buffers for coalesced requests: at most kBounceBuffers of
   // max_write bytes, allocated once and shared by the workers (one each
   // would cost writeback-threads x 1 MiB of resident memory; fresh ones per
@@ -53,13 +67,14 @@ class BatchWriter {
   uint8_t* AcquireBounce();
   void ReleaseBounce(uint8_t* buf);
   struct Worker {
-    std::binary_semaphore go{0};  // one release per batch it is to help with
+    std::binary_semaphore go{0};  // one release per job it is to help with
+    Job* job = nullptr;           // set before go is released
     std::thread thread;
   };
   void WorkerLoop(Worker* self);
-  void RunOps();  // takes ops until none is left
-  void RunOne(size_t i);  // ops_[i], recording success or the first error
-  int RunOp(const Op& op);
+  void RunOps(Job* job);  // takes the job's ops until none is left
+  void RunOne(Job* job, size_t i);  // op i, recording success or the first error
+  int RunOp(Job* job, const Op& op);
   static double NowUs(clockid_t clock);
 
   // A request that spends at least this share of its time off the CPU is
@@ -70,26 +85,19 @@ class BatchWriter {
 
   Sink* const sink_;
   const uint64_t max_write_;
-  // Smoothed share of a request's wall time spent waiting; Write() only.
+  std::mutex probe_mu_;
+  // Smoothed share of a request's wall time spent waiting (probe_mu_).
   // Starts latency-bound, so that a slow plugin's first batch is parallel.
   double wait_frac_ = 1.0;
-  uint64_t batches_ = 0;
+  uint64_t batches_ = 0;  // probe_mu_
   std::mutex bounce_mu_;
   std::condition_variable bounce_free_;
   std::vector<std::unique_ptr<uint8_t[]>> bounce_all_;  // guarded by bounce_mu_
   std::vector<uint8_t*> bounce_idle_;                   // guarded by bounce_mu_
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::atomic<unsigned> pending_{0};   // helpers of this batch not yet done
-  std::binary_semaphore all_done_{0};  // released by the last of them
+  std::mutex idle_mu_;
+  std::vector<Worker*> idle_;  // guarded by idle_mu_: helpers free to borrow
   std::atomic<bool> stopping_{false};
-
-  // The batch in progress: set by Write() before workers are woken.
-  const std::vector<DirtyRange>* plan_ = nullptr;
-  std::vector<Op> ops_;
-  std::vector<char>* written_ = nullptr;
-  std::atomic<size_t> next_op_{0};
-  std::atomic<int> error_{0};
-  std::atomic<uint64_t> calls_{0};
 };
 
 }  // namespace sdccache

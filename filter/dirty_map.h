@@ -35,6 +35,13 @@ class DirtyMap {
       out->push_back(ranges_.At(p).Slice(offset, stop));
   }
 
+  // Whether any buffered range shares a byte with [offset, offset+length).
+  bool Overlaps(uint64_t offset, uint64_t length) const {
+    if (length == 0) return false;
+    const RangeIndex::Pos p = FirstEndingAfter(offset);
+    return !ranges_.AtEnd(p) && ranges_.At(p).offset < offset + length;
+  }
+
   // Drops the range that starts at `offset` (written by a batch that then
   // failed elsewhere).
   void Erase(uint64_t offset);

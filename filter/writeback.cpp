@@ -76,11 +76,14 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   MutexLock l(&mu_);
   if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
   const bool was_empty = active_.empty();
-  if (was_empty) active_since_ = Clock::now();
   const uint64_t seq = ++last_seq_;
+  if (was_empty) {
+    active_since_ = Clock::now();
+    active_min_seq_ = seq;
+  }
   active_.Insert(std::move(r));
   ++active_requests_;
-  counters_.RaisePeak(active_.data_bytes() + flushing_.data_bytes());
+  counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
   if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0)) work_.Signal();
   if (fua) return WaitFor(seq, write_gen_, true, Trigger::kFua);
@@ -130,31 +133,46 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
     // the batch and the plugin flush to other threads and waiting to be
     // woken costs several context switches per client flush, which is most
     // of a flush's cost on a fast plugin.
-    if (!RunHere(seq, flush)) done_.Wait();
+    if (!RunHere(seq, gen, flush)) done_.Wait();
   }
   return 0;
 }
 
-bool WriteBack::RunHere(uint64_t seq, bool flush) {
+bool WriteBack::RunHere(uint64_t seq, uint64_t gen, bool flush) {
   if (stopping_) return false;
   if (written_seq_ < seq) {
-    if (batch_running_ || active_.empty()) return false;  // someone else's batch has it
-    RunBatchExclusive(pending_why_);
+    // Requests up to seq that are not in active_ are in running batches:
+    // wait for those.  A batch of only newer requests is not this
+    // caller's to write.
+    if (active_.empty() || active_min_seq_ > seq || !CanStartBatch()) return false;
+    RunBatch(pending_why_);
     return true;
   }
-  if (flush && PluginFlushDue()) {
+  if (flush && PluginFlushDueFor(seq, gen)) {
     RunFlushJob(NewFlushJob());
     return true;
   }
   return false;
 }
 
-void WriteBack::RunBatchExclusive(Trigger why) {
-  batch_running_ = true;
-  RunBatch(why);
-  batch_running_ = false;
-  done_.SignalAll();
-  work_.Signal();  // the flusher may have waited for the batch to end
+bool WriteBack::CanStartBatch() const {
+  if (batches_.empty()) return true;
+  // With flush_before_release a batch's plugin flush must cover exactly the
+  // batches before it: one at a time.
+  if (opts_.flush_before_release || batches_.size() >= kMaxBatches ||
+      active_.size() > kMaxCheckedRanges)
+    return false;
+  for (const DirtyRange& r : active_)
+    for (const Batch& b : batches_)
+      if (b.map.Overlaps(r.offset, r.length)) return false;
+  return true;
+}
+
+void WriteBack::UpdateWrittenSeq() {
+  uint64_t oldest = last_seq_ + 1;  // the oldest request not yet written
+  if (!active_.empty()) oldest = std::min(oldest, active_min_seq_);
+  for (const Batch& b : batches_) oldest = std::min(oldest, b.min_seq);
+  written_seq_ = std::max(written_seq_, oldest - 1);
 }
 
 void WriteBack::WakeForRoom() {
@@ -167,7 +185,7 @@ Overlay WriteBack::Lookup(uint64_t offset, uint64_t length) {
   Overlay ov(offset, length);
   {
     MutexLock l(&mu_);
-    flushing_.Collect(offset, length, &ov.pieces());
+    for (const Batch& b : batches_) b.map.Collect(offset, length, &ov.pieces());  // disjoint
     active_.Collect(offset, length, &ov.pieces());
   }
   if (!ov.empty()) counters_.read_overlay_hits.fetch_add(1, std::memory_order_relaxed);
@@ -179,7 +197,10 @@ bool WriteBack::FlushPending() const {
 }
 
 bool WriteBack::BatchDue(Clock::time_point now, Trigger* why) const {
-  if (std::max(drain_req_seq_, flush_req_seq_) > written_seq_) {
+  // Someone waits for requests that are still in active_ (not only in
+  // running batches).
+  const uint64_t need = std::max(drain_req_seq_, flush_req_seq_);
+  if (need > written_seq_ && active_min_seq_ <= need) {
     *why = pending_why_;
     return true;
   }
@@ -209,8 +230,9 @@ void WriteBack::FlusherLoop() {
     const auto now = Clock::now();
     const bool backing_off = backoff_.count() > 0 && now < retry_at_ && !kick_;
     Trigger why = Trigger::kThreshold;
-    if (!backing_off && !batch_running_ && !active_.empty() && BatchDue(now, &why)) {
-      RunBatchExclusive(why);
+    const bool can_start = !active_.empty() && CanStartBatch();
+    if (!backing_off && can_start && BatchDue(now, &why)) {
+      RunBatch(why);
     } else if (!backing_off && PluginFlushDue()) {
       StartPluginFlush();
     } else {
@@ -226,9 +248,10 @@ void WriteBack::FlusherLoop() {
         wake = release_at;
       }
       if (backing_off) wake = std::min(wake, retry_at_);
-      if (!active_.empty() && !paused_ && opts_.max_age.count() > 0)
+      // While active_ cannot start, the end of a batch wakes the flusher.
+      if (can_start && !paused_ && opts_.max_age.count() > 0)
         wake = std::min(wake, active_since_ + opts_.max_age);
-      if (!paused_ && active_requests_ >= threshold_)
+      if (can_start && !paused_ && active_requests_ >= threshold_)
         wake = std::min(wake, threshold_at_ + opts_.gather);
       if (wake == Clock::time_point::max())
         work_.Wait();
@@ -239,12 +262,16 @@ void WriteBack::FlusherLoop() {
 }
 
 void WriteBack::RunBatch(Trigger why) {
-  flushing_ = std::move(active_);
+  batches_.emplace_back();
+  const auto it = std::prev(batches_.end());
+  Batch& b = *it;
+  b.map = std::move(active_);
   active_ = DirtyMap();
-  flushing_requests_ = active_requests_;
+  b.requests = active_requests_;
+  b.min_seq = active_min_seq_;
+  b.since = active_since_;
   active_requests_ = 0;
-  flushing_since_ = active_since_;
-  const uint64_t batch_seq = last_seq_;
+  batch_data_bytes_ += b.map.data_bytes();
   const uint64_t gen_before = write_gen_;
   const uint64_t attempt = ++attempts_started_;
   const bool flush_after = opts_.flush_before_release;
@@ -257,30 +284,30 @@ void WriteBack::RunBatch(Trigger why) {
   if (why != Trigger::kClient && why != Trigger::kFua && why != Trigger::kDisconnect &&
       why != Trigger::kShutdown && why != Trigger::kControl)
     counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
-  const uint64_t requests = flushing_requests_;
-  const uint64_t bytes = flushing_.total_bytes();
+  const uint64_t requests = b.requests;
+  const uint64_t bytes = b.map.total_bytes();
 
   const auto start = Clock::now();
   uint64_t plugin_writes = 0;
   std::vector<char> written;
   mu_.Unlock();  // no lock across plugin I/O, nor while a large batch is copied
-  std::vector<DirtyRange> plan = PlanBatch();
+  std::vector<DirtyRange> plan = PlanBatch(b);
   int err = batch_writer_.Write(plan, &written, &plugin_writes);
   if (err == 0 && flush_after) err = sink_->Flush();
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
+  batch_data_bytes_ -= b.map.data_bytes();
 
   DirtyMap retired;  // freed after the lock is dropped: reads must not wait for that
   if (err == 0) {
-    retired = std::move(flushing_);
-    flushing_ = DirtyMap();
-    retiring_ = true;
-    flushing_requests_ = 0;
-    written_seq_ = batch_seq;
+    retired = std::move(b.map);
+    batches_.erase(it);
+    ++retiring_;
     ++write_gen_;
-    if (flush_after) {
-      flushed_seq_ = std::max(flushed_seq_, batch_seq);
+    UpdateWrittenSeq();
+    if (flush_after) {  // the only batch running (CanStartBatch)
+      flushed_seq_ = std::max(flushed_seq_, written_seq_);
       flushed_gen_ = std::max(flushed_gen_, gen_before);
     }
     backoff_ = milliseconds(0);
@@ -292,18 +319,21 @@ void WriteBack::RunBatch(Trigger why) {
     // Ranges written before the failure are in the plugin (and visible to
     // every context when it is multi-conn): retire them, so that a plugin
     // failing now and then still makes progress.  Keep the rest: the
-    // failed batch is older than anything buffered since.
+    // failed batch is older than anything buffered since, and shares no
+    // byte with the other batches running.
     if (!flush_after)
       for (size_t i = 0; i < plan.size(); ++i)
-        if (written[i]) flushing_.Erase(plan[i].offset);
-    active_.InsertUnder(std::move(flushing_));
-    flushing_ = DirtyMap();
-    active_requests_ += flushing_requests_;
-    flushing_requests_ = 0;
-    active_since_ = flushing_since_;
+        if (written[i]) b.map.Erase(plan[i].offset);
+    const bool was_empty = active_.empty();
+    active_.InsertUnder(std::move(b.map));
+    active_requests_ += b.requests;
+    if (was_empty || b.min_seq < active_min_seq_) active_min_seq_ = b.min_seq;
+    if (was_empty || b.since < active_since_) active_since_ = b.since;
+    batches_.erase(it);
     RecordError(err, attempt);
   }
   done_.SignalAll();
+  work_.Signal();  // the flusher may have waited for the batch to end
   BatchHook hook = hook_;
   void* opaque = hook_opaque_;
   mu_.Unlock();
@@ -311,10 +341,7 @@ void WriteBack::RunBatch(Trigger why) {
   plan.clear();
   mu_.Lock();
   last_work_ = Clock::now();
-  if (retiring_) {
-    retiring_ = false;
-    done_.SignalAll();
-  }
+  if (err == 0 && --retiring_ == 0) done_.SignalAll();
   if (hook != nullptr) {
     mu_.Unlock();
     hook(opaque, why, requests, bytes, plugin_writes, us, err);
@@ -331,13 +358,13 @@ void WriteBack::ReleaseIdleMemory() {
 #endif
 }
 
-// Runs on the batch's thread without mu_: readers only read flushing_, and
-// only the thread running the batch (batch_running_) changes it, so
-// iterating it here races with nothing.
-std::vector<DirtyRange> WriteBack::PlanBatch() const {
+// Runs on the batch's thread without mu_: other threads only read b.map,
+// and only the thread running the batch changes it, so iterating it here
+// races with nothing.
+std::vector<DirtyRange> WriteBack::PlanBatch(const Batch& b) {
   std::vector<DirtyRange> plan;
-  plan.reserve(flushing_.size());
-  for (const DirtyRange& r : flushing_) plan.push_back(r);
+  plan.reserve(b.map.size());
+  for (const DirtyRange& r : b.map) plan.push_back(r);
   return plan;
 }
 
@@ -346,6 +373,14 @@ bool WriteBack::PluginFlushDue() const {
   if (flushes_in_flight_ == 0) return true;
   // One in flight already covers every request: wait for it.
   if (newest_flush_seq_ >= flush_req_seq_ && newest_flush_gen_ >= flush_req_gen_) return false;
+  return flushes_in_flight_ < kFlushThreads;
+}
+
+bool WriteBack::PluginFlushDueFor(uint64_t seq, uint64_t gen) const {
+  if ((flushed_seq_ >= seq && flushed_gen_ >= gen) || written_seq_ < seq) return false;
+  if (flushes_in_flight_ == 0) return true;
+  // One in flight already covers this waiter: wait for it.
+  if (newest_flush_seq_ >= seq && newest_flush_gen_ >= gen) return false;
   return flushes_in_flight_ < kFlushThreads;
 }
 
@@ -420,7 +455,7 @@ Leftover WriteBack::Stop(milliseconds limit) {
   bool buffered;
   {
     MutexLock l(&mu_);
-    buffered = !active_.empty() || !flushing_.empty() || FlushPending();
+    buffered = !active_.empty() || !batches_.empty() || FlushPending();
   }
   if (buffered && limit.count() > 0) FlushUntil(limit, Trigger::kShutdown);
   {
@@ -440,9 +475,13 @@ Leftover WriteBack::Stop(milliseconds limit) {
   stopped_ = true;
   done_.SignalAll();
   Leftover left;
-  active_.InsertUnder(std::move(flushing_));
-  flushing_ = DirtyMap();
-  left.requests = active_requests_ + flushing_requests_;
+  left.requests = active_requests_;
+  for (Batch& b : batches_) {  // none once client requests have ended
+    active_.InsertUnder(std::move(b.map));
+    left.requests += b.requests;
+  }
+  batches_.clear();
+  batch_data_bytes_ = 0;
   left.bytes = active_.total_bytes();
   // An error is worth reporting only if something is left because of it.
   if (!active_.empty() || FlushPending()) left.error = last_error_ ? last_error_ : EIO;
@@ -483,22 +522,30 @@ void WriteBack::SetBatchHook(BatchHook hook, void* opaque) {
 }
 
 uint64_t WriteBack::MemoryBytesLocked() const {
-  return account_.used() + active_.index_bytes() + flushing_.index_bytes();
+  uint64_t n = account_.used() + active_.index_bytes();
+  for (const Batch& b : batches_) n += b.map.index_bytes();
+  return n;
+}
+
+uint64_t WriteBack::QueuedRequestsLocked() const {
+  uint64_t n = active_requests_;
+  for (const Batch& b : batches_) n += b.requests;
+  return n;
 }
 
 uint64_t WriteBack::queued_requests() {
   MutexLock l(&mu_);
-  return active_requests_ + flushing_requests_;
+  return QueuedRequestsLocked();
 }
 
 uint64_t WriteBack::queued_bytes() {
   MutexLock l(&mu_);
-  return active_.data_bytes() + flushing_.data_bytes();
+  return active_.data_bytes() + batch_data_bytes_;
 }
 
 uint64_t WriteBack::memory_bytes() {
   MutexLock l(&mu_);
-  while (retiring_) done_.Wait();
+  while (retiring_ > 0) done_.Wait();
   return MemoryBytesLocked();
 }
 
@@ -509,7 +556,16 @@ uint32_t WriteBack::threshold() {
 
 std::string WriteBack::DebugString() {
   MutexLock l(&mu_);
-  return active_.ToString() + " | " + flushing_.ToString();
+  // "active | batch", or with several batches running "active | b1 | b2".
+  std::string s = active_.ToString();
+  s += " | ";
+  bool first = true;
+  for (const Batch& b : batches_) {
+    if (!first) s += " | ";
+    first = false;
+    s += b.map.ToString();
+  }
+  return s;
 }
 
 CounterList WriteBack::Stats() {
@@ -517,20 +573,24 @@ CounterList WriteBack::Stats() {
   auto add = [&c](const char* k, uint64_t v) { c.emplace_back(k, std::to_string(v)); };
   {
     MutexLock l(&mu_);
-    while (retiring_) done_.Wait();
+    while (retiring_ > 0) done_.Wait();
+    uint64_t total = active_.total_bytes();
+    auto since = active_.empty() ? Clock::time_point::max() : active_since_;
+    for (const Batch& b : batches_) {
+      total += b.map.total_bytes();
+      since = std::min(since, b.since);
+    }
+    const uint64_t data = active_.data_bytes() + batch_data_bytes_;
     add("threshold", threshold_);
     add("paused", paused_ ? 1 : 0);
-    add("queued_requests", active_requests_ + flushing_requests_);
-    add("queued_bytes", active_.data_bytes() + flushing_.data_bytes());
-    add("queued_zero_bytes", active_.total_bytes() + flushing_.total_bytes() -
-                                 active_.data_bytes() - flushing_.data_bytes());
+    add("queued_requests", QueuedRequestsLocked());
+    add("queued_bytes", data);
+    add("queued_zero_bytes", total - data);
     add("memory_bytes", MemoryBytesLocked());
     add("pooled_bytes", account_.pooled());
     uint64_t age = 0;
-    if (!flushing_.empty() || !active_.empty()) {
-      auto since = flushing_.empty() ? active_since_ : flushing_since_;
+    if (since != Clock::time_point::max())
       age = static_cast<uint64_t>(duration_cast<milliseconds>(Clock::now() - since).count());
-    }
     add("oldest_dirty_age_ms", age);
   }
   auto get = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };

@@ -8,8 +8,11 @@
 //    still arriving join the batch), when the oldest is `max_age` old, when
 //    a writer waits for room, and when Flush() asks.  While it writes one
 //    batch ("flushing"), new requests go to the next ("active").  A caller
-//    of Flush() (or a FUA or write-through request) that finds no batch
-//    running writes the batch, and then the plugin flush, in its own thread.
+//    of Flush() (or a FUA or write-through request) whose requests are still
+//    in the active set writes that batch, and then the plugin flush, in its
+//    own thread, alongside batches already running if their ranges are
+//    disjoint from it (so the plugin never sees two writes of one byte in
+//    flight at once).
 //  - Flush(): when it returns 0, everything buffered before the call is in
 //    the Sink and the Sink was flushed.  Requests made meanwhile do not wait.
 //    A FUA request is buffered, then flushed before it returns.
@@ -30,6 +33,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <list>
 #include <string>
 #include <thread>
 
@@ -115,19 +119,34 @@ class WriteBack {
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
-  // Runs a batch unless one is running (batch_running_ is its token); the
-  // flusher and flushing clients both may.
-  void RunBatchExclusive(Trigger why) REQUIRES(mu_);
+  // A batch being written: the active set as it was taken.
+  struct Batch {
+    // Changed only by the thread running the batch, under mu_; so that
+    // thread alone may also read it without mu_ (PlanBatch).
+    DirtyMap map;
+    uint64_t requests = 0;
+    uint64_t min_seq = 0;  // its oldest request
+    Clock::time_point since;  // when that request came
+  };
+  // Whether active_ may become a batch now: none is running, or the ones
+  // running are few and share no byte with it.
+  bool CanStartBatch() const REQUIRES(mu_);
+  // Takes active_ as a new batch and writes it; the flusher and flushing
+  // clients both may.
   void RunBatch(Trigger why) REQUIRES(mu_);
+  // written_seq_ from what is still unwritten.
+  void UpdateWrittenSeq() REQUIRES(mu_);
   // A waiter's own step towards seq (a batch or a plugin flush); false if
   // there is nothing it can do now.
-  bool RunHere(uint64_t seq, bool flush) REQUIRES(mu_);
-  // The flusher's copy of flushing_, made without mu_ (see the .cpp).
-  std::vector<DirtyRange> PlanBatch() const NO_THREAD_SAFETY_ANALYSIS;
+  bool RunHere(uint64_t seq, uint64_t gen, bool flush) REQUIRES(mu_);
+  // The running thread's copy of its batch, made without mu_ (see the .cpp).
+  static std::vector<DirtyRange> PlanBatch(const Batch& b) NO_THREAD_SAFETY_ANALYSIS;
   struct FlushJob {
     uint64_t seq, gen, attempt;
   };
   bool PluginFlushDue() const REQUIRES(mu_);
+  // Whether a waiter for (seq, gen) should start a plugin flush itself.
+  bool PluginFlushDueFor(uint64_t seq, uint64_t gen) const REQUIRES(mu_);
   FlushJob NewFlushJob() REQUIRES(mu_);
   void StartPluginFlush() REQUIRES(mu_);        // on a plugin flush thread
   void RunFlushJob(const FlushJob& job) REQUIRES(mu_);  // here
@@ -136,6 +155,7 @@ class WriteBack {
   void WakeForRoom() EXCLUDES(mu_);
   void ReleaseIdleMemory() EXCLUDES(mu_);
   uint64_t MemoryBytesLocked() const REQUIRES(mu_);
+  uint64_t QueuedRequestsLocked() const REQUIRES(mu_);
 
   // Constant after construction.
   Sink* const sink_;
@@ -149,13 +169,17 @@ class WriteBack {
   CondVar done_{&mu_};  // wakes Flush() and write-through waiters
   CondVar flush_wake_{&mu_};  // wakes the plugin flush thread
   DirtyMap active_ GUARDED_BY(mu_);
-  // Changed only by the thread running a batch (batch_running_), under
-  // mu_; so that thread alone may also read it without mu_ (PlanBatch).
-  DirtyMap flushing_ GUARDED_BY(mu_);
+  // Batches being written, oldest first; pairwise disjoint.  Nodes stay
+  // put while others come and go, so a running thread's Batch& stays valid.
+  std::list<Batch> batches_ GUARDED_BY(mu_);
+  static constexpr size_t kMaxBatches = 4;
+  // A batch starts beside running ones only if active_ has at most this
+  // many ranges (the disjointness check is done under mu_).
+  static constexpr size_t kMaxCheckedRanges = 256;
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
-  uint64_t flushing_requests_ GUARDED_BY(mu_) = 0;
-  Clock::time_point active_since_ GUARDED_BY(mu_);  // oldest request in active_
-  Clock::time_point flushing_since_ GUARDED_BY(mu_);
+  uint64_t active_min_seq_ GUARDED_BY(mu_) = 0;  // oldest request in active_
+  uint64_t batch_data_bytes_ GUARDED_BY(mu_) = 0;  // data bytes in batches_
+  Clock::time_point active_since_ GUARDED_BY(mu_);  // when it came
   Clock::time_point last_work_ GUARDED_BY(mu_);  // end of the last batch
   Clock::time_point threshold_at_ GUARDED_BY(mu_);  // when active_ reached threshold_
   uint32_t threshold_ GUARDED_BY(mu_);
@@ -164,14 +188,14 @@ class WriteBack {
   bool kick_ GUARDED_BY(mu_) = false;      // a fresh request skips the backoff
   bool stopping_ GUARDED_BY(mu_) = false;
   bool stopped_ GUARDED_BY(mu_) = false;
-  bool batch_running_ GUARDED_BY(mu_) = false;
-  // A written batch is being freed outside mu_: Stats() waits, so that it
+  // Written batches being freed outside mu_: Stats() waits, so that it
   // never reports queued bytes gone while their memory is still held.
-  bool retiring_ GUARDED_BY(mu_) = false;
+  unsigned retiring_ GUARDED_BY(mu_) = 0;
   Trigger pending_why_ GUARDED_BY(mu_) = Trigger::kClient;
 
   // Epochs.  Every buffered request gets seq = ++last_seq_.  Requests up to
-  // written_seq_ are in the Sink; up to flushed_seq_ they are also flushed.
+  // written_seq_ are in the Sink (it is one below the oldest request still
+  // in a batch or in active_); up to flushed_seq_ they are also flushed.
   // write_gen_ counts completed Sink writes (batches and write-throughs);
   // flushed_gen_ is the write_gen_ a successful Sink flush covered.
   uint64_t last_seq_ GUARDED_BY(mu_) = 0;
@@ -203,7 +227,7 @@ class WriteBack {
   BatchHook hook_ GUARDED_BY(mu_) = nullptr;
   void* hook_opaque_ GUARDED_BY(mu_) = nullptr;
 
-  BatchWriter batch_writer_;  // used by the thread running a batch only
+  BatchWriter batch_writer_;  // used by threads running batches
   std::thread flusher_;
   std::thread plugin_flushers_[kFlushThreads];
 };

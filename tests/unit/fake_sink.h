@@ -21,7 +21,7 @@ class FakeSink : public Sink {
     std::unique_lock<std::mutex> l(mu_);
     ++writes_started_;
     cv_.notify_all();
-    cv_.wait(l, [this] { return !held_; });
+    cv_.wait(l, [&] { return !held_ && !(hold_at_set_ && offset == hold_at_); });
     if (int e = Injected(fail_)) return e;
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     std::memcpy(disk_.data() + offset, buf, count);
@@ -66,6 +66,19 @@ class FakeSink : public Sink {
     {
       std::lock_guard<std::mutex> l(mu_);
       held_ = false;
+    }
+    cv_.notify_all();
+  }
+  // Only writes that start at `offset` wait, until ReleaseAt().
+  void HoldAt(uint64_t offset) {
+    std::lock_guard<std::mutex> l(mu_);
+    hold_at_set_ = true;
+    hold_at_ = offset;
+  }
+  void ReleaseAt() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      hold_at_set_ = false;
     }
     cv_.notify_all();
   }
@@ -161,7 +174,8 @@ class FakeSink : public Sink {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint8_t> disk_;
-  bool held_ = false, flush_held_ = false;
+  bool held_ = false, flush_held_ = false, hold_at_set_ = false;
+  uint64_t hold_at_ = 0;
   uint64_t flushes_started_ = 0, flushes_allowed_ = 0;
   int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
   uint64_t fail_next_ = 0, injected_ = 0, fail_from_ = 0;

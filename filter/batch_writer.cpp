@@ -74,16 +74,12 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
       wait_frac_ = wait_frac_ >= kLatencyBound ? waiting : 0.7 * wait_frac_ + 0.3 * waiting;
     }
   }
-  bool latency_bound;
-  {
-    std::lock_guard<std::mutex> l(probe_mu_);
-    latency_bound = wait_frac_ >= kLatencyBound;
-  }
+  const bool waiting = latency_bound();
   const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
   // Borrow idle helpers; each is woken through its own semaphore (no herd
   // on one lock), and the last one to finish wakes this thread.
   std::vector<Worker*> helpers;
-  if (latency_bound && job.error.load() == 0 && left > 1) {
+  if (waiting && job.error.load() == 0 && left > 1) {
     std::lock_guard<std::mutex> l(idle_mu_);
     const size_t n = std::min(idle_.size(), left - 1);
     helpers.assign(idle_.end() - static_cast<std::ptrdiff_t>(n), idle_.end());
@@ -98,6 +94,11 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   if (!helpers.empty()) job.done.acquire();
   *plugin_writes += job.calls.load();
   return job.error.load();
+}
+
+bool BatchWriter::latency_bound() const {
+  std::lock_guard<std::mutex> l(probe_mu_);
+  return wait_frac_ >= kLatencyBound;
 }
 
 uint8_t* BatchWriter::AcquireBounce() {

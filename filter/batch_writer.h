@@ -43,6 +43,10 @@ class BatchWriter {
   int Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
             uint64_t* plugin_writes);
 
+  // Whether the plugin's requests were last found to mostly wait (so that
+  // more of them in flight, in this batch or beside it, help).
+  bool latency_bound() const;
+
  private:
   struct Op {
     size_t first, last;  // plan[first, last), coalesced
@@ -85,7 +89,7 @@ class BatchWriter {
 
   Sink* const sink_;
   const uint64_t max_write_;
-  std::mutex probe_mu_;
+  mutable std::mutex probe_mu_;
   // Smoothed share of a request's wall time spent waiting (probe_mu_).
   // Starts latency-bound, so that a slow plugin's first batch is parallel.
   double wait_frac_ = 1.0;

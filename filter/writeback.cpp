@@ -158,9 +158,10 @@ bool WriteBack::RunHere(uint64_t seq, uint64_t gen, bool flush) {
 bool WriteBack::CanStartBatch() const {
   if (batches_.empty()) return true;
   // With flush_before_release a batch's plugin flush must cover exactly the
-  // batches before it: one at a time.
+  // batches before it: one at a time.  A plugin whose requests are
+  // CPU-bound gains nothing from more of them at once (BatchWriter).
   if (opts_.flush_before_release || batches_.size() >= kMaxBatches ||
-      active_.size() > kMaxCheckedRanges)
+      active_.size() > kMaxCheckedRanges || !batch_writer_.latency_bound())
     return false;
   for (const DirtyRange& r : active_)
     for (const Batch& b : batches_)

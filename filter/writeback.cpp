@@ -132,8 +132,16 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
     // The caller does the work itself when nobody else is at it: handing
     // the batch and the plugin flush to other threads and waiting to be
     // woken costs several context switches per client flush, which is most
-    // of a flush's cost on a fast plugin.
-    if (!RunHere(seq, gen, flush)) done_.Wait();
+    // of a flush's cost on a fast plugin.  Not on a disconnect: that thread's
+    // connection is closing, and nbdkit aborts plugin calls made from it
+    // that wait (nbdkit_nanosleep, as in the delay filter, fails with
+    // ESHUTDOWN); the flusher writes for it.
+    if (why == Trigger::kDisconnect) {
+      work_.Signal();
+      done_.Wait();
+    } else if (!RunHere(seq, gen, flush)) {
+      done_.Wait();
+    }
   }
   return 0;
 }

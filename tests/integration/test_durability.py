@@ -60,6 +60,38 @@ def main():
         h2.shutdown()
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
 
+    # 4. Disconnect over a plugin whose requests wait (the delay filter):
+    # the write-back for a closing connection must not run in that
+    # connection's thread, where nbdkit aborts the delay's sleep with
+    # ESHUTDOWN; no plugin error may be recorded, and the data must land.
+    tmp2 = tempfile.mkdtemp(prefix="sdc-durable-slow-")
+    img2 = sdctest.make_image(tmp2, 4 << 20)
+    ctl = tmp2 + "/ctl.sock"
+    with sdctest.start_server(["file", img2, "delay-write=1ms"],
+                              ["threshold=1000", "max-age=1h", "control=" + ctl],
+                              under=["delay"], tmpdir=tmp2) as srv:
+        blocks = {}
+        for round_ in range(3):
+            h = srv.connect()
+            for i in range(64):
+                off = ((round_ * 64 + i) * 7919 % 1024) * BLOCK
+                blocks[off] = bytes([0x30 + round_]) * BLOCK
+                h.pwrite(blocks[off], off)
+            h.shutdown()
+        h = srv.connect()
+        h.flush()
+        h.shutdown()
+        stats = sdctest.control_stats(ctl)
+        sdctest.check(stats["flush_errors"] == "0" and stats["last_error"] == "none",
+                      "plugin errors during disconnect write-back: flush_errors=%s last_error=%s"
+                      % (stats["flush_errors"], stats["last_error"]))
+        for off, d in blocks.items():
+            sdctest.check(sdctest.disk_read(img2, off, BLOCK) == d,
+                          "block at %d not in the file after disconnects and a flush" % off)
+        sdctest.check("aborting sleep" not in srv.log_text(),
+                      "a plugin call from a closing connection was aborted:\n" + srv.log_text())
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+
 
 if __name__ == "__main__":
     main()

@@ -241,60 +241,66 @@ TEST(WriteBackTest, FlushThatStartedEarlierDoesNotCoverLaterWrites) {
   EXPECT_EQ(sink.Disk()[1], 'b');
 }
 
-// Lets held writes go when a test ends early (declared after the futures
-// that wait for them, so it runs first).
+// Lets held writes go when a test ends early.
 struct ReleaseAtOnExit {
   FakeSink& sink;
   ~ReleaseAtOnExit() { sink.ReleaseAt(); }
+};
+
+// A client flush whose batch ("a" at offset 0) is held in the plugin; a
+// test then buffers more and sends a second flush.  Members go in reverse
+// order: the guard lets the held write go before the futures wait for it.
+struct HeldBatch {
+  FakeSink sink{kDisk};
+  WriteBack wb{&sink, Opts(1000)};
+  std::future<int> first, second;
+  ReleaseAtOnExit release{sink};
+  HeldBatch() {
+    EXPECT_EQ(wb.Write("a", 1, 0, false), 0);
+    sink.HoldAt(0);
+    first = std::async(std::launch::async, [this] { return wb.Flush(Trigger::kClient); });
+    sink.AwaitWritesStarted(1);
+  }
+  void FlushAgain() {
+    second = std::async(std::launch::async, [this] { return wb.Flush(Trigger::kClient); });
+  }
 };
 
 // A flush whose requests share no byte with the batch in the plugin writes
 // them at once, beside it, instead of queueing behind it; neither flush
 // returns before everything it covers is written.
 TEST(WriteBackTest, DisjointBatchRunsBesideAHeldOne) {
-  FakeSink sink(kDisk);
-  WriteBack wb(&sink, Opts(1000));
-  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
-  std::future<int> first, second;
-  ReleaseAtOnExit release{sink};
-  sink.HoldAt(0);
-  first = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  sink.AwaitWritesStarted(1);
-  ASSERT_EQ(wb.Write("b", 1, 4096, false), 0);
-  second = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  HeldBatch t;
+  FakeSink& sink = t.sink;
+  ASSERT_EQ(t.wb.Write("b", 1, 4096, false), 0);
+  t.FlushAgain();
   ASSERT_TRUE(sink.WritesStartWithin(2, std::chrono::seconds(10)));
   sink.AwaitWrites(1);
   EXPECT_EQ(sink.Disk()[4096], 'b');
   EXPECT_EQ(sink.Disk()[0], 0);
-  EXPECT_EQ(first.wait_for(milliseconds(0)), std::future_status::timeout);
-  EXPECT_EQ(second.wait_for(milliseconds(0)), std::future_status::timeout);
-  EXPECT_EQ(ReadThrough(wb, sink, 0, 1), "a");
+  EXPECT_EQ(t.first.wait_for(milliseconds(0)), std::future_status::timeout);
+  EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
+  EXPECT_EQ(ReadThrough(t.wb, sink, 0, 1), "a");
   sink.ReleaseAt();
-  EXPECT_EQ(first.get(), 0);
-  EXPECT_EQ(second.get(), 0);
+  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_EQ(t.second.get(), 0);
   EXPECT_EQ(sink.Disk()[0], 'a');
-  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(t.wb.queued_requests(), 0u);
 }
 
 // A batch that shares a byte with the one in the plugin waits for it: the
 // plugin never has two writes of one byte in flight, so the newer lands last.
 TEST(WriteBackTest, OverlappingBatchWaitsForTheOneInFlight) {
-  FakeSink sink(kDisk);
-  WriteBack wb(&sink, Opts(1000));
-  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
-  std::future<int> first, second;
-  ReleaseAtOnExit release{sink};
-  sink.HoldAt(0);
-  first = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  sink.AwaitWritesStarted(1);
-  ASSERT_EQ(wb.Write("bc", 2, 0, false), 0);
-  second = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  HeldBatch t;
+  FakeSink& sink = t.sink;
+  ASSERT_EQ(t.wb.Write("bc", 2, 0, false), 0);
+  t.FlushAgain();
   EXPECT_FALSE(sink.WritesStartWithin(2, milliseconds(200)));
-  EXPECT_EQ(ReadThrough(wb, sink, 0, 2), "bc");
+  EXPECT_EQ(ReadThrough(t.wb, sink, 0, 2), "bc");
   sink.ReleaseAt();
-  EXPECT_EQ(first.get(), 0);
-  EXPECT_EQ(second.get(), 0);
-  EXPECT_EQ(ReadThrough(wb, sink, 0, 2), "bc");
+  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_EQ(t.second.get(), 0);
+  EXPECT_EQ(ReadThrough(t.wb, sink, 0, 2), "bc");
   EXPECT_EQ(sink.Disk()[0], 'b');
 }
 
@@ -302,22 +308,17 @@ TEST(WriteBackTest, OverlappingBatchWaitsForTheOneInFlight) {
 // its data goes back under newer writes, its flush fails, and the next
 // flush writes it.
 TEST(WriteBackTest, OlderBatchFailingBesideANewerOneIsKept) {
-  FakeSink sink(kDisk);
-  WriteBack wb(&sink, Opts(1000));
-  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
-  std::future<int> first, second;
-  ReleaseAtOnExit release{sink};
-  sink.HoldAt(0);
-  first = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  sink.AwaitWritesStarted(1);
+  HeldBatch t;
+  FakeSink& sink = t.sink;
+  WriteBack& wb = t.wb;
   ASSERT_EQ(wb.Write("b", 1, 4096, false), 0);
-  second = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  t.FlushAgain();
   ASSERT_TRUE(sink.WritesStartWithin(2, std::chrono::seconds(10)));
   sink.AwaitWrites(1);  // "b" is in the plugin
   sink.FailFrom(0, EIO);
   sink.ReleaseAt();     // "a" fails
-  EXPECT_EQ(first.get(), EIO);
-  EXPECT_EQ(second.get(), EIO);
+  EXPECT_EQ(t.first.get(), EIO);
+  EXPECT_EQ(t.second.get(), EIO);
   EXPECT_EQ(ReadThrough(wb, sink, 0, 1), "a");
   ASSERT_EQ(wb.Write("c", 1, 1, false), 0);  // newer, beside the kept "a"
   sink.FailFrom(0, 0);

@@ -422,12 +422,15 @@ void WriteBack::RunFlushJob(const FlushJob& job) {
   work_.Signal();  // the flusher may start the next flush
 }
 
-// Plugin flushes the flusher starts run on these threads, so that it can
-// write the next batch meanwhile, and several may be in flight: a client
-// that flushes often (fio's fsync=N, a database's commits) then waits for
-// its batch and one flush, not for earlier flushes as well.  A flush covers
-// the writes that completed before it started (FlushJob), which is all NBD
-// promises.
+// Plugin flushes the flusher starts run on this thread, so that it can
+// write the next batch meanwhile.  One plugin flush is in flight at a time:
+// waiters it does not cover wait for it, and the next one covers all of
+// them (group commit).  Several at once (4 until 2026-11-22) measured
+// slower on ext4, where concurrent fdatasync calls each wait for their own
+// journal commit: fio randwrite QD16 fsync=32 over delay-write=1ms, fresh
+// sparse image, 4 interleaved runs: 10,015 IOPS median with 4 in flight,
+// 12,139 with 1 (no filter: 7,676).  A flush covers the writes that
+// completed before it started (FlushJob), which is all NBD promises.
 void WriteBack::PluginFlushLoop() {
   MutexLock l(&mu_);
   while (true) {

@@ -217,7 +217,8 @@ class WriteBack {
 
   // Plugin flushes started and not finished (on plugin_flushers_ or in a
   // waiting client's thread): what each covers and its attempt number.
-  static constexpr unsigned kFlushThreads = 4;
+  // One at a time (group commit, see PluginFlushLoop).
+  static constexpr unsigned kFlushThreads = 1;
   std::deque<FlushJob> flush_jobs_ GUARDED_BY(mu_);  // not yet picked up
   unsigned flushes_in_flight_ GUARDED_BY(mu_) = 0;    // queued or running
   uint64_t newest_flush_seq_ GUARDED_BY(mu_) = 0;     // of the last started

@@ -206,17 +206,19 @@ struct TwoFlushes {
 };
 
 // A client flush waits for its batch and one plugin flush; the next batch
-// is written, and the next plugin flush started, while an earlier plugin
-// flush is still running.
-TEST(WriteBackTest, NextBatchAndFlushRunWhileAPluginFlushIsInFlight) {
+// is written while that plugin flush is still running, and the next plugin
+// flush starts when it ends (one at a time: group commit).
+TEST(WriteBackTest, NextBatchRunsWhileAPluginFlushIsInFlight) {
   TwoFlushes t;
-  t.sink.AwaitWrites(2);          // "b" reached the plugin during the first flush
-  t.sink.AwaitFlushesStarted(2);  // and its own flush started beside it
+  t.sink.AwaitWrites(2);  // "b" reached the plugin during the first flush
   EXPECT_EQ(t.sink.Disk()[1], 'b');
   EXPECT_EQ(t.first.wait_for(milliseconds(0)), std::future_status::timeout);
   EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
-  t.sink.ReleaseFlush();
+  t.sink.ReleaseFlushes(1);
   EXPECT_EQ(t.first.get(), 0);
+  t.sink.AwaitFlushesStarted(2);  // the second waiter's own plugin flush
+  EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
+  t.sink.ReleaseFlush();
   EXPECT_EQ(t.second.get(), 0);
   EXPECT_EQ(t.sink.flushes(), 2u);
 }
@@ -228,9 +230,10 @@ TEST(WriteBackTest, FlushThatStartedEarlierDoesNotCoverLaterWrites) {
   TwoFlushes t;
   FakeSink& sink = t.sink;
   WriteBack& wb = t.wb;
-  sink.AwaitFlushesStarted(2);
+  sink.AwaitWrites(2);
   sink.ReleaseFlushes(1);  // the first plugin flush succeeds
   EXPECT_EQ(t.first.get(), 0);
+  sink.AwaitFlushesStarted(2);
   EXPECT_EQ(t.second.wait_for(milliseconds(50)), std::future_status::timeout);
   sink.FailFlush(EIO);
   sink.ReleaseFlushes(1);  // the second fails

@@ -378,11 +378,7 @@ std::vector<DirtyRange> WriteBack::PlanBatch(const Batch& b) {
 }
 
 bool WriteBack::PluginFlushDue() const {
-  if (!FlushPending() || written_seq_ < flush_req_seq_) return false;
-  if (flushes_in_flight_ == 0) return true;
-  // One in flight already covers every request: wait for it.
-  if (newest_flush_seq_ >= flush_req_seq_ && newest_flush_gen_ >= flush_req_gen_) return false;
-  return flushes_in_flight_ < kFlushThreads;
+  return PluginFlushDueFor(flush_req_seq_, flush_req_gen_);  // the newest waiter's
 }
 
 bool WriteBack::PluginFlushDueFor(uint64_t seq, uint64_t gen) const {

@@ -144,8 +144,9 @@ class WriteBack {
   struct FlushJob {
     uint64_t seq, gen, attempt;
   };
+  // Whether the flusher should start a plugin flush for the waiters.
   bool PluginFlushDue() const REQUIRES(mu_);
-  // Whether a waiter for (seq, gen) should start a plugin flush itself.
+  // Whether a plugin flush for a waiter of (seq, gen) should start now.
   bool PluginFlushDueFor(uint64_t seq, uint64_t gen) const REQUIRES(mu_);
   FlushJob NewFlushJob() REQUIRES(mu_);
   void StartPluginFlush() REQUIRES(mu_);        // on a plugin flush thread

@@ -22,11 +22,12 @@ BatchWriter::~BatchWriter() {
 }
 
 int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
-                       uint64_t* plugin_writes) {
+                       uint64_t* plugin_writes, const OnWritten& on_written) {
   written->assign(plan.size(), 0);
   Job job;
   job.plan = &plan;
   job.written = written;
+  if (on_written) job.on_written = &on_written;
   for (size_t i = 0; i < plan.size();) {
     size_t j = i + 1;
     // Only small ranges are joined: the copy into the bounce buffer costs
@@ -65,14 +66,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     const double wall0 = NowUs(CLOCK_MONOTONIC), cpu0 = NowUs(CLOCK_THREAD_CPUTIME_ID);
     job.next_op.store(1);
     RunOne(&job, 0);
-    const double wall = NowUs(CLOCK_MONOTONIC) - wall0;
-    const double cpu = NowUs(CLOCK_THREAD_CPUTIME_ID) - cpu0;
-    if (wall > 0) {
-      const double waiting = std::clamp(1.0 - cpu / wall, 0.0, 1.0);
-      std::lock_guard<std::mutex> l(probe_mu_);
-      // A latency-bound plugin is probed seldom: trust each probe fully.
-      wait_frac_ = wait_frac_ >= kLatencyBound ? waiting : 0.7 * wait_frac_ + 0.3 * waiting;
-    }
+    RecordProbe(NowUs(CLOCK_MONOTONIC) - wall0, NowUs(CLOCK_THREAD_CPUTIME_ID) - cpu0);
   }
   const bool waiting = latency_bound();
   const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
@@ -94,6 +88,21 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   if (!helpers.empty()) job.done.acquire();
   *plugin_writes += job.calls.load();
   return job.error.load();
+}
+
+void BatchWriter::RecordProbe(double wall_us, double cpu_us) {
+  if (wall_us <= 0) return;
+  const double waiting = std::clamp(1.0 - cpu_us / wall_us, 0.0, 1.0);
+  std::lock_guard<std::mutex> l(probe_mu_);
+  // A latency-bound plugin is probed seldom: trust each probe fully.
+  wait_frac_ = wait_frac_ >= kLatencyBound ? waiting : 0.7 * wait_frac_ + 0.3 * waiting;
+}
+
+int BatchWriter::WriteTimed(const void* buf, uint32_t count, uint64_t offset, bool fua) {
+  const double wall0 = NowUs(CLOCK_MONOTONIC), cpu0 = NowUs(CLOCK_THREAD_CPUTIME_ID);
+  const int err = sink_->Write(buf, count, offset, fua);
+  if (err == 0) RecordProbe(NowUs(CLOCK_MONOTONIC) - wall0, NowUs(CLOCK_THREAD_CPUTIME_ID) - cpu0);
+  return err;
 }
 
 bool BatchWriter::latency_bound() const {
@@ -154,6 +163,7 @@ void BatchWriter::RunOne(Job* job, size_t i) {
     return;
   }
   for (size_t k = op.first; k < op.last; ++k) (*job->written)[k] = 1;
+  if (job->on_written != nullptr) (*job->on_written)(op.first, op.last);
 }
 
 double BatchWriter::NowUs(clockid_t clock) {

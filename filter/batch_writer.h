@@ -18,6 +18,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <semaphore>
@@ -38,14 +39,23 @@ class BatchWriter {
   BatchWriter(const BatchWriter&) = delete;
   BatchWriter& operator=(const BatchWriter&) = delete;
 
+  // Called, on whichever thread wrote them, as soon as plan[first, last)
+  // have reached the Sink (before Write returns).
+  using OnWritten = std::function<void(size_t first, size_t last)>;
+
   // Writes `plan`.  Returns 0, or the first errno (requests not yet started
   // are then skipped).  (*written)[i] says whether plan[i] reached the Sink.
   int Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
-            uint64_t* plugin_writes);
+            uint64_t* plugin_writes, const OnWritten& on_written = nullptr);
 
   // Whether the plugin's requests were last found to mostly wait (so that
   // more of them in flight, in this batch or beside it, help).
   bool latency_bound() const;
+
+  // One plugin write from the caller's thread, timed like a batch's probe
+  // (so that a plugin that turns slow is noticed while every write goes
+  // straight to it).
+  int WriteTimed(const void* buf, uint32_t count, uint64_t offset, bool fua);
 
  private:
   struct Op {
@@ -57,6 +67,7 @@ class BatchWriter {
     const std::vector<DirtyRange>* plan = nullptr;
     std::vector<Op> ops;
     std::vector<char>* written = nullptr;
+    const OnWritten* on_written = nullptr;
     std::atomic<size_t> next_op{0};
     std::atomic<int> error{0};
     std::atomic<uint64_t> calls{0};
@@ -80,6 +91,8 @@ class BatchWriter {
   void RunOne(Job* job, size_t i);  // op i, recording success or the first error
   int RunOp(Job* job, const Op& op);
   static double NowUs(clockid_t clock);
+  // Folds one timed request into wait_frac_.
+  void RecordProbe(double wall_us, double cpu_us);
 
   // A request that spends at least this share of its time off the CPU is
   // latency-bound (see Write()).

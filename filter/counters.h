@@ -39,6 +39,7 @@ struct Counters {
   std::atomic<uint64_t> bytes_flushed{0};
   std::atomic<uint64_t> plugin_writes{0};
   std::atomic<uint64_t> writethrough_requests{0};
+  std::atomic<uint64_t> bypass_writes{0};
   std::array<std::atomic<uint64_t>, static_cast<size_t>(Trigger::kCount)> by_trigger{};
   std::atomic<uint64_t> flush_errors{0};
   std::atomic<int> last_error{0};

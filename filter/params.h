@@ -11,6 +11,7 @@ struct Params {
   uint32_t threshold = 32;
   uint32_t writeback_threads = 64;
   uint64_t queue_max_size = 64ull << 20;
+  uint32_t bypass_min = 64 * 1024;  // 0: never
   std::chrono::milliseconds max_age{30000};
   std::chrono::milliseconds shutdown_timeout{30000};
   std::string statsfile;

@@ -45,6 +45,7 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   // enough that plugins see few requests for sequential data.
   opts.max_plugin_write = std::min<uint32_t>(cache->sink->max_write(), kMaxCoalesce);
   opts.write_threads = params_.writeback_threads;
+  opts.bypass_min = params_.bypass_min;
   // Other connections read through their own contexts: without multi-conn
   // consistency, only a plugin flush makes our writes visible to them.
   opts.flush_before_release = !cache->sink->multi_conn();
@@ -52,11 +53,11 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   cache->writeback->SetBatchHook(OnBatch, stats_file_);
   if (paused_) cache->writeback->Pause();
   nbdkit_debug("sdccache: export '%s': threshold=%u queue-max-size=%llu max-age=%lldms "
-               "max-plugin-write=%u multi-conn=%d",
+               "max-plugin-write=%u bypass-min=%u multi-conn=%d",
                name.c_str(), opts.threshold,
                static_cast<unsigned long long>(opts.queue_max_bytes),
                static_cast<long long>(opts.max_age.count()), opts.max_plugin_write,
-               cache->sink->multi_conn());
+               opts.bypass_min, cache->sink->multi_conn());
   ExportCache* raw = cache.get();
   exports_.emplace(name, std::move(cache));
   return raw;

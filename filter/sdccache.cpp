@@ -114,6 +114,19 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
     p.queue_max_size = static_cast<uint64_t>(n);
     return 0;
   }
+  if (k == "bypass-min") {
+    int64_t n = nbdkit_parse_size(value);
+    if (n == -1) {
+      nbdkit_error("bypass-min: could not parse size '%s'", value);
+      return -1;
+    }
+    if (n != 0 && (n < 4096 || n > INT32_MAX)) {
+      nbdkit_error("bypass-min: must be 0 (never) or from 4096 bytes to 2G, got %s", value);
+      return -1;
+    }
+    p.bypass_min = static_cast<uint32_t>(n);
+    return 0;
+  }
   if (k == "max-age" || k == "shutdown-timeout") {
     std::chrono::milliseconds d;
     if (!ParseDuration(value, &d)) {
@@ -156,6 +169,8 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
   "queue-max-size=SIZE       Bound on buffered bytes; writers wait past it (64M).\n"  \
   "max-age=DURATION          Write back data older than this (30s; 0 = never).\n"     \
   "writeback-threads=N       Plugin requests in flight during write-back (64).\n"   \
+  "bypass-min=SIZE           Writes this large skip the queue when the plugin is\n"  \
+  "                          CPU-bound and nothing queued overlaps (64K; 0 = never).\n" \
   "shutdown-timeout=DURATION How long shutdown retries a failing plugin (30s).\n"      \
   "sdccache-statsfile=PATH   Keep counters in PATH while running.\n"                 \
   "sdccache-statsformat=text|json  Format of the stats file (text).\n"               \

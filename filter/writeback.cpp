@@ -40,6 +40,11 @@ WriteBack::~WriteBack() {
 int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua) {
   if (count == 0) return fua ? Flush(Trigger::kFua) : 0;
   if (count > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
+  if (opts_.bypass_min != 0 && count >= opts_.bypass_min) {
+    bool sent = false;
+    const int err = WriteBypass(buf, count, offset, fua, &sent);
+    if (sent) return err;
+  }
   const size_t need = Chunk::AllocationSize(count);
   void* pooled = account_.Reserve(need, [this] { WakeForRoom(); }, count);
   Chunk* c = Chunk::Create(buf, count, &account_, pooled);
@@ -74,6 +79,10 @@ int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
 
 int WriteBack::Buffer(DirtyRange r, bool fua) {
   MutexLock l(&mu_);
+  // A bypass write of these bytes is still in flight: this newer request
+  // must not reach the plugin before it, so it waits (a client that sends
+  // overlapping writes at once gets them in some order, but one order).
+  while (OverlapsBypass(r.offset, r.length)) done_.Wait();
   if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
   const bool was_empty = active_.empty();
   const uint64_t seq = ++last_seq_;
@@ -102,6 +111,43 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   if (err) return err;
   ++write_gen_;
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
+  return 0;
+}
+
+bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
+  for (const auto& [o, n] : bypass_)
+    if (offset < o + n && o < offset + length) return true;
+  return false;
+}
+
+// A large write to a plugin whose requests are CPU-bound (a local file's
+// page cache): buffering it would copy it once more and hand it to one
+// write-back thread, only to make the same plugin call later, so it goes
+// to the plugin now, from the client's thread, like with no filter.  Only
+// when nothing buffered or being written shares a byte with it (so that no
+// older data can land over it later) and write-back is neither paused nor
+// backing off after a failure.  If the plugin fails it, the write is
+// buffered instead and retried like any other: sent or buffered, a write
+// that returns 0 is never lost.
+int WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua, bool* sent) {
+  MutexLock l(&mu_);
+  if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
+      batch_writer_.latency_bound() || active_.Overlaps(offset, count) ||
+      OverlapsBypass(offset, count))
+    return 0;
+  for (const Batch& b : batches_)
+    if (b.map.Overlaps(offset, count)) return 0;
+  const auto it = bypass_.insert(bypass_.end(), {offset, count});
+  mu_.Unlock();  // no lock across plugin I/O
+  const int err = batch_writer_.WriteTimed(buf, count, offset, fua);
+  mu_.Lock();
+  bypass_.erase(it);
+  done_.SignalAll();  // for writers of the same bytes (Buffer)
+  if (err != 0) return 0;
+  ++write_gen_;
+  counters_.bypass_writes.fetch_add(1, std::memory_order_relaxed);
+  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
+  *sent = true;
   return 0;
 }
 
@@ -301,7 +347,25 @@ void WriteBack::RunBatch(Trigger why) {
   std::vector<char> written;
   mu_.Unlock();  // no lock across plugin I/O, nor while a large batch is copied
   std::vector<DirtyRange> plan = PlanBatch(b);
-  int err = batch_writer_.Write(plan, &written, &plugin_writes);
+  // A range the plugin has is released at once, not when the whole batch
+  // is: its memory goes back to the writers waiting for room, so that a
+  // full queue refills while a long batch is written.  Reads of it go to
+  // the plugin from then on.  Not with flush_before_release, where it must
+  // stay until the plugin has flushed.
+  BatchWriter::OnWritten release;
+  if (!flush_after) {
+    release = [this, &b, &plan](size_t first, size_t last) {
+      {
+        MutexLock l(&mu_);
+        const uint64_t before = b.map.data_bytes();
+        for (size_t k = first; k < last; ++k) b.map.Erase(plan[k].offset);
+        batch_data_bytes_ -= before - b.map.data_bytes();
+      }
+      // The plan's references last: chunks are freed outside mu_.
+      for (size_t k = first; k < last; ++k) plan[k].chunk = ChunkRef();
+    };
+  }
+  int err = batch_writer_.Write(plan, &written, &plugin_writes, release);
   if (err == 0 && flush_after) err = sink_->Flush();
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
@@ -326,13 +390,10 @@ void WriteBack::RunBatch(Trigger why) {
     counters_.RecordBatchLatency(us);
   } else {
     // Ranges written before the failure are in the plugin (and visible to
-    // every context when it is multi-conn): retire them, so that a plugin
-    // failing now and then still makes progress.  Keep the rest: the
-    // failed batch is older than anything buffered since, and shares no
-    // byte with the other batches running.
-    if (!flush_after)
-      for (size_t i = 0; i < plan.size(); ++i)
-        if (written[i]) b.map.Erase(plan[i].offset);
+    // every context when it is multi-conn) and were released as they were
+    // written, so that a plugin failing now and then still makes progress.
+    // Keep the rest: the failed batch is older than anything buffered
+    // since, and shares no byte with the other batches running.
     const bool was_empty = active_.empty();
     active_.InsertUnder(std::move(b.map));
     active_requests_ += b.requests;
@@ -591,6 +652,7 @@ CounterList WriteBack::Stats() {
     const uint64_t data = active_.data_bytes() + batch_data_bytes_;
     add("threshold", threshold_);
     add("paused", paused_ ? 1 : 0);
+    add("plugin_latency_bound", batch_writer_.latency_bound() ? 1 : 0);
     add("queued_requests", QueuedRequestsLocked());
     add("queued_bytes", data);
     add("queued_zero_bytes", total - data);
@@ -608,6 +670,7 @@ CounterList WriteBack::Stats() {
   add("bytes_flushed", get(counters_.bytes_flushed));
   add("plugin_writes", get(counters_.plugin_writes));
   add("writethrough_requests", get(counters_.writethrough_requests));
+  add("bypass_writes", get(counters_.bypass_writes));
   for (size_t t = 0; t < static_cast<size_t>(Trigger::kCount); ++t)
     c.emplace_back(std::string("flushes_") + TriggerName(static_cast<Trigger>(t)),
                    std::to_string(get(counters_.by_trigger[t])));

@@ -19,11 +19,15 @@
 //  - Bytes buffered are bounded by queue_max_bytes: a writer past it waits
 //    (never fails).  A single write larger than the bound is written through,
 //    after everything before it has reached the Sink.
+//  - A write of at least bypass_min bytes goes straight to a Sink timed as
+//    CPU-bound when nothing buffered or in flight overlaps it (WriteBypass);
+//    if the Sink fails it, it is buffered instead.
 //  - A failed Sink write keeps its batch buffered (merged under newer
 //    requests), is retried with capped exponential backoff, and fails every
 //    Flush() waiting meanwhile with the Sink's errno.
 //  - Ranges leave the overlay only after the Sink write succeeded (and, with
-//    flush_before_release, after a Sink flush too).
+//    flush_before_release, after a Sink flush too); each as soon as its own
+//    Sink write has, not when its whole batch has.
 //
 // Thread safety: every public method may be called from any thread, except
 // Stop(), which is called once, after client requests have ended.  No lock is
@@ -55,6 +59,9 @@ struct WriteBackOptions {
   uint32_t max_plugin_write = 4u << 20;      // coalescing cap
   unsigned write_threads = 64;               // plugin requests in flight
   bool flush_before_release = false;         // Sink contexts not coherent
+  // Writes of at least this many bytes go straight to a CPU-bound Sink
+  // when nothing buffered overlaps them (WriteBypass); 0: never.
+  uint32_t bypass_min = 64 * 1024;
   std::chrono::milliseconds retry_min{10};
   std::chrono::milliseconds retry_max{1000};
 };
@@ -99,6 +106,10 @@ class WriteBack {
   CounterList Stats() EXCLUDES(mu_);
   const Counters& counters() const { return counters_; }
   uint64_t queued_requests() EXCLUDES(mu_);
+  // Whether the plugin's requests were last timed as mostly waiting
+  // (BatchWriter): then batches run several requests at once, and no
+  // write goes straight to the plugin (WriteBypass).
+  bool plugin_latency_bound() const { return batch_writer_.latency_bound(); }
   uint64_t queued_bytes() EXCLUDES(mu_);
   uint64_t memory_bytes() EXCLUDES(mu_);
   uint32_t threshold() EXCLUDES(mu_);
@@ -115,14 +126,20 @@ class WriteBack {
   using Clock = std::chrono::steady_clock;
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  // Sends a write straight to the Sink if it may (see the .cpp): *sent
+  // then says it did, and the result is the request's.
+  int WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua, bool* sent)
+      EXCLUDES(mu_);
+  bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
   // A batch being written: the active set as it was taken.
   struct Batch {
-    // Changed only by the thread running the batch, under mu_; so that
-    // thread alone may also read it without mu_ (PlanBatch).
+    // Changed only under mu_ and only by the threads writing the batch (a
+    // range leaves as soon as it is written); the batch's own thread reads
+    // it without mu_ before any of them starts (PlanBatch).
     DirtyMap map;
     uint64_t requests = 0;
     uint64_t min_seq = 0;  // its oldest request
@@ -177,6 +194,8 @@ class WriteBack {
   // A batch starts beside running ones only if active_ has at most this
   // many ranges (the disjointness check is done under mu_).
   static constexpr size_t kMaxCheckedRanges = 256;
+  // Bypass writes in flight: (offset, length).
+  std::list<std::pair<uint64_t, uint64_t>> bypass_ GUARDED_BY(mu_);
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
   uint64_t active_min_seq_ GUARDED_BY(mu_) = 0;  // oldest request in active_
   uint64_t batch_data_bytes_ GUARDED_BY(mu_) = 0;  // data bytes in batches_

@@ -7,7 +7,7 @@ import sdctest
 
 MiB = 1 << 20
 SIZE = 4 * MiB
-W_OFF, W_LEN = 1 * MiB + 4096, 65536          # unflushed write over a hole
+W_OFF, W_LEN = 1 * MiB + 4096, 61440          # unflushed write over a hole (< bypass-min)
 F_OFF, F_LEN = 2 * MiB, 65536                  # flushed write
 Z_OFF, Z_LEN = 2 * MiB + 16384, 16384          # unflushed zero over flushed data
 

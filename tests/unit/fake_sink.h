@@ -161,6 +161,10 @@ class FakeSink : public Sink {
     std::lock_guard<std::mutex> l(mu_);
     return writes_;
   }
+  uint64_t writes_started() {
+    std::lock_guard<std::mutex> l(mu_);
+    return writes_started_;
+  }
   uint64_t flushes() {
     std::lock_guard<std::mutex> l(mu_);
     return flushes_;

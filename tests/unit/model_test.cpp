@@ -17,7 +17,7 @@ namespace {
 constexpr size_t kDisk = 64 * 1024;
 
 struct ModelRun {
-  uint64_t ops = 0, reads = 0, flush_errors = 0;
+  uint64_t ops = 0, reads = 0, flush_errors = 0, bypass_writes = 0;
 };
 
 // Every read must equal the model; after a successful flush the plugin
@@ -33,6 +33,9 @@ ModelRun RunModel(uint64_t seed, uint64_t ops) {
   o.write_threads = 1 + static_cast<unsigned>(rng() % 4);  // parallel write-back, cheaply
   o.retry_min = std::chrono::milliseconds(1);
   o.retry_max = std::chrono::milliseconds(2);
+  // Writes this large go straight to the (CPU-bound) FakeSink when nothing
+  // buffered overlaps them; in half the runs, none does.
+  o.bypass_min = rng() % 2 ? 0 : 256 + static_cast<uint32_t>(rng() % 2048);
   WriteBack wb(&sink, o);
   std::vector<uint8_t> model(kDisk, 0), buf(kDisk), data(kDisk);
   ModelRun run;
@@ -94,6 +97,7 @@ ModelRun RunModel(uint64_t seed, uint64_t ops) {
   sink.FailNext(0, 0);
   EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
   EXPECT_EQ(sink.Disk(), model) << "seed " << seed;
+  run.bypass_writes = wb.counters().bypass_writes.load();
   return run;
 }
 
@@ -101,20 +105,24 @@ TEST(ModelTest, MillionRandomOperationsMatchTheModel) {
   const auto start = std::chrono::steady_clock::now();
   const char* env = std::getenv("SDCCACHE_MODEL_OPS");
   const uint64_t total = env ? std::strtoull(env, nullptr, 10) : 1'000'000;
-  uint64_t done = 0, seed = 1, reads = 0, errors = 0;
+  uint64_t done = 0, seed = 1, reads = 0, errors = 0, bypass = 0;
   while (done < total && !HasFailure()) {
     ModelRun r = RunModel(seed++, std::min<uint64_t>(50'000, total - done));
     done += r.ops;
     reads += r.reads;
     errors += r.flush_errors;
+    bypass += r.bypass_writes;
   }
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("model: %llu ops (%llu reads checked, %llu flushes failed by injection) in %.1f s\n",
+  std::printf("model: %llu ops (%llu reads checked, %llu flushes failed by injection, "
+              "%llu bypass writes) in %.1f s\n",
               static_cast<unsigned long long>(done), static_cast<unsigned long long>(reads),
-              static_cast<unsigned long long>(errors), secs);
+              static_cast<unsigned long long>(errors), static_cast<unsigned long long>(bypass),
+              secs);
   EXPECT_EQ(done, total);
   EXPECT_GT(errors, 0u) << "failure injection never triggered";
+  EXPECT_GT(bypass, 0u) << "no write went straight to the plugin";
 }
 
 }  // namespace

@@ -388,6 +388,147 @@ TEST(WriteBackTest, WriteLargerThanQueueIsWrittenThroughInOrder) {
   EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
 }
 
+// Each range of a batch leaves the buffer as soon as the plugin has it, not
+// when the whole batch has been written: a writer waiting for room goes on
+// while the batch's last write is still in the plugin.
+TEST(WriteBackTest, WrittenRangesFreeRoomBeforeTheirBatchEnds) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000, 16 * 1024));  // room for three 4 KiB writes
+  ReleaseAtOnExit release{sink};
+  std::string a(4096, 'a'), b(4096, 'b'), c(4096, 'c'), d(4096, 'd');
+  ASSERT_EQ(wb.Write(a.data(), 4096, 0, false), 0);
+  ASSERT_EQ(wb.Write(b.data(), 4096, 8192, false), 0);
+  ASSERT_EQ(wb.Write(c.data(), 4096, 16384, false), 0);
+  sink.HoldAt(16384);
+  auto flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  auto more = std::async(std::launch::async, [&] { return wb.Write(d.data(), 4096, 32768, false); });
+  ASSERT_EQ(more.wait_for(std::chrono::seconds(10)), std::future_status::ready)
+      << "the writer waited for the whole batch";
+  EXPECT_EQ(more.get(), 0);
+  EXPECT_EQ(flush.wait_for(milliseconds(0)), std::future_status::timeout);
+  EXPECT_EQ(wb.queued_bytes(), 2u * 4096);  // "c" (held) and "d"
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 4096), a);     // from the plugin now
+  EXPECT_EQ(ReadThrough(wb, sink, 16384, 4096), c);  // still buffered
+  sink.ReleaseAt();
+  EXPECT_EQ(flush.get(), 0);
+  EXPECT_EQ(sink.Disk()[16384], 'c');
+}
+
+// Runs one-byte batches until the engine has timed FakeSink's requests as
+// CPU-bound (on a loaded machine one can look like waiting now and then).
+void TimeAsCpuBound(WriteBack& wb) {
+  for (int i = 0; i < 100 && wb.plugin_latency_bound(); ++i) {
+    ASSERT_EQ(wb.Write("t", 1, kDisk - 1, false), 0);
+    ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  }
+  ASSERT_FALSE(wb.plugin_latency_bound()) << "FakeSink never timed as CPU-bound";
+}
+
+constexpr uint32_t kLarge = 64 * 1024;  // WriteBackOptions::bypass_min
+
+// Buffering a large write for a CPU-bound plugin only adds a copy: it goes
+// to the plugin before Write returns.  A smaller one is buffered.
+TEST(WriteBackTest, LargeWriteGoesStraightToACpuBoundPlugin) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  TimeAsCpuBound(wb);
+  const uint64_t before = sink.writes();
+  std::string big(kLarge, 'D'), smaller(kLarge - 1, 's');
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 2 * kLarge, false), 0);
+  EXPECT_EQ(sink.writes(), before + 1);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 1u);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin() + 2 * kLarge, disk.begin() + 3 * kLarge), big);
+  // The next client flush still flushes the plugin, with nothing buffered:
+  // the bypass write may be in the plugin's cache only.
+  const uint64_t flushes = sink.flushes();
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.flushes(), flushes + 1);
+  ASSERT_EQ(wb.Write(smaller.data(), kLarge - 1, 4 * kLarge, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  EXPECT_EQ(sink.writes(), before + 1);
+}
+
+// Until the plugin has been timed (and while paused) large writes are
+// buffered like any other.
+TEST(WriteBackTest, LargeWriteIsBufferedUntilThePluginIsKnownCpuBound) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_TRUE(wb.plugin_latency_bound());
+  std::string big(kLarge, 'D');
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 0, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  TimeAsCpuBound(wb);
+  wb.Pause();
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 2 * kLarge, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 0u);
+  wb.Resume();
+}
+
+// A large write over buffered bytes is buffered too: sent at once, it
+// would be overwritten by the older buffered data when that is written.
+TEST(WriteBackTest, LargeWriteOverBufferedDataIsBuffered) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  TimeAsCpuBound(wb);
+  std::string old(4096, 'o'), big(kLarge, 'N');
+  ASSERT_EQ(wb.Write(old.data(), 4096, kLarge + 100, false), 0);
+  ASSERT_EQ(wb.Write(big.data(), kLarge, kLarge, false), 0);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 0u);
+  EXPECT_EQ(wb.queued_requests(), 2u);
+  EXPECT_EQ(ReadThrough(wb, sink, kLarge, kLarge), big);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin() + kLarge, disk.begin() + 2 * kLarge), big);
+}
+
+// While a bypass write is in the plugin, a newer write of the same bytes
+// waits for it (else its batch could reach the plugin first and be
+// overwritten); a write elsewhere does not.
+TEST(WriteBackTest, WriteOverABypassWriteInFlightWaitsForIt) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1));  // every buffered write is a batch at once
+  TimeAsCpuBound(wb);
+  ReleaseAtOnExit release{sink};
+  const uint64_t started = sink.writes_started();
+  std::string big(kLarge, 'A');
+  sink.HoldAt(kLarge);
+  auto bypass = std::async(std::launch::async, [&] { return wb.Write(big.data(), kLarge, kLarge, false); });
+  sink.AwaitWritesStarted(started + 1);
+  auto newer = std::async(std::launch::async, [&] { return wb.Write("B", 1, kLarge + 10, false); });
+  ASSERT_EQ(wb.Write("C", 1, 0, false), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);  // "C" only: the held write is not acknowledged
+  EXPECT_EQ(sink.Disk()[0], 'C');
+  EXPECT_EQ(newer.wait_for(milliseconds(100)), std::future_status::timeout);
+  sink.ReleaseAt();
+  EXPECT_EQ(bypass.get(), 0);
+  EXPECT_EQ(newer.get(), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(disk[kLarge], 'A');
+  EXPECT_EQ(disk[kLarge + 10], 'B');
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 1u);
+}
+
+// A bypass write the plugin fails is buffered and retried like any other
+// write: the client sees success, and the data arrives.
+TEST(WriteBackTest, FailedBypassWriteIsBufferedInstead) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  TimeAsCpuBound(wb);
+  sink.FailNext(1, EIO);
+  std::string big(kLarge, 'F');
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 0, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 0u);
+  EXPECT_EQ(ReadThrough(wb, sink, 0, kLarge), big);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + kLarge), big);
+}
+
 TEST(WriteBackTest, CoalescesAdjacentWritesUpToTheCap) {
   FakeSink sink(kDisk);
   WriteBackOptions o = Opts(1000);

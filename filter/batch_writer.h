@@ -90,22 +90,38 @@ class BatchWriter {
   void RunOps(Job* job);  // takes the job's ops until none is left
   void RunOne(Job* job, size_t i);  // op i, recording success or the first error
   int RunOp(Job* job, const Op& op);
-  static double NowUs(clockid_t clock);
-  // Folds one timed request into wait_frac_.
-  void RecordProbe(double wall_us, double cpu_us);
+  // A thread's clocks, for timing one plugin request.  Time spent runnable
+  // but not running (on a busy 2-core VM, much of a CPU-bound request's
+  // off-CPU time) is not waiting for the plugin: it is read from
+  // /proc/thread-self/schedstat (0 if that cannot be read).
+  struct Clocks {
+    double wall_us = 0, cpu_us = 0, queued_us = 0;
+    static Clocks Now();
+  };
+  // Folds one timed request into latency_bound_.
+  void RecordProbe(const Clocks& start, const Clocks& end);
 
   // A request that spends at least this share of its time off the CPU is
   // latency-bound (see Write()).
   static constexpr double kLatencyBound = 0.5;
+  // A CPU-bound plugin is taken for latency-bound when this many of its
+  // last 16 probes waited (a latency-bound one for CPU-bound after one
+  // probe that did not: it is probed only every kProbeEvery-th batch).
+  static constexpr int kWaitingOf16 = 12;
   static constexpr uint64_t kProbeEvery = 16;
+  // Of WriteTimed's requests, every kProbeBypassEvery-th is timed (reading
+  // the clocks costs a few syscalls, a fair part of a 64 KiB write).
+  static constexpr uint64_t kProbeBypassEvery = 8;
+  std::atomic<uint64_t> timed_writes_{0};
   static constexpr uint64_t kJoinBelow = 64 * 1024;
 
   Sink* const sink_;
   const uint64_t max_write_;
   mutable std::mutex probe_mu_;
-  // Smoothed share of a request's wall time spent waiting (probe_mu_).
-  // Starts latency-bound, so that a slow plugin's first batch is parallel.
-  double wait_frac_ = 1.0;
+  // What the probes found (probe_mu_).  Starts latency-bound, so that a
+  // slow plugin's first batch is parallel.
+  bool latency_bound_ = true;
+  uint16_t recent_waiting_ = 0;  // probe_mu_, while CPU-bound: one bit a probe
   uint64_t batches_ = 0;  // probe_mu_
   std::mutex bounce_mu_;
   std::condition_variable bounce_free_;

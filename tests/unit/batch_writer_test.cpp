@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <ctime>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -95,6 +96,72 @@ TEST(BatchWriterTest, ComputingRequestsRunOneAtATime) {
   // A request preempted on a loaded machine can look like a waiting one now
   // and then (the smoothing absorbs one such probe, not several in a row).
   EXPECT_LE(ParallelBatches(&sink), kBatches / 4);
+}
+
+// Requests of whole batches (16 each, as Plan()) either sleep or burn CPU
+// for 300 µs, batch by batch as `sleeps(batch)` says.
+class PatternSink : public Sink {
+ public:
+  explicit PatternSink(std::function<bool(uint64_t)> sleeps) : sleeps_(std::move(sleeps)) {}
+  int Write(const void*, uint32_t, uint64_t, bool) override {
+    constexpr auto kCost = std::chrono::microseconds(300);
+    if (sleeps_(calls_++ / 16)) {
+      std::this_thread::sleep_for(kCost);
+    } else {
+      struct timespec ts;
+      auto cpu = [&] {
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+        return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+      };
+      const auto until = cpu() + kCost;
+      while (cpu() < until) {
+      }
+    }
+    return 0;
+  }
+  int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
+  int Trim(uint32_t, uint64_t, bool) override { return 0; }
+  int Flush() override { return 0; }
+
+ private:
+  std::function<bool(uint64_t)> sleeps_;
+  std::atomic<uint64_t> calls_{0};
+};
+
+// A local file's writes sleep now and then, in bursts (inode lock,
+// page-cache throttling): that must not make it look latency-bound, which
+// would give it parallel requests and no bypass.  Here two batches in four
+// wait, in pairs.
+TEST(BatchWriterTest, BurstsOfWaitingKeepACpuBoundPluginCpuBound) {
+  PatternSink sink([](uint64_t batch) { return batch > 0 && batch % 4 >= 2; });
+  BatchWriter writer(&sink, 8, 1 << 20);
+  const std::vector<DirtyRange> plan = Plan();
+  for (int b = 0; b < 32; ++b) {
+    std::vector<char> written;
+    uint64_t calls = 0;
+    ASSERT_EQ(writer.Write(plan, &written, &calls), 0);
+    EXPECT_FALSE(writer.latency_bound()) << "after batch " << b;
+  }
+}
+
+// A CPU-bound plugin that starts to wait on most requests (a remote one
+// whose network slowed down) is found latency-bound within 16 batches.
+TEST(BatchWriterTest, PluginThatNowWaitsTurnsLatencyBound) {
+  PatternSink sink([](uint64_t batch) { return batch >= 4; });
+  BatchWriter writer(&sink, 8, 1 << 20);
+  const std::vector<DirtyRange> plan = Plan();
+  int turned = -1;
+  for (int b = 0; b < 24 && turned < 0; ++b) {
+    std::vector<char> written;
+    uint64_t calls = 0;
+    ASSERT_EQ(writer.Write(plan, &written, &calls), 0);
+    if (b == 3) {
+      EXPECT_FALSE(writer.latency_bound());
+    }
+    if (writer.latency_bound()) turned = b;
+  }
+  EXPECT_GE(turned, 4);
+  EXPECT_LE(turned, 4 + 16);
 }
 
 }  // namespace

@@ -3,12 +3,8 @@
 
 #include <algorithm>
 #include <bit>
-#include <cstdio>
 #include <cstring>
 #include <ctime>
-
-#include <fcntl.h>
-#include <unistd.h>
 
 namespace sdccache {
 
@@ -70,10 +66,15 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   if (probe) {
     const Clocks start = Clocks::Now();
     job.next_op.store(1);
-    RunOne(&job, 0);
+    if (RunOne(&job, 0)) {
+      Written w;
+      Note(&job, job.ops[0], &w);
+      Report(&job, &w);
+    }
     RecordProbe(start, Clocks::Now());
   }
   const bool waiting = latency_bound();
+  job.group_reports = !waiting;
   const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
   // Borrow idle helpers; each is woken through its own semaphore (no herd
   // on one lock), and the last one to finish wakes this thread.
@@ -98,8 +99,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
 void BatchWriter::RecordProbe(const Clocks& start, const Clocks& end) {
   const double wall_us = end.wall_us - start.wall_us;
   if (wall_us <= 0) return;
-  const double busy_us = (end.cpu_us - start.cpu_us) + (end.queued_us - start.queued_us);
-  const double waiting = std::clamp(1.0 - busy_us / wall_us, 0.0, 1.0);
+  const double waiting = std::clamp(1.0 - (end.cpu_us - start.cpu_us) / wall_us, 0.0, 1.0);
   std::lock_guard<std::mutex> l(probe_mu_);
   if (latency_bound_) {
     // Probed seldom: trust each probe.
@@ -168,22 +168,42 @@ void BatchWriter::WorkerLoop(Worker* self) {
 }
 
 void BatchWriter::RunOps(Job* job) {
+  Written w;
   while (job->error.load(std::memory_order_relaxed) == 0) {
     const size_t i = job->next_op.fetch_add(1);
-    if (i >= job->ops.size()) return;
-    RunOne(job, i);
+    if (i >= job->ops.size()) break;
+    if (RunOne(job, i)) Note(job, job->ops[i], &w);
   }
+  Report(job, &w);
 }
 
-void BatchWriter::RunOne(Job* job, size_t i) {
+// A CPU-bound plugin's batch (one thread, quick requests) reports its ops
+// in groups of consecutive ones, up to kReportBytes: each report takes the
+// engine's lock.  A latency-bound plugin's ops are reported one by one: one
+// of them may take long, and those written before it should not wait.
+void BatchWriter::Note(Job* job, const Op& op, Written* w) {
+  const std::vector<DirtyRange>& plan = *job->plan;
+  if (w->last != w->first && w->last != op.first) Report(job, w);
+  if (w->last == w->first) w->first = op.first;
+  w->last = op.last;
+  w->bytes += plan[op.last - 1].end() - plan[op.first].offset;
+  if (!job->group_reports || w->bytes >= kReportBytes) Report(job, w);
+}
+
+void BatchWriter::Report(Job* job, Written* w) {
+  if (w->last != w->first && job->on_written != nullptr) (*job->on_written)(w->first, w->last);
+  *w = Written();
+}
+
+bool BatchWriter::RunOne(Job* job, size_t i) {
   const Op& op = job->ops[i];
   if (int err = RunOp(job, op)) {
     int expected = 0;
     job->error.compare_exchange_strong(expected, err);
-    return;
+    return false;
   }
   for (size_t k = op.first; k < op.last; ++k) (*job->written)[k] = 1;
-  if (job->on_written != nullptr) (*job->on_written)(op.first, op.last);
+  return true;
 }
 
 namespace {
@@ -195,26 +215,7 @@ double NowUs(clockid_t clock) {
 }  // namespace
 
 BatchWriter::Clocks BatchWriter::Clocks::Now() {
-  Clocks c;
-  c.wall_us = NowUs(CLOCK_MONOTONIC);
-  // The kernel brings the CPU time up to date when it is asked for it this
-  // way; schedstat's copy lags until the next tick or switch.
-  c.cpu_us = NowUs(CLOCK_THREAD_CPUTIME_ID);
-  // "<ns on cpu> <ns runnable on a runqueue> <timeslices>": the run delay
-  // is complete for every wait that has ended, as ours have once we run.
-  const int fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
-  if (fd >= 0) {
-    char buf[128];
-    const ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    unsigned long long cpu_ns, queued_ns;
-    if (n > 0) {
-      buf[n] = '\0';
-      if (std::sscanf(buf, "%llu %llu", &cpu_ns, &queued_ns) == 2)
-        c.queued_us = static_cast<double>(queued_ns) / 1e3;
-    }
-  }
-  return c;
+  return {NowUs(CLOCK_MONOTONIC), NowUs(CLOCK_THREAD_CPUTIME_ID)};
 }
 
 int BatchWriter::RunOp(Job* job, const Op& op) {

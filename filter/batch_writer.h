@@ -39,8 +39,9 @@ class BatchWriter {
   BatchWriter(const BatchWriter&) = delete;
   BatchWriter& operator=(const BatchWriter&) = delete;
 
-  // Called, on whichever thread wrote them, as soon as plan[first, last)
-  // have reached the Sink (before Write returns).
+  // Called, on whichever thread wrote them, once plan[first, last) have
+  // reached the Sink (before Write returns; for a CPU-bound plugin,
+  // consecutive ops written by one thread are passed together, up to 1 MiB).
   using OnWritten = std::function<void(size_t first, size_t last)>;
 
   // Writes `plan`.  Returns 0, or the first errno (requests not yet started
@@ -68,6 +69,7 @@ class BatchWriter {
     std::vector<Op> ops;
     std::vector<char>* written = nullptr;
     const OnWritten* on_written = nullptr;
+    bool group_reports = false;  // see Note(); set before helpers start
     std::atomic<size_t> next_op{0};
     std::atomic<int> error{0};
     std::atomic<uint64_t> calls{0};
@@ -88,14 +90,23 @@ class BatchWriter {
   };
   void WorkerLoop(Worker* self);
   void RunOps(Job* job);  // takes the job's ops until none is left
-  void RunOne(Job* job, size_t i);  // op i, recording success or the first error
+  bool RunOne(Job* job, size_t i);  // op i, recording success or the first error
+  // Written ops not yet passed to on_written: plan[first, last).
+  struct Written {
+    size_t first = 0, last = 0;
+    uint64_t bytes = 0;
+  };
+  static constexpr uint64_t kReportBytes = 1 << 20;
+  static void Note(Job* job, const Op& op, Written* w);
+  static void Report(Job* job, Written* w);
   int RunOp(Job* job, const Op& op);
-  // A thread's clocks, for timing one plugin request.  Time spent runnable
-  // but not running (on a busy 2-core VM, much of a CPU-bound request's
-  // off-CPU time) is not waiting for the plugin: it is read from
-  // /proc/thread-self/schedstat (0 if that cannot be read).
+  // A thread's clocks, for timing one plugin request.  Time off the CPU,
+  // runnable or not, counts as waiting: on a loaded machine a sleeping
+  // plugin's thread also waits for a CPU after each sleep, and counting
+  // that as busy made the delay filter look CPU-bound (a bench run of
+  // 906b518: write-back one request at a time, 15 s drains).
   struct Clocks {
-    double wall_us = 0, cpu_us = 0, queued_us = 0;
+    double wall_us = 0, cpu_us = 0;
     static Clocks Now();
   };
   // Folds one timed request into latency_bound_.

@@ -71,9 +71,12 @@ class FakeSink : public Sink {
   }
   // Only writes that start at `offset` wait, until ReleaseAt().
   void HoldAt(uint64_t offset) {
-    std::lock_guard<std::mutex> l(mu_);
-    hold_at_set_ = true;
-    hold_at_ = offset;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      hold_at_set_ = true;
+      hold_at_ = offset;
+    }
+    cv_.notify_all();  // a write held at another offset goes on
   }
   void ReleaseAt() {
     {

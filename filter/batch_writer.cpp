@@ -23,12 +23,11 @@ BatchWriter::~BatchWriter() {
 }
 
 int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
-                       uint64_t* plugin_writes, const OnWritten& on_written) {
+                       uint64_t* plugin_writes) {
   written->assign(plan.size(), 0);
   Job job;
   job.plan = &plan;
   job.written = written;
-  if (on_written) job.on_written = &on_written;
   for (size_t i = 0; i < plan.size();) {
     size_t j = i + 1;
     // Only small ranges are joined: the copy into the bounce buffer costs
@@ -66,15 +65,10 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   if (probe) {
     const Clocks start = Clocks::Now();
     job.next_op.store(1);
-    if (RunOne(&job, 0)) {
-      Written w;
-      Note(&job, job.ops[0], &w);
-      Report(&job, &w);
-    }
+    RunOne(&job, 0);
     RecordProbe(start, Clocks::Now());
   }
   const bool waiting = latency_bound();
-  job.group_reports = !waiting;
   const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
   // Borrow idle helpers; each is woken through its own semaphore (no herd
   // on one lock), and the last one to finish wakes this thread.
@@ -168,42 +162,21 @@ void BatchWriter::WorkerLoop(Worker* self) {
 }
 
 void BatchWriter::RunOps(Job* job) {
-  Written w;
   while (job->error.load(std::memory_order_relaxed) == 0) {
     const size_t i = job->next_op.fetch_add(1);
-    if (i >= job->ops.size()) break;
-    if (RunOne(job, i)) Note(job, job->ops[i], &w);
+    if (i >= job->ops.size()) return;
+    RunOne(job, i);
   }
-  Report(job, &w);
 }
 
-// A CPU-bound plugin's batch (one thread, quick requests) reports its ops
-// in groups of consecutive ones, up to kReportBytes: each report takes the
-// engine's lock.  A latency-bound plugin's ops are reported one by one: one
-// of them may take long, and those written before it should not wait.
-void BatchWriter::Note(Job* job, const Op& op, Written* w) {
-  const std::vector<DirtyRange>& plan = *job->plan;
-  if (w->last != w->first && w->last != op.first) Report(job, w);
-  if (w->last == w->first) w->first = op.first;
-  w->last = op.last;
-  w->bytes += plan[op.last - 1].end() - plan[op.first].offset;
-  if (!job->group_reports || w->bytes >= kReportBytes) Report(job, w);
-}
-
-void BatchWriter::Report(Job* job, Written* w) {
-  if (w->last != w->first && job->on_written != nullptr) (*job->on_written)(w->first, w->last);
-  *w = Written();
-}
-
-bool BatchWriter::RunOne(Job* job, size_t i) {
+void BatchWriter::RunOne(Job* job, size_t i) {
   const Op& op = job->ops[i];
   if (int err = RunOp(job, op)) {
     int expected = 0;
     job->error.compare_exchange_strong(expected, err);
-    return false;
+    return;
   }
   for (size_t k = op.first; k < op.last; ++k) (*job->written)[k] = 1;
-  return true;
 }
 
 namespace {

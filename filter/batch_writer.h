@@ -18,7 +18,6 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <semaphore>
@@ -39,15 +38,10 @@ class BatchWriter {
   BatchWriter(const BatchWriter&) = delete;
   BatchWriter& operator=(const BatchWriter&) = delete;
 
-  // Called, on whichever thread wrote them, once plan[first, last) have
-  // reached the Sink (before Write returns; for a CPU-bound plugin,
-  // consecutive ops written by one thread are passed together, up to 1 MiB).
-  using OnWritten = std::function<void(size_t first, size_t last)>;
-
   // Writes `plan`.  Returns 0, or the first errno (requests not yet started
   // are then skipped).  (*written)[i] says whether plan[i] reached the Sink.
   int Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
-            uint64_t* plugin_writes, const OnWritten& on_written = nullptr);
+            uint64_t* plugin_writes);
 
   // Whether the plugin's requests were last found to mostly wait (so that
   // more of them in flight, in this batch or beside it, help).
@@ -68,8 +62,6 @@ class BatchWriter {
     const std::vector<DirtyRange>* plan = nullptr;
     std::vector<Op> ops;
     std::vector<char>* written = nullptr;
-    const OnWritten* on_written = nullptr;
-    bool group_reports = false;  // see Note(); set before helpers start
     std::atomic<size_t> next_op{0};
     std::atomic<int> error{0};
     std::atomic<uint64_t> calls{0};
@@ -90,15 +82,7 @@ class BatchWriter {
   };
   void WorkerLoop(Worker* self);
   void RunOps(Job* job);  // takes the job's ops until none is left
-  bool RunOne(Job* job, size_t i);  // op i, recording success or the first error
-  // Written ops not yet passed to on_written: plan[first, last).
-  struct Written {
-    size_t first = 0, last = 0;
-    uint64_t bytes = 0;
-  };
-  static constexpr uint64_t kReportBytes = 1 << 20;
-  static void Note(Job* job, const Op& op, Written* w);
-  static void Report(Job* job, Written* w);
+  void RunOne(Job* job, size_t i);  // op i, recording success or the first error
   int RunOp(Job* job, const Op& op);
   // A thread's clocks, for timing one plugin request.  Time off the CPU,
   // runnable or not, counts as waiting: on a loaded machine a sleeping

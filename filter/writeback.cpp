@@ -347,25 +347,7 @@ void WriteBack::RunBatch(Trigger why) {
   std::vector<char> written;
   mu_.Unlock();  // no lock across plugin I/O, nor while a large batch is copied
   std::vector<DirtyRange> plan = PlanBatch(b);
-  // A range the plugin has is released at once, not when the whole batch
-  // is: its memory goes back to the writers waiting for room, so that a
-  // full queue refills while a long batch is written.  Reads of it go to
-  // the plugin from then on.  Not with flush_before_release, where it must
-  // stay until the plugin has flushed.
-  BatchWriter::OnWritten release;
-  if (!flush_after) {
-    release = [this, &b, &plan](size_t first, size_t last) {
-      {
-        MutexLock l(&mu_);
-        const uint64_t before = b.map.data_bytes();
-        for (size_t k = first; k < last; ++k) b.map.Erase(plan[k].offset);
-        batch_data_bytes_ -= before - b.map.data_bytes();
-      }
-      // The plan's references last: chunks are freed outside mu_.
-      for (size_t k = first; k < last; ++k) plan[k].chunk = ChunkRef();
-    };
-  }
-  int err = batch_writer_.Write(plan, &written, &plugin_writes, release);
+  int err = batch_writer_.Write(plan, &written, &plugin_writes);
   if (err == 0 && flush_after) err = sink_->Flush();
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
@@ -390,10 +372,13 @@ void WriteBack::RunBatch(Trigger why) {
     counters_.RecordBatchLatency(us);
   } else {
     // Ranges written before the failure are in the plugin (and visible to
-    // every context when it is multi-conn) and were released as they were
-    // written, so that a plugin failing now and then still makes progress.
-    // Keep the rest: the failed batch is older than anything buffered
-    // since, and shares no byte with the other batches running.
+    // every context when it is multi-conn): retire them, so that a plugin
+    // failing now and then still makes progress.  Keep the rest: the
+    // failed batch is older than anything buffered since, and shares no
+    // byte with the other batches running.
+    if (!flush_after)
+      for (size_t i = 0; i < plan.size(); ++i)
+        if (written[i]) b.map.Erase(plan[i].offset);
     const bool was_empty = active_.empty();
     active_.InsertUnder(std::move(b.map));
     active_requests_ += b.requests;

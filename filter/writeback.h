@@ -26,8 +26,7 @@
 //    requests), is retried with capped exponential backoff, and fails every
 //    Flush() waiting meanwhile with the Sink's errno.
 //  - Ranges leave the overlay only after the Sink write succeeded (and, with
-//    flush_before_release, after a Sink flush too); each as soon as its own
-//    Sink write has, not when its whole batch has.
+//    flush_before_release, after a Sink flush too).
 //
 // Thread safety: every public method may be called from any thread, except
 // Stop(), which is called once, after client requests have ended.  No lock is
@@ -137,9 +136,8 @@ class WriteBack {
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
   // A batch being written: the active set as it was taken.
   struct Batch {
-    // Changed only under mu_ and only by the threads writing the batch (a
-    // range leaves as soon as it is written); the batch's own thread reads
-    // it without mu_ before any of them starts (PlanBatch).
+    // Changed only by the thread running the batch, under mu_; so that
+    // thread alone may also read it without mu_ (PlanBatch).
     DirtyMap map;
     uint64_t requests = 0;
     uint64_t min_seq = 0;  // its oldest request

@@ -388,42 +388,6 @@ TEST(WriteBackTest, WriteLargerThanQueueIsWrittenThroughInOrder) {
   EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
 }
 
-// Each range of a batch leaves the buffer as soon as the plugin has it, not
-// when the whole batch has been written: a writer waiting for room goes on
-// while the batch's last write is still in the plugin.  (A CPU-bound
-// plugin's ranges, written by one thread, leave in groups of up to 1 MiB,
-// so "b" is 1 MiB: it leaves at once however the plugin was timed.)
-TEST(WriteBackTest, WrittenRangesFreeRoomBeforeTheirBatchEnds) {
-  FakeSink sink(kDisk * 4);
-  WriteBackOptions o = Opts(1000, (1 << 20) + 12 * 1024);  // room for a, b and c, not d
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
-  ReleaseAtOnExit release{sink};
-  const uint64_t c_off = 8192 + (1 << 20) + 4096;
-  std::string a(4096, 'a'), b(1 << 20, 'b'), c(4096, 'c'), d(4096, 'd');
-  ASSERT_EQ(wb.Write(a.data(), 4096, 0, false), 0);
-  ASSERT_EQ(wb.Write(b.data(), 1 << 20, 8192, false), 0);
-  ASSERT_EQ(wb.Write(c.data(), 4096, c_off, false), 0);
-  sink.HoldAt(c_off);
-  auto flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
-  auto more = std::async(std::launch::async, [&] { return wb.Write(d.data(), 4096, 3 << 20, false); });
-  ASSERT_EQ(more.wait_for(std::chrono::seconds(10)), std::future_status::ready)
-      << "the writer waited for the whole batch";
-  EXPECT_EQ(more.get(), 0);
-  EXPECT_EQ(flush.wait_for(milliseconds(0)), std::future_status::timeout);
-  // "b" leaves as soon as it is written: then only "c" (held) and "d" (if
-  // backpressure has not written it already) are left.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (wb.queued_bytes() > 2u * 4096 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::yield();
-  EXPECT_LE(wb.queued_bytes(), 2u * 4096);
-  EXPECT_EQ(ReadThrough(wb, sink, 8192, 1 << 20), b);  // from the plugin now
-  EXPECT_EQ(ReadThrough(wb, sink, c_off, 4096), c);    // still buffered
-  sink.ReleaseAt();
-  EXPECT_EQ(flush.get(), 0);
-  EXPECT_EQ(sink.Disk()[c_off], 'c');
-}
-
 // Runs one-byte batches until the engine has timed FakeSink's requests as
 // CPU-bound (on a loaded machine one can look like waiting now and then).
 void TimeAsCpuBound(WriteBack& wb) {

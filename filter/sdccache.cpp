@@ -120,7 +120,7 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
       nbdkit_error("bypass-min: could not parse size '%s'", value);
       return -1;
     }
-    if (n != 0 && (n < 4096 || n > INT32_MAX)) {
+    if (n != 0 && (n < 4096 || n > (int64_t{1} << 31))) {
       nbdkit_error("bypass-min: must be 0 (never) or from 4096 bytes to 2G, got %s", value);
       return -1;
     }

@@ -27,6 +27,7 @@ GOOD = [
     ("queue-max-size", "256K"),
     ("bypass-min", "0"),
     ("bypass-min", "1M"),
+    ("bypass-min", "2G"),
     ("max-age", "500ms"),
     ("max-age", "0"),
     ("shutdown-timeout", "2m"),

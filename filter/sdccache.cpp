@@ -79,6 +79,16 @@ int ParseCount(const char* key, const char* value, uint32_t max, uint32_t* out) 
   return 0;
 }
 
+// nbdkit's size syntax (4096, 64K, 1M, ...); range checks are the caller's.
+int ParseSize(const char* key, const char* value, int64_t* out) {
+  *out = nbdkit_parse_size(value);
+  if (*out == -1) {
+    nbdkit_error("%s: could not parse size '%s'", key, value);
+    return -1;
+  }
+  return 0;
+}
+
 int Fail(const char* what, int e, int* err) {
   nbdkit_error("sdccache: %s: %s", what, std::strerror(e));
   *err = e;
@@ -102,11 +112,8 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
   if (k == "writeback-threads")
     return ParseCount(key, value, kMaxWritebackThreads, &p.writeback_threads);
   if (k == "queue-max-size") {
-    int64_t n = nbdkit_parse_size(value);
-    if (n == -1) {
-      nbdkit_error("queue-max-size: could not parse size '%s'", value);
-      return -1;
-    }
+    int64_t n;
+    if (ParseSize(key, value, &n) == -1) return -1;
     if (n < 4096) {
       nbdkit_error("queue-max-size: must be at least 4096 bytes, got %s", value);
       return -1;
@@ -115,11 +122,8 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
     return 0;
   }
   if (k == "bypass-min") {
-    int64_t n = nbdkit_parse_size(value);
-    if (n == -1) {
-      nbdkit_error("bypass-min: could not parse size '%s'", value);
-      return -1;
-    }
+    int64_t n;
+    if (ParseSize(key, value, &n) == -1) return -1;
     if (n != 0 && (n < 4096 || n > (int64_t{1} << 31))) {
       nbdkit_error("bypass-min: must be 0 (never) or from 4096 bytes to 2G, got %s", value);
       return -1;

@@ -40,11 +40,8 @@ WriteBack::~WriteBack() {
 int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua) {
   if (count == 0) return fua ? Flush(Trigger::kFua) : 0;
   if (count > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
-  if (opts_.bypass_min != 0 && count >= opts_.bypass_min) {
-    bool sent = false;
-    const int err = WriteBypass(buf, count, offset, fua, &sent);
-    if (sent) return err;
-  }
+  if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
+    return 0;
   const size_t need = Chunk::AllocationSize(count);
   void* pooled = account_.Reserve(need, [this] { WakeForRoom(); }, count);
   Chunk* c = Chunk::Create(buf, count, &account_, pooled);
@@ -129,26 +126,23 @@ bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
 // backing off after a failure.  If the plugin fails it, the write is
 // buffered instead and retried like any other: sent or buffered, a write
 // that returns 0 is never lost.
-int WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua, bool* sent) {
+bool WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua) {
   MutexLock l(&mu_);
   if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
       batch_writer_.latency_bound() || active_.Overlaps(offset, count) ||
-      OverlapsBypass(offset, count))
-    return 0;
-  for (const Batch& b : batches_)
-    if (b.map.Overlaps(offset, count)) return 0;
+      OverlapsBatches(offset, count) || OverlapsBypass(offset, count))
+    return false;
   const auto it = bypass_.insert(bypass_.end(), {offset, count});
   mu_.Unlock();  // no lock across plugin I/O
   const int err = batch_writer_.WriteTimed(buf, count, offset, fua);
   mu_.Lock();
   bypass_.erase(it);
   done_.SignalAll();  // for writers of the same bytes (Buffer)
-  if (err != 0) return 0;
+  if (err != 0) return false;
   ++write_gen_;
   counters_.bypass_writes.fetch_add(1, std::memory_order_relaxed);
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
-  *sent = true;
-  return 0;
+  return true;
 }
 
 int WriteBack::Flush(Trigger why) {
@@ -218,9 +212,14 @@ bool WriteBack::CanStartBatch() const {
       active_.size() > kMaxCheckedRanges || !batch_writer_.latency_bound())
     return false;
   for (const DirtyRange& r : active_)
-    for (const Batch& b : batches_)
-      if (b.map.Overlaps(r.offset, r.length)) return false;
+    if (OverlapsBatches(r.offset, r.length)) return false;
   return true;
+}
+
+bool WriteBack::OverlapsBatches(uint64_t offset, uint64_t length) const {
+  for (const Batch& b : batches_)
+    if (b.map.Overlaps(offset, length)) return true;
+  return false;
 }
 
 void WriteBack::UpdateWrittenSeq() {

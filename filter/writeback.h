@@ -125,10 +125,9 @@ class WriteBack {
   using Clock = std::chrono::steady_clock;
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
-  // Sends a write straight to the Sink if it may (see the .cpp): *sent
-  // then says it did, and the result is the request's.
-  int WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua, bool* sent)
-      EXCLUDES(mu_);
+  // Sends a write straight to the Sink if it may (see the .cpp); true if
+  // the Sink took it, false if it is to be buffered.
+  bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
@@ -146,6 +145,8 @@ class WriteBack {
   // Whether active_ may become a batch now: none is running, or the ones
   // running are few and share no byte with it.
   bool CanStartBatch() const REQUIRES(mu_);
+  // Whether a running batch holds a byte of [offset, offset + length).
+  bool OverlapsBatches(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   // Takes active_ as a new batch and writes it; the flusher and flushing
   // clients both may.
   void RunBatch(Trigger why) REQUIRES(mu_);

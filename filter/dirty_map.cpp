@@ -48,7 +48,8 @@ void DirtyMap::Insert(DirtyRange r) {
   RangeIndex::Pos p = FirstEndingAfter(start);
   // Common cases first: nothing overlaps (insert where the search ended),
   // or exactly the same range is rewritten (replace it in place).
-  if (ranges_.AtEnd(p) || ranges_.At(p).offset >= stop) {
+  // (Keys are the offsets; reading them spares a load from the values.)
+  if (ranges_.AtEnd(p) || ranges_.KeyAt(p) >= stop) {
     Account(r, +1);
     ranges_.InsertAt(p, std::move(r));
     return;

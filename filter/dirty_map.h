@@ -31,7 +31,7 @@ class DirtyMap {
     if (length == 0) return;
     const uint64_t stop = offset + length;
     for (RangeIndex::Pos p = FirstEndingAfter(offset);
-         !ranges_.AtEnd(p) && ranges_.At(p).offset < stop; p = ranges_.Next(p))
+         !ranges_.AtEnd(p) && ranges_.KeyAt(p) < stop; p = ranges_.Next(p))
       out->push_back(ranges_.At(p).Slice(offset, stop));
   }
 
@@ -39,7 +39,7 @@ class DirtyMap {
   bool Overlaps(uint64_t offset, uint64_t length) const {
     if (length == 0) return false;
     const RangeIndex::Pos p = FirstEndingAfter(offset);
-    return !ranges_.AtEnd(p) && ranges_.At(p).offset < offset + length;
+    return !ranges_.AtEnd(p) && ranges_.KeyAt(p) < offset + length;
   }
 
   // Drops the range that starts at `offset` (written by a batch that then

@@ -49,77 +49,72 @@ void MemoryAccount::Prefetch(const void* next, uint64_t payload) {
 void* MemoryAccount::TakeLocked(uint64_t payload, const void** next) {
   *next = nullptr;
   if (!Poolable(payload)) return nullptr;
-  const size_t k = payload / kPoolUnit;
-  FreeBuf* b = pool_[k];
-  if (b == nullptr) return nullptr;
-  pool_[k] = b->next;
-  *next = b->next;
-  const uint64_t bytes = Chunk::AllocationSize(payload);
-  pooled_.fetch_sub(bytes, std::memory_order_relaxed);
+  std::vector<void*>& stack = pool_[payload / kPoolUnit];
+  if (stack.empty()) return nullptr;
+  void* b = stack.back();
+  stack.pop_back();
+  if (!stack.empty()) *next = stack.back();
+  pooled_.fetch_sub(Chunk::AllocationSize(payload), std::memory_order_relaxed);
   return b;
 }
 
 void MemoryAccount::Recycle(void* mem, uint64_t payload, uint64_t bytes) {
-  FreeBuf* to_free = nullptr;
+  bool pooled = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     used_.fetch_sub(bytes, std::memory_order_relaxed);
     if (used_.load(std::memory_order_relaxed) + pooled_.load(std::memory_order_relaxed) + bytes <=
         limit_) {
-      const size_t k = payload / kPoolUnit;
-      pool_[k] = new (mem) FreeBuf{pool_[k]};
-      pooled_.fetch_add(bytes, std::memory_order_relaxed);
-    } else {
-      to_free = new (mem) FreeBuf{nullptr};
+      try {
+        pool_[payload / kPoolUnit].push_back(mem);
+        pooled_.fetch_add(bytes, std::memory_order_relaxed);
+        pooled = true;
+      } catch (const std::bad_alloc&) {  // no room to remember it: free it
+      }
     }
   }
   room_.notify_all();
-  FreeList(to_free);
+  if (!pooled) std::free(mem);
 }
 
-MemoryAccount::FreeBuf* MemoryAccount::EvictLocked(uint64_t target) {
-  FreeBuf* out = nullptr;
+std::vector<void*> MemoryAccount::EvictLocked(uint64_t target) {
+  std::vector<void*> out;
   // Largest buffers first: fewest frees for the room needed.
   for (size_t k = kClasses; k-- > 0 && pooled_.load(std::memory_order_relaxed) > target;) {
-    while (pool_[k] != nullptr && pooled_.load(std::memory_order_relaxed) > target) {
-      FreeBuf* b = pool_[k];
-      pool_[k] = b->next;
-      const uint64_t bytes = Chunk::AllocationSize(k * kPoolUnit);
+    std::vector<void*>& stack = pool_[k];
+    const uint64_t bytes = Chunk::AllocationSize(k * kPoolUnit);
+    while (!stack.empty() && pooled_.load(std::memory_order_relaxed) > target) {
+      try {
+        out.push_back(stack.back());
+      } catch (const std::bad_alloc&) {  // no room to list it: free it here
+        std::free(stack.back());
+      }
+      stack.pop_back();
       pooled_.fetch_sub(bytes, std::memory_order_relaxed);
-      b->next = out;
-      out = b;
     }
+    if (stack.empty()) std::vector<void*>().swap(stack);
   }
   return out;
 }
 
 void MemoryAccount::Evict() {
-  FreeBuf* to_free;
+  std::vector<void*> to_free;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const uint64_t used = used_.load(std::memory_order_relaxed);
     if (used + pooled_.load(std::memory_order_relaxed) <= limit_) return;
     to_free = EvictLocked(used >= limit_ ? 0 : limit_ - used);
   }
-  FreeList(to_free);
+  for (void* b : to_free) std::free(b);
 }
 
 void MemoryAccount::Drain() {
-  FreeBuf* to_free;
+  std::vector<void*> to_free;
   {
     std::lock_guard<std::mutex> lock(mu_);
     to_free = EvictLocked(0);
   }
-  FreeList(to_free);
-}
-
-void MemoryAccount::FreeList(FreeBuf* list) {
-  while (list != nullptr) {
-    FreeBuf* next = list->next;
-    list->~FreeBuf();
-    std::free(list);
-    list = next;
-  }
+  for (void* b : to_free) std::free(b);
 }
 
 void* MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait,

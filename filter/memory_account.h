@@ -11,7 +11,7 @@
 // which is most of what buffering a write would otherwise cost.  Buffers in
 // use plus buffers pooled never exceed the limit, and an idle export returns
 // the pool (Drain).  Only payload sizes that are multiples of 4 KiB up to
-// 1 MiB are pooled (each size has its own list); others go back to malloc.
+// 1 MiB are pooled (each size has its own stack, newest on top); others go back to malloc.
 //
 // Thread safety: all methods may be called from any thread.  Release() and
 // Recycle() may be called with other engine locks held (chunks die inside
@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <functional>
 #include <mutex>
+#include <vector>
 
 namespace sdccache {
 
@@ -62,19 +63,20 @@ class MemoryAccount {
   static constexpr uint64_t kPoolUnit = 4096;
   static constexpr uint64_t kPoolMax = 1u << 20;
   static constexpr size_t kClasses = kPoolMax / kPoolUnit + 1;
-  struct FreeBuf {
-    FreeBuf* next;
-  };
-  // Frees buffers popped from the pool (outside mu_).
-  static void FreeList(FreeBuf* list);
-  FreeBuf* EvictLocked(uint64_t target);  // returns what to free
-  // Pops a buffer; *next is the one after it (to Prefetch once unlocked).
+  // Pops pooled buffers until pooled bytes are at most target; returns them
+  // (to free outside mu_).
+  std::vector<void*> EvictLocked(uint64_t target);
+  // Pops a buffer; *next is the one the next take of this size gets (to
+  // Prefetch once unlocked).
   void* TakeLocked(uint64_t payload, const void** next);
   static void Prefetch(const void* next, uint64_t payload);
 
   const uint64_t limit_;
   std::mutex mu_;
-  FreeBuf* pool_[kClasses] = {};           // guarded by mu_; by payload / kPoolUnit
+  // Guarded by mu_; by payload / kPoolUnit.  Stacks of pointers, not lists
+  // threaded through the buffers: a pop must not read a buffer that has sat
+  // in the pool long enough to leave the cache.
+  std::vector<void*> pool_[kClasses];
   std::atomic<uint64_t> pooled_{0};        // written under mu_
   std::condition_variable room_;
   std::atomic<uint64_t> used_{0};  // written under mu_, read anywhere

@@ -29,17 +29,32 @@ RangeIndex::Pos RangeIndex::Prev(Pos p) const {
   return {p.leaf - 1, leaves_[p.leaf - 1]->n - 1};
 }
 
+// Both searches are branchless: a lookup among many ranges finds the leaf
+// cold in cache, and a binary search that branches on each probe pays a
+// mispredicted branch per step and issues its loads one after another.
+
 size_t RangeIndex::LeafFor(uint64_t key) const {
-  const size_t i =
-      static_cast<size_t>(std::upper_bound(firsts_.begin(), firsts_.end(), key) - firsts_.begin());
-  return i == 0 ? 0 : i - 1;
+  // The last leaf whose first key is <= key (or leaf 0): upper_bound - 1.
+  const uint64_t* base = firsts_.data();
+  size_t n = firsts_.size();
+  while (n > 1) {
+    const size_t half = n / 2;
+    base = base[half] <= key ? base + half : base;
+    n -= half;
+  }
+  const size_t upper = static_cast<size_t>(base - firsts_.data()) + (*base <= key ? 1 : 0);
+  return upper == 0 ? 0 : upper - 1;
 }
 
 RangeIndex::Pos RangeIndex::LowerBound(uint64_t key) const {
   if (leaves_.empty()) return {0, 0};
   const size_t li = LeafFor(key);
   const Leaf& leaf = *leaves_[li];
-  const auto s = static_cast<uint32_t>(std::lower_bound(leaf.keys, leaf.keys + leaf.n, key) - leaf.keys);
+  // Counts the keys below `key` over the whole leaf: the loads do not
+  // depend on each other, so a cold leaf costs about one memory latency
+  // rather than one per probe.
+  uint32_t s = 0;
+  for (uint32_t i = 0; i < leaf.n; ++i) s += leaf.keys[i] < key ? 1 : 0;
   if (s == leaf.n) return {li + 1, 0};
   return {li, s};
 }
@@ -61,7 +76,7 @@ void RangeIndex::Insert(DirtyRange r) {
 
 void RangeIndex::Replace(Pos p, DirtyRange r) {
   assert(KeyAt(p) == r.offset);
-  leaves_[p.leaf]->vals[p.slot] = std::move(r);
+  leaves_[p.leaf]->Val(p.slot) = std::move(r);
 }
 
 void RangeIndex::InsertAt(Pos p, DirtyRange r) {
@@ -69,7 +84,7 @@ void RangeIndex::InsertAt(Pos p, DirtyRange r) {
   if (leaves_.empty()) {
     auto leaf = std::make_unique<Leaf>();
     leaf->keys[0] = key;
-    leaf->vals[0] = std::move(r);
+    leaf->Val(0) = std::move(r);
     leaf->n = 1;
     InsertLeaf(0, std::move(leaf));
     size_ = 1;
@@ -87,7 +102,7 @@ void RangeIndex::InsertAt(Pos p, DirtyRange r) {
     constexpr uint32_t kHalf = kLeafCap / 2;
     auto upper = std::make_unique<Leaf>();
     std::copy(leaf->keys + kHalf, leaf->keys + kLeafCap, upper->keys);
-    std::move(leaf->vals + kHalf, leaf->vals + kLeafCap, upper->vals);
+    for (uint32_t i = kHalf; i < kLeafCap; ++i) upper->Val(i - kHalf) = std::move(leaf->Val(i));
     upper->n = kLeafCap - kHalf;
     leaf->n = kHalf;
     Leaf* up = upper.get();
@@ -98,10 +113,12 @@ void RangeIndex::InsertAt(Pos p, DirtyRange r) {
       s -= kHalf;
     }
   }
+  const uint8_t free = leaf->slot[leaf->n];
   std::copy_backward(leaf->keys + s, leaf->keys + leaf->n, leaf->keys + leaf->n + 1);
-  std::move_backward(leaf->vals + s, leaf->vals + leaf->n, leaf->vals + leaf->n + 1);
+  std::copy_backward(leaf->slot + s, leaf->slot + leaf->n, leaf->slot + leaf->n + 1);
   leaf->keys[s] = key;
-  leaf->vals[s] = std::move(r);
+  leaf->slot[s] = free;
+  leaf->vals[free] = std::move(r);
   ++leaf->n;
   if (s == 0) firsts_[li] = key;
   ++size_;
@@ -109,10 +126,12 @@ void RangeIndex::InsertAt(Pos p, DirtyRange r) {
 
 RangeIndex::Pos RangeIndex::Erase(Pos p) {
   Leaf* leaf = leaves_[p.leaf].get();
+  const uint8_t gone = leaf->slot[p.slot];
+  leaf->vals[gone] = DirtyRange();  // drops its chunk reference
   std::copy(leaf->keys + p.slot + 1, leaf->keys + leaf->n, leaf->keys + p.slot);
-  std::move(leaf->vals + p.slot + 1, leaf->vals + leaf->n, leaf->vals + p.slot);
+  std::copy(leaf->slot + p.slot + 1, leaf->slot + leaf->n, leaf->slot + p.slot);
   --leaf->n;
-  leaf->vals[leaf->n] = DirtyRange();  // drop the moved-from slot's chunk reference
+  leaf->slot[leaf->n] = gone;
   --size_;
   if (leaf->n == 0) {
     RemoveLeaf(p.leaf);
@@ -129,7 +148,7 @@ RangeIndex::Pos RangeIndex::Rebalance(size_t at, uint32_t slot) {
   if (leaf->n >= kLeafCap / 4) return {at, slot};
   auto append = [](Leaf* to, Leaf* from) {
     std::copy(from->keys, from->keys + from->n, to->keys + to->n);
-    std::move(from->vals, from->vals + from->n, to->vals + to->n);
+    for (uint32_t i = 0; i < from->n; ++i) to->Val(to->n + i) = std::move(from->Val(i));
     to->n += from->n;
     from->n = 0;
   };

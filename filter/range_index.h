@@ -46,7 +46,7 @@ class RangeIndex {
 
   Pos Begin() const { return Pos{}; }
   bool AtEnd(Pos p) const { return p.leaf >= leaves_.size(); }
-  const DirtyRange& At(Pos p) const { return leaves_[p.leaf]->vals[p.slot]; }
+  const DirtyRange& At(Pos p) const { return leaves_[p.leaf]->Val(p.slot); }
   uint64_t KeyAt(Pos p) const { return leaves_[p.leaf]->keys[p.slot]; }
   Pos Next(Pos p) const;
   // The entry before p (p may be the end); requires one.
@@ -83,11 +83,23 @@ class RangeIndex {
   const_iterator end() const { return {this, Pos{leaves_.size(), 0}}; }
 
  private:
+  // Keys are kept sorted; values are not moved when an entry is added or
+  // removed: slot[i] says which vals element holds the i-th entry in key
+  // order, and slot[n..kLeafCap) list the free elements.  An insert in the
+  // middle of a leaf so shifts 8-byte keys and 1-byte slots, not 40-byte
+  // ranges (whose chunk references make every move a read-modify-write).
   struct Leaf {
+    Leaf() {
+      for (uint32_t i = 0; i < kLeafCap; ++i) slot[i] = static_cast<uint8_t>(i);
+    }
+    DirtyRange& Val(uint32_t i) { return vals[slot[i]]; }
+    const DirtyRange& Val(uint32_t i) const { return vals[slot[i]]; }
     uint32_t n = 0;
+    uint8_t slot[kLeafCap];
     uint64_t keys[kLeafCap];
     DirtyRange vals[kLeafCap];
   };
+  static_assert(kLeafCap <= 256, "slot numbers are bytes");
   // The leaf that holds, or would hold, key.
   size_t LeafFor(uint64_t key) const;
   void InsertLeaf(size_t at, std::unique_ptr<Leaf> leaf);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -172,6 +173,12 @@ TEST(DirtyMapIndexTest, MatchesAReferenceMapUnderRandomInsertsAndErases) {
   }
   ASSERT_TRUE(same(m));
   EXPECT_GT(peak, 1000u);  // many leaves were in play
+  // No erased or cut range still holds its chunk (say, from a free slot of
+  // a leaf): what is charged is exactly the chunks live ranges point into.
+  std::set<const Chunk*> live;
+  for (const DirtyRange& r : m)
+    if (r.kind == RangeKind::kData) live.insert(r.chunk.get());
+  EXPECT_EQ(account.used(), live.size() * Chunk::AllocationSize(4096));
   // Chunks held only by erased/cut ranges are gone: what is charged is what
   // the remaining data ranges reference.
   m.clear();

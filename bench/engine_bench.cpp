@@ -99,9 +99,8 @@ void BM_Write4kRandom(benchmark::State& state) { WriteLoop(state, false); }
 // One 4 KiB buffered write just after the previous one.
 void BM_Write4kSequential(benchmark::State& state) { WriteLoop(state, true); }
 
-// The floor under BM_Write4kRandom: the same 4 KiB copies (StreamCopy, as
-// the engine makes them with this much buffered) into buffers that have
-// been read back (as the sink reads them) and handed out again newest
+// The floor under BM_Write4kRandom: the same 4 KiB copies into buffers that
+// have been read back (as the sink reads them) and handed out again newest
 // first, as the pool does, with no engine at all.  What BM_Write4kRandom
 // takes beyond this is the engine's own cost; this part is the memory
 // system's.
@@ -110,7 +109,7 @@ void BM_Copy4kFloor(benchmark::State& state) {
   const size_t size = Chunk::AllocationSize(kBlock);
   std::vector<uint8_t*> bufs(count);
   for (auto& b : bufs) {
-    b = static_cast<uint8_t*>(std::aligned_alloc(64, size));
+    b = static_cast<uint8_t*>(std::malloc(size));
     if (b == nullptr) {
       state.SkipWithError("malloc failed");
       break;
@@ -123,7 +122,7 @@ void BM_Copy4kFloor(benchmark::State& state) {
   std::vector<uint8_t> src(kBlock, 0xab), scratch(size);
   size_t i = 0;
   for (auto _ : state) {
-    StreamCopy(bufs[i] + size - kBlock, src.data(), kBlock);
+    std::memcpy(bufs[i] + size - kBlock, src.data(), kBlock);
     benchmark::DoNotOptimize(bufs[i]);
     if (++i == count) {
       state.PauseTiming();

@@ -19,20 +19,17 @@ namespace sdccache {
 
 class MemoryAccount;
 
-// Cache-line aligned, header included, so that a payload's lines are its
-// own: StreamCopy writes whole lines.
-class alignas(64) Chunk {
+class Chunk {
  public:
   // Copies `size` bytes from `src`; charges the allocation to `account`
   // (which must outlive the chunk).  `mem` is a buffer from the account's
-  // pool (MemoryAccount::Reserve), or nullptr to allocate one.  With
-  // `stream`, the copy goes around the cache (StreamCopy).  Returns nullptr
-  // if malloc fails.
+  // pool (MemoryAccount::Reserve), or nullptr to allocate one.  Returns nullptr if malloc
+  // fails.
   static Chunk* Create(const void* src, size_t size, MemoryAccount* account,
-                       void* mem = nullptr, bool stream = false);
+                       void* mem = nullptr);
 
   // Heap bytes one chunk of `size` payload bytes costs.
-  static size_t AllocationSize(size_t size) { return (sizeof(Chunk) + size + 63) & ~size_t{63}; }
+  static size_t AllocationSize(size_t size) { return sizeof(Chunk) + size; }
 
   const uint8_t* data() const { return payload(); }
   size_t size() const { return size_; }
@@ -49,15 +46,6 @@ class alignas(64) Chunk {
   size_t size_;
   MemoryAccount* account_;
 };
-
-// Copies n bytes with non-temporal stores when dst is 64-byte aligned and
-// n a multiple of 64 (else memcpy): the bytes go to memory without each
-// destination line first being read into the cache, which an ordinary
-// store to a line that is not cached must wait for.  Worth it only where
-// the data will not be read again while it could still be cached.  The
-// stores are fenced: visible to any thread that later takes a lock this
-// thread then releases.
-void StreamCopy(void* dst, const void* src, size_t n);
 
 // Owning handle to a Chunk (like shared_ptr, one pointer wide, no control
 // block allocation).

@@ -1,52 +1,20 @@
 // Chunk allocation and the MemoryAccount byte budget.
 #include <algorithm>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
 
 #include "chunk.h"
 #include "memory_account.h"
 
 namespace sdccache {
 
-void StreamCopy(void* dst, const void* src, size_t n) {
-#ifdef __SSE2__
-  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && n % 64 == 0) {
-    auto* d = static_cast<__m128i*>(dst);
-    const auto* s = static_cast<const __m128i*>(src);
-    for (size_t i = 0; i < n / 16; i += 4) {  // one whole line per round
-      const __m128i a = _mm_loadu_si128(s + i), b = _mm_loadu_si128(s + i + 1);
-      const __m128i c = _mm_loadu_si128(s + i + 2), e = _mm_loadu_si128(s + i + 3);
-      _mm_stream_si128(d + i, a);
-      _mm_stream_si128(d + i + 1, b);
-      _mm_stream_si128(d + i + 2, c);
-      _mm_stream_si128(d + i + 3, e);
-    }
-    _mm_sfence();
-    return;
-  }
-#endif
-  std::memcpy(dst, src, n);
-}
-
-Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account, void* mem,
-                     bool stream) {
+Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account, void* mem) {
   if (mem == nullptr) {
-    mem = std::aligned_alloc(alignof(Chunk), AllocationSize(size));
+    mem = std::malloc(AllocationSize(size));
     if (mem == nullptr) return nullptr;
     // New memory: make the pool give some back.
     if (account != nullptr && MemoryAccount::Poolable(size)) account->Evict();
-  }
-  if (stream) {
-    // The header line is written with ordinary stores: start fetching it
-    // now, so that it is there once the payload is on its way.
-    __builtin_prefetch(mem, 1, 3);
-    StreamCopy(static_cast<uint8_t*>(mem) + sizeof(Chunk), src, size);
-    return new (mem) Chunk(size, account);
   }
   auto* c = new (mem) Chunk(size, account);
   if (size) std::memcpy(c->payload(), src, size);
@@ -67,12 +35,25 @@ void Chunk::Unref() {
   if (account) account->Release(bytes);
 }
 
-void* MemoryAccount::TakeLocked(uint64_t payload) {
+// The next Reserve of this size will copy a payload into `next`, which has sat
+// in the pool since its data was written back and is likely out of cache:
+// start fetching its first 4 KiB now, so that the copy does not wait for
+// memory line by line.
+void MemoryAccount::Prefetch(const void* next, uint64_t payload) {
+  if (next == nullptr) return;
+  const auto* p = static_cast<const char*>(next);
+  const size_t len = std::min<size_t>(Chunk::AllocationSize(payload), 4096 + 64);
+  for (size_t off = 0; off < len; off += 64) __builtin_prefetch(p + off, 1, 3);
+}
+
+void* MemoryAccount::TakeLocked(uint64_t payload, const void** next) {
+  *next = nullptr;
   if (!Poolable(payload)) return nullptr;
   std::vector<void*>& stack = pool_[payload / kPoolUnit];
   if (stack.empty()) return nullptr;
   void* b = stack.back();
   stack.pop_back();
+  if (!stack.empty()) *next = stack.back();
   pooled_.fetch_sub(Chunk::AllocationSize(payload), std::memory_order_relaxed);
   return b;
 }
@@ -159,8 +140,10 @@ void* MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wai
     room_.wait(lock);
   }
   used_.fetch_add(bytes, std::memory_order_relaxed);
-  void* mem = pool_payload ? TakeLocked(pool_payload) : nullptr;
+  const void* next = nullptr;
+  void* mem = pool_payload ? TakeLocked(pool_payload, &next) : nullptr;
   lock.unlock();
+  Prefetch(next, pool_payload);
   if (waited) {
     auto spent = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
     wait_ns_.fetch_add(static_cast<uint64_t>(spent.count()), std::memory_order_relaxed);

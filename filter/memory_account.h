@@ -11,8 +11,7 @@
 // which is most of what buffering a write would otherwise cost.  Buffers in
 // use plus buffers pooled never exceed the limit, and an idle export returns
 // the pool (Drain).  Only payload sizes that are multiples of 4 KiB up to
-// 1 MiB are pooled (each size has its own stack, newest on top); others go
-// back to malloc.
+// 1 MiB are pooled (each size has its own stack, newest on top); others go back to malloc.
 //
 // Thread safety: all methods may be called from any thread.  Release() and
 // Recycle() may be called with other engine locks held (chunks die inside
@@ -67,8 +66,10 @@ class MemoryAccount {
   // Pops pooled buffers until pooled bytes are at most target; returns them
   // (to free outside mu_).
   std::vector<void*> EvictLocked(uint64_t target);
-  // Pops a pooled buffer for that payload size, or returns nullptr.
-  void* TakeLocked(uint64_t payload);
+  // Pops a buffer; *next is the one the next take of this size gets (to
+  // Prefetch once unlocked).
+  void* TakeLocked(uint64_t payload, const void** next);
+  static void Prefetch(const void* next, uint64_t payload);
 
   const uint64_t limit_;
   std::mutex mu_;

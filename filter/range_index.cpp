@@ -35,6 +35,7 @@ RangeIndex::Pos RangeIndex::Prev(Pos p) const {
 
 size_t RangeIndex::LeafFor(uint64_t key) const {
   // The last leaf whose first key is <= key (or leaf 0): upper_bound - 1.
+  assert(!firsts_.empty());
   const uint64_t* base = firsts_.data();
   size_t n = firsts_.size();
   while (n > 1) {
@@ -113,12 +114,12 @@ void RangeIndex::InsertAt(Pos p, DirtyRange r) {
       s -= kHalf;
     }
   }
-  const uint8_t free = leaf->slot[leaf->n];
+  const uint8_t spare = leaf->slot[leaf->n];  // a free vals element
   std::copy_backward(leaf->keys + s, leaf->keys + leaf->n, leaf->keys + leaf->n + 1);
   std::copy_backward(leaf->slot + s, leaf->slot + leaf->n, leaf->slot + leaf->n + 1);
   leaf->keys[s] = key;
-  leaf->slot[s] = free;
-  leaf->vals[free] = std::move(r);
+  leaf->slot[s] = spare;
+  leaf->vals[spare] = std::move(r);
   ++leaf->n;
   if (s == 0) firsts_[li] = key;
   ++size_;

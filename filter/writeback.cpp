@@ -17,9 +17,6 @@ using std::chrono::milliseconds;
 // An export with nothing buffered for this long returns its pool of chunk
 // buffers (and malloc's free pages) to the system.
 static constexpr milliseconds kIdleRelease{2000};
-// Buffered bytes above which writes are copied with StreamCopy: several
-// times a core's L2 cache.
-static constexpr uint64_t kStreamAbove = 8u << 20;
 
 WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
     : sink_(sink),
@@ -45,14 +42,9 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   if (count > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
   if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
     return 0;
-  // Behind this many buffered bytes, a write's bytes will have left the
-  // cache long before write-back reads them: its copy goes around the cache
-  // (engine-bench, 64 MiB buffered, 7 interleaved runs: 1,182 -> 1,009 ns
-  // per 4 KiB write).
-  const bool stream = account_.used() >= kStreamAbove;
   const size_t need = Chunk::AllocationSize(count);
   void* pooled = account_.Reserve(need, [this] { WakeForRoom(); }, count);
-  Chunk* c = Chunk::Create(buf, count, &account_, pooled, stream);
+  Chunk* c = Chunk::Create(buf, count, &account_, pooled);
   if (c == nullptr) {
     account_.Release(need);
     return ENOMEM;

@@ -5,7 +5,6 @@
 
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -69,38 +68,6 @@ Chunk* NewChunk(MemoryAccount* account, size_t size) {
   std::string payload(size, 'p');
   void* pooled = account->Reserve(Chunk::AllocationSize(size), [] {}, size);
   return Chunk::Create(payload.data(), size, account, pooled);
-}
-
-TEST(StreamCopyTest, CopiesEveryByteAndNothingElse) {
-  // Aligned sizes take the streaming path, the others memcpy; each must
-  // copy exactly n bytes.
-  alignas(64) static uint8_t dst[70000 + 128];
-  std::vector<uint8_t> src(70000);
-  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + 3);
-  for (size_t n : {64u, 128u, 4096u, 65536u, 100u, 4097u, 0u}) {
-    for (size_t at : {0u, 8u, 64u}) {
-      std::memset(dst, 0xee, sizeof dst);
-      StreamCopy(dst + at, src.data(), n);
-      EXPECT_EQ(std::memcmp(dst + at, src.data(), n), 0) << n << " at " << at;
-      for (size_t i = 0; i < at; ++i) ASSERT_EQ(dst[i], 0xee) << n << " at " << at;
-      for (size_t i = at + n; i < sizeof dst; ++i) ASSERT_EQ(dst[i], 0xee) << n << " at " << at;
-    }
-  }
-}
-
-TEST(ChunkTest, StreamedChunkHoldsItsPayloadOnItsOwnLines) {
-  MemoryAccount account(1 << 20);
-  std::string payload(8192, 0);
-  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>(i % 251);
-  for (bool stream : {false, true}) {
-    void* pooled = account.Reserve(Chunk::AllocationSize(8192), [] {}, 8192);
-    Chunk* c = Chunk::Create(payload.data(), 8192, &account, pooled, stream);
-    ASSERT_NE(c, nullptr);
-    EXPECT_EQ(reinterpret_cast<uintptr_t>(c->data()) % 64, 0u);
-    EXPECT_EQ(std::memcmp(c->data(), payload.data(), 8192), 0) << "stream " << stream;
-    c->Unref();
-  }
-  EXPECT_EQ(account.used(), 0u);
 }
 
 TEST(ChunkPoolTest, FreedBufferIsReusedForTheSameSize) {

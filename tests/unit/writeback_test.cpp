@@ -48,8 +48,8 @@ TEST(WriteBackTest, ReadsSeeBufferedWritesBeforeTheyAreWritten) {
 }
 
 TEST(WriteBackTest, DeepQueueWritesReadBackAndLandIntact) {
-  // Past 8 MiB buffered, writes are copied around the cache (StreamCopy):
-  // what reads see and what reaches the plugin must be the same bytes.
+  // Thousands of buffered writes (pooled buffers, a many-leaf index): what
+  // reads see and what reaches the plugin must be the same bytes.
   constexpr size_t kBlocks = 3 * 1024, kBlock = 4096;  // 12 MiB
   FakeSink sink(kBlocks * kBlock);
   WriteBack wb(&sink, Opts(1u << 30));

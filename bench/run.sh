@@ -11,9 +11,12 @@ build=${SDCCACHE_BUILD:-$root/build-bench}
 ninja -C "$build" filter/nbdkit-sdccache-filter.so bench/engine-bench >/dev/null
 export SDCCACHE_BENCH_CMD="bench/run.sh${*:+ $*}"
 /usr/bin/python3 "$root/bench/run.py" --build "$build" "$@"
-# Issue 3's outlet cost, appended to the full run's RESULTS.md.
+# Issue 3's outlet cost and bench/folios.py, appended to the full run's RESULTS.md.
 case " $* " in
   *" --quick "*|*" --out "*) ;;
   *) /usr/bin/python3 "$root/bench/outlets.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
+       --out "$root/bench/RESULTS.md"
+     # Target 1 on a second state of the image (small page-cache folios).
+     /usr/bin/python3 "$root/bench/folios.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
        --out "$root/bench/RESULTS.md" ;;
 esac

@@ -35,7 +35,7 @@ def parse_args():
     p.add_argument("--quick", action="store_true",
                    help="2 s runs, 1 repetition, results in /var/tmp/sdcbench-quick")
     p.add_argument("--runtime", type=float, help="seconds per fio run (default 5; quick 2)")
-    p.add_argument("--reps", type=int, help="interleaved repetitions (default 3; quick 1)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions (default 5; quick 1)")
     p.add_argument("--rows", help="comma-separated rows (default all): " +
                    ",".join(r.name for r in ALL_ROWS))
     p.add_argument("--workloads", help="comma-separated workloads (default all): " +
@@ -52,7 +52,7 @@ def parse_args():
     p.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks (target 8)")
     a = p.parse_args()
     a.runtime = a.runtime or (2.0 if a.quick else 5.0)
-    a.reps = a.reps or (1 if a.quick else 3)
+    a.reps = a.reps or (1 if a.quick else 5)
     a.rows = a.rows.split(",") if a.rows else [r.name for r in ALL_ROWS]
     a.workloads = a.workloads.split(",") if a.workloads else [w[0] for w in WORKLOADS]
     for r in a.rows:
@@ -106,7 +106,7 @@ def run_micro(build, quick):
     if not os.path.exists(exe):
         print("engine-bench not built (%s): target 8 not measured" % exe)
         return {}
-    cmd = [exe, "--benchmark_format=json", "--benchmark_repetitions=3",
+    cmd = [exe, "--benchmark_format=json", "--benchmark_repetitions=5",
            "--benchmark_report_aggregates_only=true",
            "--benchmark_min_time=%s" % ("0.2" if quick else "1")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout

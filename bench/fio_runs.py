@@ -7,7 +7,9 @@ whatever the filter still held when the client stopped writing has to reach
 the plugin (and be flushed) within it.  IOPS incl. drain divides the I/Os
 of the run by (runtime + drain).
 """
+import argparse
 import json
+import os
 import subprocess
 import time
 
@@ -31,6 +33,29 @@ WORKLOADS = [
      ["--rw=randrw", "--rwmixread=70", "--bs=4k", "--iodepth=16"]),
 ]
 WORKLOADS_BY_NAME = {w[0]: w for w in WORKLOADS}
+
+
+def make_image(path, size, piece=1 << 20):
+    """A fresh image of `size` bytes of 0x5a (any old one's pages leave the
+    page cache), written in `piece`-byte writes and synced.  How it is
+    written decides how the kernel caches it (bench/folios.py)."""
+    chunk = b"\x5a" * piece
+    with open(path, "wb") as f:
+        for _ in range(size // piece):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def side_bench_args(description, reps):
+    """The command line of the side benches run after run.py (outlets.py,
+    folios.py)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--filter", required=True, help="path of nbdkit-sdccache-filter.so")
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--runtime", type=float, default=5)
+    ap.add_argument("--out", help="append a Markdown section to this file")
+    return ap.parse_args()
 
 
 def fio_json(stdout):

@@ -14,7 +14,6 @@ sends every write straight to a plugin timed as CPU-bound.
 
     /usr/bin/python3 bench/folios.py --filter build-bench/filter/nbdkit-sdccache-filter.so
 """
-import argparse
 import os
 import shutil
 import statistics
@@ -23,7 +22,7 @@ import tempfile
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_runs import measure_cell  # noqa: E402
+from fio_runs import make_image, measure_cell, side_bench_args  # noqa: E402
 from servers import ROWS_BY_NAME, stats_filter_works_under  # noqa: E402
 
 SIZE = 256 << 20
@@ -32,26 +31,8 @@ VARIANTS = [("file", "file", ()), ("sdccache", "sdccache", ()),
             ("sdccache bypass-min=4K", "sdccache", ("bypass-min=4K",))]
 
 
-def write_image(path, piece):
-    """A fresh image (its old pages leave the page cache), written in
-    `piece`-byte writes and synced."""
-    block = b"\x5a" * piece
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for _ in range(SIZE // piece):
-            os.write(fd, block)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--filter", required=True, help="path of nbdkit-sdccache-filter.so")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--runtime", type=float, default=5)
-    ap.add_argument("--out", help="append a Markdown section to this file")
-    a = ap.parse_args()
+    a = side_bench_args(__doc__.split("\n")[0], reps=3)
     work = tempfile.mkdtemp(prefix="sdc-folios-", dir="/var/tmp")
     try:
         ctx = SimpleNamespace(workdir=work, filter_so=os.path.abspath(a.filter), image_size=SIZE,
@@ -62,7 +43,7 @@ def main():
             order = VARIANTS if rep % 2 == 0 else list(reversed(VARIANTS))
             for state, piece in STATES:
                 for name, row, args in order:
-                    write_image(ctx.image, piece)
+                    make_image(ctx.image, SIZE, piece)
                     tag = "r%d-%d-%s" % (rep, piece, name.replace(" ", "-").replace("=", ""))
                     rec = measure_cell(ROWS_BY_NAME[row], "randwrite-qd16", ctx, tag,
                                        a.runtime, args)

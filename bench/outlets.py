@@ -5,24 +5,18 @@ control=) and disabled, and compares the medians of the two.
 
     /usr/bin/python3 bench/outlets.py --filter build-bench/filter/nbdkit-sdccache-filter.so
 """
-import argparse
 import os
 import statistics
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_runs import run_fio, summarise_job  # noqa: E402
+from fio_runs import run_fio, side_bench_args, summarise_job  # noqa: E402
 from servers import Nbdkit  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--filter", required=True, help="path of nbdkit-sdccache-filter.so")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--runtime", type=float, default=5)
-    ap.add_argument("--out", help="append a Markdown section to this file")
-    a = ap.parse_args()
+    a = side_bench_args(__doc__.split("\n")[0], reps=5)
     work = tempfile.mkdtemp(prefix="sdc-outlets-", dir="/var/tmp")
     image = os.path.join(work, "disk.img")
     with open(image, "wb") as f:

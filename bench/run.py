@@ -23,7 +23,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 
 import experiments  # noqa: E402
 import report  # noqa: E402
-from fio_runs import WORKLOADS, WORKLOADS_BY_NAME, measure_cell  # noqa: E402
+from fio_runs import WORKLOADS, WORKLOADS_BY_NAME, make_image, measure_cell  # noqa: E402
 from servers import ALL_ROWS, ROWS_BY_NAME, stats_filter_works_under  # noqa: E402
 from targets import Targets, verdict  # noqa: E402
 
@@ -90,15 +90,6 @@ def machine_line(describe=None):
                 first_line(["nbdkit", "--version"]), first_line(["fio", "--version"]),
                 " ".join(open("/proc/loadavg").read().split()[:3]), describe,
                 time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())))
-
-
-def make_image(path, size):
-    chunk = b"\x5a" * (1 << 20)
-    with open(path, "wb") as f:
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def run_micro(build, quick):

@@ -179,8 +179,7 @@ TEST(DirtyMapIndexTest, MatchesAReferenceMapUnderRandomInsertsAndErases) {
   for (const DirtyRange& r : m)
     if (r.kind == RangeKind::kData) live.insert(r.chunk.get());
   EXPECT_EQ(account.used(), live.size() * Chunk::AllocationSize(4096));
-  // Chunks held only by erased/cut ranges are gone: what is charged is what
-  // the remaining data ranges reference.
+  // Clearing the map frees every chunk and the index.
   m.clear();
   EXPECT_EQ(account.used(), 0u);
   EXPECT_EQ(m.index_bytes(), 0u);

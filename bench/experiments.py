@@ -9,7 +9,9 @@ reads 4 KiB blocks that were not written (so every read goes to the plugin),
 one read per millisecond on a fixed schedule, each read's latency counted
 from the time it was due (so a stall counts once per read it delays), until
 the flush returns.  The same reads run for 2 s before the flush, as a
-control for this machine's own latency.
+control for this machine's own latency.  run.py repeats it (interleaved,
+sdccache then cache, as many times as the fio rows) and reports each
+figure's median over the repetitions (median_run), like every other target.
 
 memory_run: 1 GiB of 4 KiB random writes (each block once) through sdccache
 over file with queue-max-size=64M and only backpressure triggering
@@ -141,6 +143,20 @@ def reads_during_drain(ctx, top, buffered=64 * MIB, delay="1ms", limit_s=300):
             "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
             "max_ms": max(lat) if lat else 0.0,
             "idle_p99_ms": percentile(idle, 99), "idle_max_ms": max(idle) if idle else 0.0}
+
+
+def median_run(runs):
+    """One record from repeated reads_during_drain runs: each figure is the
+    median over the runs (for an even count, the lower middle one, so that
+    it is a measured value); the runs' p99s are kept as p99_runs."""
+    out = {"top": runs[0]["top"], "buffered": runs[0]["buffered"], "runs": len(runs),
+           "p99_runs": [r["p99_ms"] for r in runs],
+           "idle_p99_runs": [r["idle_p99_ms"] for r in runs]}
+    for k in ("queued_before", "drain_s", "reads", "p50_ms", "p99_ms", "max_ms",
+              "idle_p99_ms", "idle_max_ms"):
+        vals = sorted(r[k] for r in runs if r.get(k) is not None)
+        out[k] = vals[(len(vals) - 1) // 2] if vals else None
+    return out
 
 
 def memory_run(ctx, total=1 << 30, queue="64M", limit_s=600):

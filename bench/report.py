@@ -103,7 +103,12 @@ def experiments_text(drain6, memory7, micro8):
                         "%.2f" % v.get("idle_p99_ms", 0), "%.1f" % v.get("idle_max_ms", 0)]
                        for k, v in drain6.items()])
         out += ["", "(idle: the same reads for 2 s before the flush, nothing being written "
-                "back.)"]
+                "back.)  Each figure is the median of %d interleaved repetition(s); their p99s, "
+                "during the drain and idle:" % max(v.get("runs", 1) for v in drain6.values()), ""]
+        out += ["- %s: %s ms; idle %s ms" % (
+                    k, ", ".join("%.2f" % x for x in v.get("p99_runs", [v["p99_ms"]])),
+                    ", ".join("%.2f" % x for x in v.get("idle_p99_runs", [v.get("idle_p99_ms", 0)])))
+                for k, v in drain6.items()]
     if memory7:
         m = memory7
         out += ["", "Memory during a 1 GiB 4 KiB random write, queue-max-size=64M, "

@@ -169,12 +169,16 @@ def run(a, filter_so, workdir):
 
     drain6, memory7 = {}, None
     if not a.no_experiments:
-        for top in ("sdccache", "cache"):
-            try:
-                drain6[top] = experiments.reads_during_drain(ctx, top)
-                print("reads during drain (%s): %r" % (top, drain6[top]), flush=True)
-            except Exception as e:  # noqa: BLE001
-                errors.append("reads during drain (%s): %s" % (top, e))
+        runs6 = {"sdccache": [], "cache": []}
+        for rep in range(a.reps):
+            for top in runs6:
+                try:
+                    r = experiments.reads_during_drain(ctx, top)
+                    runs6[top].append(r)
+                    print("reads during drain (%s, rep %d): %r" % (top, rep, r), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    errors.append("reads during drain (%s, rep %d): %s" % (top, rep, e))
+        drain6 = {top: experiments.median_run(runs) for top, runs in runs6.items() if runs}
         try:
             memory7 = experiments.memory_run(ctx)
             print("memory run: %r" % memory7, flush=True)

@@ -1,0 +1,49 @@
+#!/usr/bin/python3
+# Target 6's repetitions: median_run (experiments.py) and how report.py
+# shows them.  Runs no server.
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+
+import experiments  # noqa: E402
+import report  # noqa: E402
+
+
+def run(p99, idle_p99, drain_s, top="sdccache"):
+    return {"top": top, "buffered": 64 << 20, "queued_before": None, "drain_s": drain_s,
+            "reads": int(drain_s * 1000), "p50_ms": p99 / 4, "p99_ms": p99,
+            "max_ms": p99 * 2, "idle_p99_ms": idle_p99, "idle_max_ms": idle_p99 * 2}
+
+
+class MedianRun(unittest.TestCase):
+    def test_each_figure_is_its_own_median(self):
+        # One stalled run out of five must not decide the p99.
+        runs = [run(0.6, 0.3, 0.55), run(38.9, 3.1, 0.95), run(0.7, 0.9, 0.56),
+                run(0.5, 0.2, 0.60), run(0.8, 0.4, 0.58)]
+        m = experiments.median_run(runs)
+        self.assertEqual(m["runs"], 5)
+        self.assertEqual(m["p99_ms"], 0.7)
+        self.assertEqual(m["idle_p99_ms"], 0.4)
+        self.assertEqual(m["drain_s"], 0.58)
+        self.assertEqual(m["reads"], 580)
+        self.assertEqual(m["p99_runs"], [0.6, 38.9, 0.7, 0.5, 0.8])
+        self.assertIsNone(m["queued_before"])  # the cache filter's: not known
+
+    def test_even_count_takes_a_measured_value(self):
+        m = experiments.median_run([run(1.0, 0.1, 0.5), run(9.0, 0.2, 0.6)])
+        self.assertEqual(m["p99_ms"], 1.0)  # the lower middle, not 5.0
+
+    def test_report_lists_every_run(self):
+        runs = [run(0.6, 0.3, 0.55), run(38.9, 3.1, 0.95), run(0.7, 0.9, 0.56)]
+        text = "\n".join(report.experiments_text(
+            {"sdccache": experiments.median_run(runs)}, None, {}))
+        self.assertIn("median of 3 interleaved", text)
+        self.assertIn("- sdccache: 0.60, 38.90, 0.70 ms; idle 0.30, 3.10, 0.90 ms", text)
+        self.assertIn("| sdccache | 0.560 | 560 |", text)
+
+
+if __name__ == "__main__":
+    unittest.main()

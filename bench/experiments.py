@@ -21,6 +21,7 @@ against queued_bytes), and nbdkit's peak RSS (VmHWM) is read at the end.
 """
 import os
 import random
+import statistics
 import threading
 import time
 
@@ -154,8 +155,8 @@ def median_run(runs):
            "idle_p99_runs": [r["idle_p99_ms"] for r in runs]}
     for k in ("queued_before", "drain_s", "reads", "p50_ms", "p99_ms", "max_ms",
               "idle_p99_ms", "idle_max_ms"):
-        vals = sorted(r[k] for r in runs if r.get(k) is not None)
-        out[k] = vals[(len(vals) - 1) // 2] if vals else None
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = statistics.median_low(vals) if vals else None
     return out
 
 

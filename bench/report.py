@@ -104,10 +104,9 @@ def experiments_text(drain6, memory7, micro8):
                        for k, v in drain6.items()])
         out += ["", "(idle: the same reads for 2 s before the flush, nothing being written "
                 "back.)  Each figure is the median of %d interleaved repetition(s); their p99s, "
-                "during the drain and idle:" % max(v.get("runs", 1) for v in drain6.values()), ""]
-        out += ["- %s: %s ms; idle %s ms" % (
-                    k, ", ".join("%.2f" % x for x in v.get("p99_runs", [v["p99_ms"]])),
-                    ", ".join("%.2f" % x for x in v.get("idle_p99_runs", [v.get("idle_p99_ms", 0)])))
+                "during the drain and idle:" % max(v["runs"] for v in drain6.values()), ""]
+        out += ["- %s: %s ms; idle %s ms" % (k, ", ".join("%.2f" % x for x in v["p99_runs"]),
+                                             ", ".join("%.2f" % x for x in v["idle_p99_runs"]))
                 for k, v in drain6.items()]
     if memory7:
         m = memory7

@@ -66,6 +66,23 @@ def fio_json(stdout):
     return json.loads(stdout[start:])
 
 
+def cpu_times():
+    """The machine's CPU time so far, from /proc/stat's `cpu` line: (busy,
+    idle, steal) in clock ticks.  Steal is time the hypervisor gave this
+    VM's virtual CPUs to someone else while they had work to do."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq, idle + iowait, steal)
+
+
+def steal_pct(before, after):
+    """Steal as a percentage of all the CPU time between two cpu_times()."""
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d)
+    return 100.0 * d[2] / total if total > 0 else 0.0
+
+
 def run_fio(uri, options, runtime=None, size=None, extra_timeout=90):
     """Runs one fio job to the end (bounded); returns its parsed JSON job."""
     cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri,
@@ -135,7 +152,9 @@ def measure_cell(row, workload, ctx, tag, runtime, sdc_args=()):
     try:
         drain_h = connect(server.uri)
         try:
+            cpu0 = cpu_times()
             job = run_fio(server.uri, options, runtime=runtime, size=ctx.image_size)
+            steal = steal_pct(cpu0, cpu_times())
             t0 = time.monotonic()
             if drain_h.can_flush():
                 drain_h.flush()
@@ -151,7 +170,7 @@ def measure_cell(row, workload, ctx, tag, runtime, sdc_args=()):
         server.kill()
         raise
     rec = summarise_job(job)
-    rec.update(row=row.name, workload=name, drain_s=drain_s,
+    rec.update(row=row.name, workload=name, drain_s=drain_s, steal_pct=steal,
                iops_drain=rec["ios"] / (rec["runtime_s"] + drain_s),
                plugin_write_ops=counted["write_ops"], plugin_write_bytes=counted["write_bytes"],
                plugin_flush_ops=counted["flush_ops"])

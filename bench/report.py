@@ -9,6 +9,7 @@ METRICS = [  # key, header, format
     ("drain_s", "drain s", "{:.3f}"),
     ("iops_drain", "IOPS incl. drain", "{:,.0f}"),
     ("plugin_write_avg_kib", "plugin write avg KiB", "{:.1f}"),
+    ("steal_pct", "steal %", "{:.0f}"),
 ]
 
 
@@ -30,6 +31,22 @@ def medians(records):
             m["sdccache"] = {k: statistics.median(s.get(k, 0) for s in sdc) for k in sdc[0]}
         out[key] = m
     return out
+
+
+def steal_text(records, whole_run_pct):
+    """How much CPU time the hypervisor took from this VM while fio ran: a
+    row measured while a third of the machine was elsewhere is not
+    comparable with one measured on a quiet host."""
+    if not records:
+        return "Hypervisor steal: no fio run finished."
+    worst = max(records, key=lambda r: r["steal_pct"])
+    over = sum(1 for r in records if r["steal_pct"] >= 10)
+    return ("Hypervisor steal (CPU time this VM's CPUs waited for while the host ran "
+            "something else, from /proc/stat): %.1f%% over the fio matrix; per fio run median "
+            "%.1f%%, max %.1f%% (%s, %s, repetition %d); %d of %d runs at 10%% or more." % (
+                whole_run_pct, statistics.median(r["steal_pct"] for r in records),
+                worst["steal_pct"], worst["row"], worst["workload"], worst.get("rep", 0),
+                over, len(records)))
 
 
 def _table(header, lines):

@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 # Target 6's repetitions: median_run (experiments.py) and how report.py
-# shows them.  Runs no server.
+# shows them; the hypervisor steal of fio_runs.py and report.py.  Runs no
+# server.
 import os
 import sys
 import unittest
@@ -9,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 
 import experiments  # noqa: E402
+import fio_runs  # noqa: E402
 import report  # noqa: E402
 
 
@@ -43,6 +45,28 @@ class MedianRun(unittest.TestCase):
         self.assertIn("median of 3 interleaved", text)
         self.assertIn("- sdccache: 0.60, 38.90, 0.70 ms; idle 0.30, 3.10, 0.90 ms", text)
         self.assertIn("| sdccache | 0.560 | 560 |", text)
+
+
+class Steal(unittest.TestCase):
+    def test_share_of_all_cpu_time(self):
+        # (busy, idle, steal) ticks: 50 busy, 30 idle, 20 stolen since.
+        self.assertAlmostEqual(fio_runs.steal_pct((100, 50, 0), (150, 80, 20)), 20.0)
+        self.assertEqual(fio_runs.steal_pct((5, 5, 5), (5, 5, 5)), 0.0)
+
+    def test_cpu_times_reads_proc_stat(self):
+        a = fio_runs.cpu_times()
+        self.assertEqual(len(a), 3)
+        self.assertGreater(a[0] + a[1], 0)
+
+    def test_text_names_the_worst_run(self):
+        recs = [{"row": "file", "workload": "randwrite-qd1", "rep": 0, "steal_pct": 2.0},
+                {"row": "sdccache", "workload": "randrw-70-30", "rep": 2, "steal_pct": 34.0},
+                {"row": "memory", "workload": "randwrite-qd1", "rep": 1, "steal_pct": 12.0}]
+        text = report.steal_text(recs, 15.5)
+        self.assertIn("15.5% over the fio matrix", text)
+        self.assertIn("per fio run median 12.0%", text)
+        self.assertIn("max 34.0% (sdccache, randrw-70-30, repetition 2)", text)
+        self.assertIn("2 of 3 runs at 10% or more", text)
 
 
 if __name__ == "__main__":

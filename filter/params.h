@@ -8,7 +8,7 @@
 namespace sdccache {
 
 struct Params {
-  uint32_t threshold = 32;
+  uint32_t threshold = 1024;
   uint32_t writeback_threads = 64;
   uint64_t queue_max_size = 64ull << 20;
   uint32_t bypass_min = 64 * 1024;  // 0: never

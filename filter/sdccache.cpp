@@ -169,7 +169,7 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
 }
 
 #define sdccache_config_help                                                       \
-  "threshold=N               Queued write requests that start a batch (default 32).\n" \
+  "threshold=N               Queued write requests that start a batch (default 1024).\n" \
   "queue-max-size=SIZE       Bound on buffered bytes; writers wait past it (64M).\n"  \
   "max-age=DURATION          Write back data older than this (30s; 0 = never).\n"     \
   "writeback-threads=N       Plugin requests in flight during write-back (64).\n"   \

@@ -51,7 +51,7 @@
 namespace sdccache {
 
 struct WriteBackOptions {
-  uint32_t threshold = 32;
+  uint32_t threshold = 1024;
   uint64_t queue_max_bytes = 64ull << 20;
   std::chrono::milliseconds max_age{30000};  // 0: no age trigger
   std::chrono::microseconds gather{1000};    // threshold batches start this late

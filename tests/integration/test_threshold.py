@@ -1,4 +1,5 @@
 # Threshold trigger: the Nth queued write starts a batch; fewer stay buffered.
+import shutil
 import tempfile
 import time
 
@@ -6,11 +7,25 @@ import sdctest
 
 THRESHOLD = 5
 BLOCK = 4096
+DEFAULT_THRESHOLD = 1024  # what the man page and README say
+
+
+def check_default(img):
+    """Without threshold=, the export description shows the documented default."""
+    tmp = tempfile.mkdtemp(prefix="sdc-threshold-default-")  # a socket of its own
+    with sdctest.start_server(["file", img], ["max-age=1h"], tmpdir=tmp) as srv:
+        out = sdctest.run_command(["nbdinfo", srv.uri], timeout=30).stdout.decode()
+        want = "sdccache: threshold=%d " % DEFAULT_THRESHOLD
+        desc = [l for l in out.splitlines() if "description" in l]
+        sdctest.check(desc and want in desc[0], "nbdinfo description lacks %r:\n%s" % (want, out))
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main():
     tmp = tempfile.mkdtemp(prefix="sdc-threshold-")
     img = sdctest.make_image(tmp, 1 << 20)
+    check_default(img)
     with sdctest.start_server(["file", img], ["threshold=%d" % THRESHOLD, "max-age=1h"],
                         tmpdir=tmp) as srv:
         h = srv.connect()

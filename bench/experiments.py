@@ -14,8 +14,9 @@ sdccache then cache, as many times as the fio rows) and reports each
 figure's median over the repetitions (median_run), like every other target.
 
 memory_run: 1 GiB of 4 KiB random writes (each block once) through sdccache
-over file with queue-max-size=64M and only backpressure triggering
-write-back, so the queue fills with the smallest ranges there are.  The
+over file with queue-max-size=64M, the threshold out of reach and max-age
+off: write-back starts at half the queue (32 MiB of data) and when writers
+wait for room, so the queue fills with the smallest ranges there are.  The
 statsfile and the control socket are sampled all along (memory_bytes
 against queued_bytes), and nbdkit's peak RSS (VmHWM) is read at the end.
 """

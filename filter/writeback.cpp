@@ -87,11 +87,14 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
     active_since_ = Clock::now();
     active_min_seq_ = seq;
   }
+  const bool was_half = HalfFull();
   active_.Insert(std::move(r));
   ++active_requests_;
   counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
-  if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0)) work_.Signal();
+  if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0) ||
+      (!was_half && HalfFull()))
+    work_.Signal();
   if (fua) return WaitFor(seq, write_gen_, true, Trigger::kFua);
   return 0;
 }
@@ -268,6 +271,10 @@ bool WriteBack::BatchDue(Clock::time_point now, Trigger* why) const {
   }
   if (paused_) return false;
   if (active_requests_ >= threshold_ && now >= threshold_at_ + opts_.gather) {
+    *why = Trigger::kThreshold;
+    return true;
+  }
+  if (HalfFull()) {  // counted with threshold batches: a size threshold
     *why = Trigger::kThreshold;
     return true;
   }

@@ -5,7 +5,8 @@
 //    thread see it at once.  Requests are applied newest-wins.
 //  - A background flusher writes the buffered set to the Sink when
 //    `threshold` requests are queued (`gather` later, so that requests
-//    still arriving join the batch), when the oldest is `max_age` old, when
+//    still arriving join the batch), when they hold half of
+//    queue_max_bytes, when the oldest is `max_age` old, when
 //    a writer waits for room, and when Flush() asks.  While it writes one
 //    batch ("flushing"), new requests go to the next ("active").  A caller
 //    of Flush() (or a FUA or write-through request) whose requests are still
@@ -133,6 +134,12 @@ class WriteBack {
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);
+  // Whether active_ holds data of half queue_max_bytes or more: a batch
+  // starts then whatever the request count, so that writers do not reach
+  // the bound (and wait) before write-back has begun.
+  bool HalfFull() const REQUIRES(mu_) {
+    return active_.data_bytes() >= opts_.queue_max_bytes / 2;
+  }
   // A batch being written: the active set as it was taken.
   struct Batch {
     // Changed only by the thread running the batch, under mu_; so that

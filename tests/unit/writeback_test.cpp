@@ -385,6 +385,7 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
   FakeSink sink(kDisk);
   const uint64_t limit = 3 * Chunk::AllocationSize(4096);
   WriteBack wb(&sink, Opts(1000, limit));
+  wb.Pause();  // no threshold or half-queue batch: only a waiting writer starts one
   std::string block(4096, 'p');
   sink.Hold();
   for (int i = 0; i < 3; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 4096, false), 0);
@@ -403,6 +404,23 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4 * 4096), std::string(4 * 4096, 'p'));
+}
+
+// Half of queue_max_bytes in buffered data starts a batch whatever the
+// request count, so writers do not reach the bound before write-back begins.
+TEST(WriteBackTest, HalfTheQueueStartsABatchBelowThreshold) {
+  FakeSink sink(kDisk);
+  const uint64_t limit = 8 * Chunk::AllocationSize(4096);  // half: over 4 blocks of data
+  WriteBack wb(&sink, Opts(1000, limit));
+  std::string block(4096, 'h');
+  for (int i = 0; i < 4; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 8192, false), 0);
+  EXPECT_FALSE(sink.WritesStartWithin(1, milliseconds(200)));  // under half: stays buffered
+  ASSERT_EQ(wb.Write(block.data(), 4096, 4 * 8192, false), 0);  // 20 KiB: half reached
+  ASSERT_TRUE(sink.WritesStartWithin(5, std::chrono::seconds(10)));
+  while (wb.queued_requests() != 0) std::this_thread::yield();
+  EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kThreshold)].load(), 1u);
+  EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kBackpressure)].load(), 0u);
+  EXPECT_EQ(sink.flushes(), 0u);
 }
 
 TEST(WriteBackTest, WriteLargerThanQueueIsWrittenThroughInOrder) {

@@ -173,7 +173,8 @@ def measure_cell(row, workload, ctx, tag, runtime, sdc_args=()):
     rec.update(row=row.name, workload=name, drain_s=drain_s, steal_pct=steal,
                iops_drain=rec["ios"] / (rec["runtime_s"] + drain_s),
                plugin_write_ops=counted["write_ops"], plugin_write_bytes=counted["write_bytes"],
-               plugin_flush_ops=counted["flush_ops"])
+               plugin_flush_ops=counted["flush_ops"],
+               cpu_us_per_io=counted["nbdkit_cpu_s"] * 1e6 / rec["ios"] if rec["ios"] else 0.0)
     rec["plugin_write_avg_kib"] = (counted["write_bytes"] / counted["write_ops"] / 1024.0
                                    if counted["write_ops"] else 0.0)
     sdc = counted.get("sdccache")

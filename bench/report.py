@@ -9,6 +9,7 @@ METRICS = [  # key, header, format
     ("drain_s", "drain s", "{:.3f}"),
     ("iops_drain", "IOPS incl. drain", "{:,.0f}"),
     ("plugin_write_avg_kib", "plugin write avg KiB", "{:.1f}"),
+    ("cpu_us_per_io", "nbdkit CPU µs/I/O", "{:.1f}"),
     ("steal_pct", "steal %", "{:.0f}"),
 ]
 

@@ -227,7 +227,9 @@ def run(a, filter_so, workdir):
           "`/remote` = the nbd plugin forwarding to a second nbdkit with the delay filter. "
           "nbdkit's stats filter sits just above every plugin and counts plugin writes. "
           "Drain = one client flush timed from fio's exit; IOPS incl. drain = I/Os / "
-          "(runtime + drain). `I/Os per client flush` shows how often fio's nbd engine really "
+          "(runtime + drain). nbdkit CPU µs/I/O = user + system CPU time of the row's nbdkit "
+          "processes (both of them for /remote) from start to after the drain, per I/O. "
+          "`I/Os per client flush` shows how often fio's nbd engine really "
           "flushed with fsync=32. sdccache parameters: defaults%s." % (
               (" + " + a.sdc_args) if a.sdc_args else ""), "",
           ] + ["Note: " + n + "\n" for n in notes] + [

@@ -18,5 +18,8 @@ case " $* " in
        --out "$root/bench/RESULTS.md"
      # Target 1 on a second state of the image (small page-cache folios).
      /usr/bin/python3 "$root/bench/folios.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
+       --out "$root/bench/RESULTS.md"
+     # The default threshold against the old one (32).
+     /usr/bin/python3 "$root/bench/thresholds.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
        --out "$root/bench/RESULTS.md" ;;
 esac

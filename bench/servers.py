@@ -110,6 +110,13 @@ class Nbdkit:
             self.logf.close()
 
 
+def cpu_seconds(pid):
+    """User + system CPU time a live process has used (all its threads)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RowServer:
     """The nbdkit process(es) of one row for one run, with their stats files."""
 
@@ -174,6 +181,7 @@ class RowServer:
         """Stops every process (nearest first); returns nbdkit's counters
         (sdccache's taken just before the stop)."""
         sdc = control_stats(self.control) if self.control else None
+        cpu_s = sum(cpu_seconds(s.pid) for s in self.servers)
         try:
             for s in reversed(self.servers):
                 rc = s.stop()
@@ -188,6 +196,7 @@ class RowServer:
                    "write_bytes": sdc.get("bytes_flushed", 0), "flush_ops": 0}
         if sdc is not None:
             out["sdccache"] = sdc
+        out["nbdkit_cpu_s"] = cpu_s
         return out
 
     def kill(self):

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 # Target 6's repetitions: median_run (experiments.py) and how report.py
-# shows them; the hypervisor steal of fio_runs.py and report.py.  Runs no
-# server.
+# shows them; the hypervisor steal of fio_runs.py and report.py; the
+# table of thresholds.py.  Runs no server.
 import os
 import sys
 import unittest
@@ -12,6 +12,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import experiments  # noqa: E402
 import fio_runs  # noqa: E402
 import report  # noqa: E402
+import thresholds  # noqa: E402
 
 
 def run(p99, idle_p99, drain_s, top="sdccache"):
@@ -67,6 +68,26 @@ class Steal(unittest.TestCase):
         self.assertIn("per fio run median 12.0%", text)
         self.assertIn("max 34.0% (sdccache, randrw-70-30, repetition 2)", text)
         self.assertIn("2 of 3 runs at 10% or more", text)
+
+
+def cell(iops, cpu, requests, batches):
+    return {"iops_drain": iops, "cpu_us_per_io": cpu,
+            "sdccache": {"requests_flushed": requests, "batches_flushed": batches}}
+
+
+class ThresholdTable(unittest.TestCase):
+    def test_ratios_are_default_over_old(self):
+        runs = {("randwrite-qd16", "default (1024)"): [cell(60000, 18.0, 3000, 2),
+                                                       cell(50000, 20.0, 2000, 2),
+                                                       cell(55000, 16.0, 1000, 1)],
+                ("randwrite-qd16", "threshold=32"): [cell(40000, 24.0, 300, 3),
+                                                     cell(44000, 22.0, 300, 1)],
+                ("randwrite-qd1", "default (1024)"): [],
+                ("randwrite-qd1", "threshold=32"): [cell(1, 1.0, 1, 1)]}
+        lines = thresholds.table(runs)
+        self.assertEqual(len(lines), 3)  # header, rule, QD16 only (QD1 lacks a variant)
+        self.assertEqual(lines[2], "| randwrite-qd16 | 55,000 | 42,000 | 1.31x | 18.0 | 23.0 "
+                                   "| 0.78x | 1000 | 200 |")
 
 
 if __name__ == "__main__":

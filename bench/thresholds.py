@@ -7,8 +7,8 @@ drain and nbdkit's CPU time per I/O.
 
 Why: a batch is written in offset order; the more requests it holds, the
 closer together its writes land in the file, and ext4's buffered write then
-finds each folio's buffer heads still in the CPU's caches (a perf profile
-had ext4_block_write_begin at 36% of nbdkit's CPU with threshold=32 and 14%
+finds each folio's buffer heads still in the CPU's caches (a perf profile,
+taken outside bench/, had ext4_block_write_begin at 36% of nbdkit's CPU with threshold=32 and 14%
 with 4096).  Fewer batches also mean fewer thread wakeups.  On 2 cores, the
 CPU time per I/O decides the IOPS; it is also steadier than IOPS when the
 host steals CPU time.
@@ -52,7 +52,7 @@ def main():
                                              rec["cpu_us_per_io"], rec["steal_pct"]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    lines = table(runs, a.reps)
+    lines = table(runs)
     print("\n".join(lines))
     if a.out:
         with open(a.out, "a") as f:
@@ -62,7 +62,7 @@ def main():
                     % (a.reps, a.runtime, "\n".join(lines)))
 
 
-def table(runs, reps):
+def table(runs):
     """Markdown lines: per workload, the medians of both variants and ratios."""
     (dflt, _), (old, _) = VARIANTS
     lines = ["| workload | IOPS incl. drain, default | threshold=32 | ratio | "

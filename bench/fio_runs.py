@@ -8,14 +8,18 @@ the plugin (and be flushed) within it.  IOPS incl. drain divides the I/Os
 of the run by (runtime + drain).
 """
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
+from types import SimpleNamespace
 
 import nbd  # python3-libnbd (/usr/bin/python3)
 
-from servers import BenchError, RowServer
+from servers import BenchError, RowServer, stats_filter_works_under
 
 # name, label, fio options
 WORKLOADS = [
@@ -56,6 +60,20 @@ def side_bench_args(description, reps):
     ap.add_argument("--runtime", type=float, default=5)
     ap.add_argument("--out", help="append a Markdown section to this file")
     return ap.parse_args()
+
+
+@contextlib.contextmanager
+def side_bench_ctx(filter_so, name, image_size):
+    """The run context of a side bench (what measure_cell needs) in a new
+    work directory under /var/tmp, removed afterwards."""
+    work = tempfile.mkdtemp(prefix="sdc-%s-" % name, dir="/var/tmp")
+    try:
+        ctx = SimpleNamespace(workdir=work, filter_so=os.path.abspath(filter_so),
+                              image_size=image_size, image=os.path.join(work, "disk.img"))
+        ctx.stats_under_sdccache = stats_filter_works_under(ctx.filter_so, work)
+        yield ctx
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def fio_json(stdout):

@@ -15,15 +15,12 @@ sends every write straight to a plugin timed as CPU-bound.
     /usr/bin/python3 bench/folios.py --filter build-bench/filter/nbdkit-sdccache-filter.so
 """
 import os
-import shutil
 import statistics
 import sys
-import tempfile
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_runs import make_image, measure_cell, side_bench_args  # noqa: E402
-from servers import ROWS_BY_NAME, stats_filter_works_under  # noqa: E402
+from fio_runs import make_image, measure_cell, side_bench_args, side_bench_ctx  # noqa: E402
+from servers import ROWS_BY_NAME  # noqa: E402
 
 SIZE = 256 << 20
 STATES = [("1 MiB writes", 1 << 20), ("4 KiB writes", 4096)]
@@ -33,11 +30,7 @@ VARIANTS = [("file", "file", ()), ("sdccache", "sdccache", ()),
 
 def main():
     a = side_bench_args(__doc__.split("\n")[0], reps=3)
-    work = tempfile.mkdtemp(prefix="sdc-folios-", dir="/var/tmp")
-    try:
-        ctx = SimpleNamespace(workdir=work, filter_so=os.path.abspath(a.filter), image_size=SIZE,
-                              image=os.path.join(work, "disk.img"))
-        ctx.stats_under_sdccache = stats_filter_works_under(ctx.filter_so, work)
+    with side_bench_ctx(a.filter, "folios", SIZE) as ctx:
         iops = {(s, v): [] for s, _ in STATES for v, _, _ in VARIANTS}
         for rep in range(a.reps):
             order = VARIANTS if rep % 2 == 0 else list(reversed(VARIANTS))
@@ -50,8 +43,6 @@ def main():
                     iops[(state, name)].append(rec["iops_drain"])
                     print("rep %d %-13s %-24s %9.0f IOPS incl. drain" %
                           (rep, state, name, rec["iops_drain"]), flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in iops.items()}
     lines = ["| image written in | file | sdccache | sdccache / file | "
              "sdccache bypass-min=4K | bypass-min=4K / file |", "|---|--:|--:|--:|--:|--:|"]

@@ -129,7 +129,8 @@ def experiments_text(drain6, memory7, micro8):
     if memory7:
         m = memory7
         out += ["", "Memory during a 1 GiB 4 KiB random write, queue-max-size=64M, "
-                "write-back by half-queue and backpressure only: %d samples (statsfile and control socket), %d of them "
+                "write-back by half-queue and backpressure only: %d samples (statsfile and "
+                "control socket), %d of them "
                 "over 1.1 x queued_bytes + 1 MiB; worst memory_bytes %d at queued_bytes %d "
                 "(%s; ratio %.3f); max queued sampled %.1f MiB; RSS at start "
                 "%.1f MiB, peak RSS (VmHWM) %.1f MiB; %.1f s." % (

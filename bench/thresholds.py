@@ -8,23 +8,20 @@ drain and nbdkit's CPU time per I/O.
 Why: a batch is written in offset order; the more requests it holds, the
 closer together its writes land in the file, and ext4's buffered write then
 finds each folio's buffer heads still in the CPU's caches (a perf profile,
-taken outside bench/, had ext4_block_write_begin at 36% of nbdkit's CPU with threshold=32 and 14%
-with 4096).  Fewer batches also mean fewer thread wakeups.  On 2 cores, the
-CPU time per I/O decides the IOPS; it is also steadier than IOPS when the
-host steals CPU time.
+taken outside bench/, had ext4_block_write_begin at 36% of nbdkit's CPU
+with threshold=32 and 14% with 4096).  Fewer batches also mean fewer
+thread wakeups.  On 2 cores, the CPU time per I/O decides the IOPS; it is
+also steadier than IOPS when the host steals CPU time.
 
     /usr/bin/python3 bench/thresholds.py --filter build-bench/filter/nbdkit-sdccache-filter.so
 """
 import os
-import shutil
 import statistics
 import sys
-import tempfile
-from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_runs import make_image, measure_cell, side_bench_args  # noqa: E402
-from servers import ROWS_BY_NAME, stats_filter_works_under  # noqa: E402
+from fio_runs import make_image, measure_cell, side_bench_args, side_bench_ctx  # noqa: E402
+from servers import ROWS_BY_NAME  # noqa: E402
 
 SIZE = 256 << 20
 WORKLOADS = ["randwrite-qd16", "randwrite-qd1"]
@@ -33,12 +30,8 @@ VARIANTS = [("default (1024)", ()), ("threshold=32", ("threshold=32",))]
 
 def main():
     a = side_bench_args(__doc__.split("\n")[0], reps=5)
-    work = tempfile.mkdtemp(prefix="sdc-thresholds-", dir="/var/tmp")
     runs = {(w, v): [] for w in WORKLOADS for v, _ in VARIANTS}
-    try:
-        ctx = SimpleNamespace(workdir=work, filter_so=os.path.abspath(a.filter), image_size=SIZE,
-                              image=os.path.join(work, "disk.img"))
-        ctx.stats_under_sdccache = stats_filter_works_under(ctx.filter_so, work)
+    with side_bench_ctx(a.filter, "thresholds", SIZE) as ctx:
         make_image(ctx.image, SIZE)
         for rep in range(a.reps):
             order = VARIANTS if rep % 2 == 0 else list(reversed(VARIANTS))
@@ -50,8 +43,6 @@ def main():
                     print("rep %d %-15s %-15s %9.0f IOPS incl. drain %6.1f us CPU/IO  "
                           "steal %4.1f%%" % (rep, wl, name, rec["iops_drain"],
                                              rec["cpu_us_per_io"], rec["steal_pct"]), flush=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     lines = table(runs)
     print("\n".join(lines))
     if a.out:

@@ -6,6 +6,8 @@
 #include <cstring>
 #include <ctime>
 
+#include <sys/resource.h>
+
 namespace sdccache {
 
 BatchWriter::BatchWriter(Sink* sink, unsigned threads, uint32_t max_write)
@@ -93,7 +95,9 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
 void BatchWriter::RecordProbe(const Clocks& start, const Clocks& end) {
   const double wall_us = end.wall_us - start.wall_us;
   if (wall_us <= 0) return;
-  const double waiting = std::clamp(1.0 - (end.cpu_us - start.cpu_us) / wall_us, 0.0, 1.0);
+  const double waiting = end.blocked == start.blocked
+                             ? 0.0
+                             : std::clamp(1.0 - (end.cpu_us - start.cpu_us) / wall_us, 0.0, 1.0);
   std::lock_guard<std::mutex> l(probe_mu_);
   if (latency_bound_) {
     // Probed seldom: trust each probe.
@@ -188,7 +192,9 @@ double NowUs(clockid_t clock) {
 }  // namespace
 
 BatchWriter::Clocks BatchWriter::Clocks::Now() {
-  return {NowUs(CLOCK_MONOTONIC), NowUs(CLOCK_THREAD_CPUTIME_ID)};
+  struct rusage ru {};
+  getrusage(RUSAGE_THREAD, &ru);
+  return {NowUs(CLOCK_MONOTONIC), NowUs(CLOCK_THREAD_CPUTIME_ID), ru.ru_nvcsw};
 }
 
 int BatchWriter::RunOp(Job* job, const Op& op) {

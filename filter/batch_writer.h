@@ -88,9 +88,15 @@ class BatchWriter {
   // runnable or not, counts as waiting: on a loaded machine a sleeping
   // plugin's thread also waits for a CPU after each sleep, and counting
   // that as busy made the delay filter look CPU-bound (a bench run of
-  // 906b518: write-back one request at a time, 15 s drains).
+  // 906b518: write-back one request at a time, 15 s drains).  But only a
+  // request that blocked (gave up the CPU itself, at least once) can have
+  // waited: one that never did was off the CPU only because it was
+  // preempted or its vCPU was stolen by the hypervisor, which the thread's
+  // CPU clock does not count either (a CI run with 20-75% steal saw a
+  // CPU-bound test plugin as latency-bound).
   struct Clocks {
     double wall_us = 0, cpu_us = 0;
+    long blocked = 0;  // voluntary context switches of the thread so far
     static Clocks Now();
   };
   // Folds one timed request into latency_bound_.

@@ -101,6 +101,13 @@ def steal_pct(before, after):
     return 100.0 * d[2] / total if total > 0 else 0.0
 
 
+def least_stolen(attempts):
+    """Of the runs of one cell, the one the hypervisor took least CPU time
+    from.  Chosen by steal alone, never by the result, so that a re-run
+    cannot favour any row."""
+    return min(attempts, key=lambda r: r["steal_pct"])
+
+
 def run_fio(uri, options, runtime=None, size=None, extra_timeout=90):
     """Runs one fio job to the end (bounded); returns its parsed JSON job."""
     cmd = ["fio", "--name=bench", "--ioengine=nbd", "--uri=" + uri,

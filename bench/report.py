@@ -34,20 +34,30 @@ def medians(records):
     return out
 
 
-def steal_text(records, whole_run_pct):
+def steal_text(records, whole_run_pct, retry_pct=0):
     """How much CPU time the hypervisor took from this VM while fio ran: a
     row measured while a third of the machine was elsewhere is not
-    comparable with one measured on a quiet host."""
+    comparable with one measured on a quiet host.  `records` are the runs
+    kept, one per cell; a cell whose first run had retry_pct% or more steal
+    was run twice (its record's "attempts")."""
     if not records:
         return "Hypervisor steal: no fio run finished."
     worst = max(records, key=lambda r: r["steal_pct"])
     over = sum(1 for r in records if r["steal_pct"] >= 10)
-    return ("Hypervisor steal (CPU time this VM's CPUs waited for while the host ran "
-            "something else, from /proc/stat): %.1f%% over the fio matrix; per fio run median "
-            "%.1f%%, max %.1f%% (%s, %s, repetition %d); %d of %d runs at 10%% or more." % (
+    text = ("Hypervisor steal (CPU time this VM's CPUs waited for while the host ran "
+            "something else, from /proc/stat): %.1f%% over the fio matrix; per kept fio run "
+            "median %.1f%%, max %.1f%% (%s, %s, repetition %d); %d of %d kept runs at 10%% or "
+            "more." % (
                 whole_run_pct, statistics.median(r["steal_pct"] for r in records),
                 worst["steal_pct"], worst["row"], worst["workload"], worst.get("rep", 0),
                 over, len(records)))
+    if retry_pct > 0:
+        rerun = [r for r in records if len(r.get("attempts", ())) > 1]
+        text += (" A run with %g%% or more steal was run once more and its cell kept the run "
+                 "with less steal (chosen by steal, never by IOPS; both runs are in "
+                 "results.json): %d of %d cells were run twice." % (
+                     retry_pct, len(rerun), len(records)))
+    return text
 
 
 def _table(header, lines):

@@ -76,9 +76,9 @@ class Steal(unittest.TestCase):
                 {"row": "sdccache", "workload": "randrw-70-30", "steal_pct": 4.0,
                  "attempts": [{"iops_drain": 9.0, "steal_pct": 30.0},
                               {"iops_drain": 7.0, "steal_pct": 4.0}]}]
-        self.assertIn("with 20% or more steal was run once more",
-                      report.steal_text(recs, 9.0, 20))
-        self.assertIn("1 of 2 cells were run twice", report.steal_text(recs, 9.0, 20))
+        text = report.steal_text(recs, 9.0, 20)
+        self.assertIn("with 20% or more steal was run once more", text)
+        self.assertIn("1 of 2 cells were run twice", text)
 
     def test_a_cell_keeps_the_run_with_least_steal_not_most_iops(self):
         runs = [{"iops_drain": 900.0, "steal_pct": 25.0}, {"iops_drain": 500.0, "steal_pct": 3.0},

@@ -98,13 +98,19 @@ TEST(BatchWriterTest, ComputingRequestsRunOneAtATime) {
   EXPECT_LE(ParallelBatches(&sink), kBatches / 4);
 }
 
+// The CPU the calling thread is on, as an affinity mask.
+cpu_set_t ThisCpu() {
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(sched_getcpu(), &one);
+  return one;
+}
+
 // Spins on the calling thread's CPU until destroyed, never blocking.
 class CpuHogs {
  public:
   explicit CpuHogs(int n) {
-    cpu_set_t one;
-    CPU_ZERO(&one);
-    CPU_SET(sched_getcpu(), &one);
+    const cpu_set_t one = ThisCpu();
     for (int i = 0; i < n; ++i) {
       hogs_.emplace_back([this, one] {
         pthread_setaffinity_np(pthread_self(), sizeof one, &one);
@@ -128,11 +134,9 @@ class CpuHogs {
 class PinnedToThisCpu {
  public:
   PinnedToThisCpu() {
-    ok_ = sched_getaffinity(0, sizeof all_, &all_) == 0;
-    cpu_set_t one;
-    CPU_ZERO(&one);
-    CPU_SET(sched_getcpu(), &one);
-    ok_ = ok_ && sched_setaffinity(0, sizeof one, &one) == 0;
+    const cpu_set_t one = ThisCpu();
+    ok_ = sched_getaffinity(0, sizeof all_, &all_) == 0 &&
+          sched_setaffinity(0, sizeof one, &one) == 0;
   }
   ~PinnedToThisCpu() { sched_setaffinity(0, sizeof all_, &all_); }
   bool ok() const { return ok_; }

@@ -128,25 +128,46 @@ bool BatchWriter::latency_bound() const {
   return latency_bound_;
 }
 
-uint8_t* BatchWriter::AcquireBounce() {
-  std::unique_lock<std::mutex> l(bounce_mu_);
-  if (bounce_idle_.empty() && bounce_all_.size() < kBounceBuffers) {
-    // Uninitialised: every byte is written before the plugin sees it.
-    bounce_all_.emplace_back(new uint8_t[max_write_]);
-    return bounce_all_.back().get();
-  }
-  bounce_free_.wait(l, [this] { return !bounce_idle_.empty(); });
-  uint8_t* buf = bounce_idle_.back();
-  bounce_idle_.pop_back();
-  return buf;
+size_t BatchWriter::BounceSize(uint64_t run) const {
+  const uint64_t size = std::bit_ceil(std::max<uint64_t>(run, kMinBounce));
+  return static_cast<size_t>(std::min(size, std::max<uint64_t>(max_write_, run)));
 }
 
-void BatchWriter::ReleaseBounce(uint8_t* buf) {
+std::unique_ptr<uint8_t[]> BatchWriter::AcquireBounce(size_t size) {
+  // The budget admits at least one buffer of any size, so a caller that
+  // waits only waits for buffers in use, which their holders release.
+  const size_t budget = std::max(kBounceBudget, size);
+  std::unique_lock<std::mutex> l(bounce_mu_);
+  while (true) {
+    auto same = bounce_idle_.find(size);
+    if (same != bounce_idle_.end() && !same->second.empty()) {
+      std::unique_ptr<uint8_t[]> buf = std::move(same->second.back());
+      same->second.pop_back();
+      return buf;
+    }
+    if (bounce_bytes_ + size <= budget) {
+      bounce_bytes_ += size;
+      // Uninitialised: every byte is written before the plugin sees it.
+      return std::unique_ptr<uint8_t[]>(new uint8_t[size]);
+    }
+    // Make room by freeing an idle buffer of another size, largest first.
+    auto other = std::find_if(bounce_idle_.rbegin(), bounce_idle_.rend(),
+                              [](const auto& kv) { return !kv.second.empty(); });
+    if (other != bounce_idle_.rend()) {
+      other->second.pop_back();
+      bounce_bytes_ -= other->first;
+      continue;
+    }
+    bounce_free_.wait(l);
+  }
+}
+
+void BatchWriter::ReleaseBounce(std::unique_ptr<uint8_t[]> buf, size_t size) {
   {
     std::lock_guard<std::mutex> l(bounce_mu_);
-    bounce_idle_.push_back(buf);
+    bounce_idle_[size].push_back(std::move(buf));
   }
-  bounce_free_.notify_one();
+  bounce_free_.notify_all();  // waiters may want different sizes
 }
 
 void BatchWriter::WorkerLoop(Worker* self) {
@@ -216,12 +237,13 @@ int BatchWriter::RunOp(Job* job, const Op& op) {
     return 0;
   }
   const uint64_t run = plan[op.last - 1].end() - r.offset;
-  uint8_t* joined = AcquireBounce();
+  const size_t size = BounceSize(run);
+  std::unique_ptr<uint8_t[]> joined = AcquireBounce(size);
   for (size_t k = op.first; k < op.last; ++k)
-    std::memcpy(joined + (plan[k].offset - r.offset), plan[k].bytes(), plan[k].length);
+    std::memcpy(joined.get() + (plan[k].offset - r.offset), plan[k].bytes(), plan[k].length);
   job->calls.fetch_add(1, std::memory_order_relaxed);
-  const int err = sink_->Write(joined, static_cast<uint32_t>(run), r.offset, false);
-  ReleaseBounce(joined);
+  const int err = sink_->Write(joined.get(), static_cast<uint32_t>(run), r.offset, false);
+  ReleaseBounce(std::move(joined), size);
   return err;
 }
 

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <semaphore>
@@ -68,13 +69,21 @@ class BatchWriter {
     std::atomic<unsigned> pending{0};  // helpers not yet done with it
     std::binary_semaphore done{0};     // released by the last of them
   };
-  // Bounce buffers for coalesced requests: at most kBounceBuffers of
-  // max_write bytes, allocated once and shared by the workers (one each
-  // would cost writeback-threads x 1 MiB of resident memory; fresh ones per
-  // batch would cost page faults).
-  static constexpr size_t kBounceBuffers = 8;
-  uint8_t* AcquireBounce();
-  void ReleaseBounce(uint8_t* buf);
+  // Bounce buffers for coalesced requests.  Each is sized to its run
+  // (rounded up to a power of two, at least kMinBounce, at most max_write),
+  // allocated once and kept for reuse, and together they hold at most
+  // kBounceBudget bytes: a caller waits only when the buffers in use fill
+  // the budget.  A count cap instead (8 buffers of max_write) made most of
+  // a latency-bound batch wait: random 4 KiB writes coalesce into runs of
+  // 8-16 KiB, and with 64 requests of 1 ms in flight a third of them held
+  // or wanted a buffer.  One buffer per writer thread would cost
+  // writeback-threads x max_write of resident memory; fresh ones per
+  // request would cost page faults.
+  static constexpr size_t kBounceBudget = 8u << 20;
+  static constexpr size_t kMinBounce = 8u << 10;
+  size_t BounceSize(uint64_t run) const;
+  std::unique_ptr<uint8_t[]> AcquireBounce(size_t size);
+  void ReleaseBounce(std::unique_ptr<uint8_t[]> buf, size_t size);
   struct Worker {
     std::binary_semaphore go{0};  // one release per job it is to help with
     Job* job = nullptr;           // set before go is released
@@ -126,8 +135,10 @@ class BatchWriter {
   uint64_t batches_ = 0;  // probe_mu_
   std::mutex bounce_mu_;
   std::condition_variable bounce_free_;
-  std::vector<std::unique_ptr<uint8_t[]>> bounce_all_;  // guarded by bounce_mu_
-  std::vector<uint8_t*> bounce_idle_;                   // guarded by bounce_mu_
+  // Guarded by bounce_mu_: idle buffers by size, and the bytes of all
+  // buffers allocated (idle and in use).
+  std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> bounce_idle_;
+  size_t bounce_bytes_ = 0;
   std::vector<std::unique_ptr<Worker>> workers_;
   std::mutex idle_mu_;
   std::vector<Worker*> idle_;  // guarded by idle_mu_: helpers free to borrow

@@ -40,9 +40,10 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   opts.threshold = threshold_override_ ? threshold_override_ : params_.threshold;
   opts.queue_max_bytes = params_.queue_max_size;
   opts.max_age = params_.max_age;
-  // Coalesced requests need a bounce buffer per request in flight: 1 MiB
-  // keeps that small (writeback-threads x 1 MiB) and is already large
-  // enough that plugins see few requests for sequential data.
+  // A coalesced request is copied into a bounce buffer, and those share
+  // an 8 MiB budget (BatchWriter): 1 MiB lets 8 of the largest be in
+  // flight at once and is already large enough that plugins see few
+  // requests for sequential data.
   opts.max_plugin_write = std::min<uint32_t>(cache->sink->max_write(), kMaxCoalesce);
   opts.write_threads = params_.writeback_threads;
   opts.bypass_min = params_.bypass_min;

@@ -250,7 +250,7 @@ class GateSink : public Sink {
 // held most of such a batch back: 1.5x slower write-back to nbdkit's delay
 // filter.)
 TEST(BatchWriterTest, SmallCoalescedRequestsAllRunInParallel) {
-  GateSink sink(8192, 24, std::chrono::milliseconds(1000));
+  GateSink sink(8192, 24, std::chrono::milliseconds(5000));
   BatchWriter writer(&sink, 32, 1 << 20);
   const std::vector<DirtyRange> plan = RunsPlan(32, 2, 4096, true);
   std::vector<char> written;
@@ -263,8 +263,7 @@ TEST(BatchWriterTest, SmallCoalescedRequestsAllRunInParallel) {
 }
 
 // Bounce buffers hold at most 8 MiB: 1 MiB requests (32 ranges of 32 KiB
-// each) are at most 8 in flight, however many threads there are.  Then
-// small runs still get theirs, as idle large ones are freed to make room.
+// each) are at most 8 in flight, however many threads there are.
 TEST(BatchWriterTest, CoalescedRequestsStayWithinTheBounceBudget) {
   constexpr uint32_t kMiB = 1 << 20;
   GateSink big(kMiB, 16, std::chrono::milliseconds(200));
@@ -278,13 +277,15 @@ TEST(BatchWriterTest, CoalescedRequestsStayWithinTheBounceBudget) {
   EXPECT_GE(big.max_inside(), 2);
 }
 
+// When idle 1 MiB buffers fill the budget, small runs still get theirs:
+// idle buffers of another size are freed to make room.
 TEST(BatchWriterTest, IdleLargeBounceBuffersMakeRoomForSmallOnes) {
   constexpr uint32_t kMiB = 1 << 20;
   // Both plans through one writer: the first leaves 8 MiB of idle 1 MiB
   // buffers, the second needs 8 KiB ones.
   struct TwoSizes : Sink {
-    GateSink big{kMiB, 8, std::chrono::milliseconds(2000)};
-    GateSink small{8192, 12, std::chrono::milliseconds(1000)};
+    GateSink big{kMiB, 8, std::chrono::milliseconds(5000)};
+    GateSink small{8192, 12, std::chrono::milliseconds(5000)};
     int Write(const void* b, uint32_t n, uint64_t o, bool f) override {
       return n == kMiB ? big.Write(b, n, o, f) : small.Write(b, n, o, f);
     }

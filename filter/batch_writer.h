@@ -73,9 +73,9 @@ class BatchWriter {
   // (rounded up to a power of two, at least kMinBounce, at most max_write),
   // allocated once and kept for reuse, and together they hold at most
   // kBounceBudget bytes: a caller waits only when the buffers in use fill
-  // the budget.  A count cap instead (8 buffers of max_write) made most of
-  // a latency-bound batch wait: random 4 KiB writes coalesce into runs of
-  // 8-16 KiB, and with 64 requests of 1 ms in flight a third of them held
+  // the budget.  A count cap instead (8 buffers of max_write) held much of
+  // a latency-bound batch back: random 4 KiB writes coalesce into runs of
+  // 8-16 KiB, and with 64 requests of 1 ms in flight about a third held
   // or wanted a buffer.  One buffer per writer thread would cost
   // writeback-threads x max_write of resident memory; fresh ones per
   // request would cost page faults.

@@ -22,9 +22,18 @@
 namespace sdccache {
 namespace {
 
+// A Sink whose zeroes, trims and flushes do nothing: these tests look at
+// writes only.
+class WritesOnly : public Sink {
+ public:
+  int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
+  int Trim(uint32_t, uint64_t, bool) override { return 0; }
+  int Flush() override { return 0; }
+};
+
 // Records the most requests ever inside Write() at once; each request either
 // sleeps or burns CPU for `cost`.
-class TimedSink : public Sink {
+class TimedSink : public WritesOnly {
  public:
   TimedSink(bool sleeps, std::chrono::microseconds cost) : sleeps_(sleeps), cost_(cost) {}
   int Write(const void*, uint32_t, uint64_t, bool) override {
@@ -42,9 +51,6 @@ class TimedSink : public Sink {
     --inside_;
     return 0;
   }
-  int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
-  int Trim(uint32_t, uint64_t, bool) override { return 0; }
-  int Flush() override { return 0; }
   int TakeMax() { return max_inside_.exchange(0); }
 
  private:
@@ -58,19 +64,33 @@ class TimedSink : public Sink {
   std::atomic<int> inside_{0}, max_inside_{0};
 };
 
-// 16 non-adjacent 4 KiB ranges: 16 plugin requests, none coalesced.
-std::vector<DirtyRange> Plan() {
-  std::vector<uint8_t> payload(4096, 0x5a);
+// Ranges of `size` bytes, `per_run` adjacent ones a run, runs a range apart;
+// with `lone_first`, a lone range ahead of them (the batch's timed probe).
+std::vector<DirtyRange> RunsPlan(int runs, int per_run, uint32_t size, bool lone_first) {
+  std::vector<uint8_t> payload(size, 0x3c);
   std::vector<DirtyRange> plan;
-  for (uint64_t i = 0; i < 16; ++i) {
+  uint64_t offset = 0;
+  auto add = [&] {
     DirtyRange r;
-    r.offset = i * 8192;
-    r.length = 4096;
+    r.offset = offset;
+    r.length = size;
     r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
     plan.push_back(std::move(r));
+    offset += size;
+  };
+  if (lone_first) {
+    add();
+    offset += size;
+  }
+  for (int i = 0; i < runs; ++i) {
+    for (int k = 0; k < per_run; ++k) add();
+    offset += size;  // a gap: the next run is a separate request
   }
   return plan;
 }
+
+// 16 non-adjacent 4 KiB ranges: 16 plugin requests, none coalesced.
+std::vector<DirtyRange> Plan() { return RunsPlan(16, 1, 4096, false); }
 
 constexpr int kBatches = 10;
 
@@ -174,35 +194,10 @@ TEST(BatchWriterTest, PreemptedComputingRequestsStayCpuBound) {
   EXPECT_GE(preempted, 3);
 }
 
-// Ranges of `size` bytes, `per_run` adjacent ones a run, runs a range apart;
-// with `lone_first`, a lone range ahead of them (the batch's timed probe).
-std::vector<DirtyRange> RunsPlan(int runs, int per_run, uint32_t size, bool lone_first) {
-  std::vector<uint8_t> payload(size, 0x3c);
-  std::vector<DirtyRange> plan;
-  uint64_t offset = 0;
-  auto add = [&] {
-    DirtyRange r;
-    r.offset = offset;
-    r.length = size;
-    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
-    plan.push_back(std::move(r));
-    offset += size;
-  };
-  if (lone_first) {
-    add();
-    offset += size;
-  }
-  for (int i = 0; i < runs; ++i) {
-    for (int k = 0; k < per_run; ++k) add();
-    offset += size;  // a gap: the next run is a separate request
-  }
-  return plan;
-}
-
 // Holds each request of `gated` bytes until `want` of them are inside
 // Write() at once (or `limit` has passed); other requests sleep 2 ms.
 // Records the most requests of `gated` bytes ever inside at once.
-class GateSink : public Sink {
+class GateSink : public WritesOnly {
  public:
   GateSink(uint32_t gated, int want, std::chrono::milliseconds limit)
       : gated_(gated), want_(want), limit_(limit) {}
@@ -222,9 +217,6 @@ class GateSink : public Sink {
     ++gated_calls_;
     return 0;
   }
-  int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
-  int Trim(uint32_t, uint64_t, bool) override { return 0; }
-  int Flush() override { return 0; }
   int max_inside() {
     std::lock_guard<std::mutex> l(mu_);
     return max_inside_;
@@ -247,7 +239,7 @@ class GateSink : public Sink {
 // Random 4 KiB writes coalesce into small runs (two ranges here).  Against
 // a plugin whose requests wait, every one of them is in flight at once, as
 // single ranges are: their bounce buffers are small.  (A cap of 8 buffers
-// held most of such a batch back: 1.5x slower write-back to nbdkit's delay
+// held much of such a batch back: 1.5x slower write-back to nbdkit's delay
 // filter.)
 TEST(BatchWriterTest, SmallCoalescedRequestsAllRunInParallel) {
   GateSink sink(8192, 24, std::chrono::milliseconds(5000));
@@ -283,15 +275,12 @@ TEST(BatchWriterTest, IdleLargeBounceBuffersMakeRoomForSmallOnes) {
   constexpr uint32_t kMiB = 1 << 20;
   // Both plans through one writer: the first leaves 8 MiB of idle 1 MiB
   // buffers, the second needs 8 KiB ones.
-  struct TwoSizes : Sink {
+  struct TwoSizes : WritesOnly {
     GateSink big{kMiB, 8, std::chrono::milliseconds(5000)};
     GateSink small{8192, 12, std::chrono::milliseconds(5000)};
     int Write(const void* b, uint32_t n, uint64_t o, bool f) override {
       return n == kMiB ? big.Write(b, n, o, f) : small.Write(b, n, o, f);
     }
-    int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
-    int Trim(uint32_t, uint64_t, bool) override { return 0; }
-    int Flush() override { return 0; }
   } sink;
   BatchWriter writer(&sink, 16, kMiB);
   std::vector<char> written;
@@ -306,7 +295,7 @@ TEST(BatchWriterTest, IdleLargeBounceBuffersMakeRoomForSmallOnes) {
 
 // Requests of whole batches (16 each, as Plan()) either sleep or burn CPU
 // for 300 µs, batch by batch as `sleeps(batch)` says.
-class PatternSink : public Sink {
+class PatternSink : public WritesOnly {
  public:
   explicit PatternSink(std::function<bool(uint64_t)> sleeps) : sleeps_(std::move(sleeps)) {}
   int Write(const void*, uint32_t, uint64_t, bool) override {
@@ -325,9 +314,6 @@ class PatternSink : public Sink {
     }
     return 0;
   }
-  int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
-  int Trim(uint32_t, uint64_t, bool) override { return 0; }
-  int Flush() override { return 0; }
 
  private:
   std::function<bool(uint64_t)> sleeps_;

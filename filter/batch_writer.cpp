@@ -73,23 +73,45 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   const bool waiting = latency_bound();
   const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
   // Borrow idle helpers; each is woken through its own semaphore (no herd
-  // on one lock), and the last one to finish wakes this thread.
+  // on one lock), and the last one to finish wakes this thread.  Short of
+  // helpers, the job is listed for those that finish other jobs to join.
   std::vector<Worker*> helpers;
+  bool listed = false;
   if (waiting && job.error.load() == 0 && left > 1) {
     std::lock_guard<std::mutex> l(idle_mu_);
     const size_t n = std::min(idle_.size(), left - 1);
     helpers.assign(idle_.end() - static_cast<std::ptrdiff_t>(n), idle_.end());
     idle_.resize(idle_.size() - n);
+    job.pending.fetch_add(static_cast<unsigned>(n));
+    if (n < left - 1) {
+      wanting_.push_back(&job);
+      listed = true;
+    }
   }
-  job.pending.store(static_cast<unsigned>(helpers.size()));
   for (Worker* w : helpers) {
     w->job = &job;
     w->go.release();
   }
   RunOps(&job);
-  if (!helpers.empty()) job.done.acquire();
+  if (listed) {
+    std::lock_guard<std::mutex> l(idle_mu_);
+    std::erase(wanting_, &job);
+  }
+  if (job.pending.fetch_sub(1) != 1) job.done.acquire();
   *plugin_writes += job.calls.load();
   return job.error.load();
+}
+
+BatchWriter::Job* BatchWriter::JoinWanting() {
+  while (!wanting_.empty()) {
+    Job* job = wanting_.front();
+    if (job->error.load() == 0 && job->next_op.load() < job->ops.size()) {
+      job->pending.fetch_add(1);
+      return job;
+    }
+    wanting_.erase(wanting_.begin());  // nothing left to help with
+  }
+  return nullptr;
 }
 
 void BatchWriter::RecordProbe(const Clocks& start, const Clocks& end) {
@@ -174,15 +196,19 @@ void BatchWriter::WorkerLoop(Worker* self) {
   while (true) {
     self->go.acquire();
     if (stopping_.load()) return;
-    Job* job = self->job;
-    RunOps(job);
-    // The job may end as soon as pending reaches 0: touch it no more.
-    self->job = nullptr;
-    {
-      std::lock_guard<std::mutex> l(idle_mu_);
-      idle_.push_back(self);
+    for (Job* job = self->job; job != nullptr;) {
+      RunOps(job);
+      Job* next;
+      {
+        std::lock_guard<std::mutex> l(idle_mu_);
+        next = JoinWanting();
+        self->job = next;
+        if (next == nullptr) idle_.push_back(self);
+      }
+      // The job may end as soon as pending reaches 0: touch it no more.
+      if (job->pending.fetch_sub(1) == 1) job->done.release();
+      job = next;
     }
-    if (job->pending.fetch_sub(1) == 1) job->done.release();
   }
 }
 

@@ -50,7 +50,8 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   }
   // How to run the batch depends on what the plugin's requests do.  One
   // that mostly waits (a remote or delayed plugin) is latency-bound: the
-  // batch gets one request in flight per op (up to the idle helpers).  One
+  // batch gets one request in flight per op (up to the idle helpers, and
+  // helpers that finish other batches join it).  One
   // that mostly computes (copying into a local page cache) is CPU-bound:
   // more threads only contend for the same cores and file locks, so the
   // batch runs on this thread alone.  To tell, the first request of a batch

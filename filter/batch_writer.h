@@ -59,7 +59,7 @@ class BatchWriter {
     size_t first, last;  // plan[first, last), coalesced
   };
   // One call of Write(): lives on its caller's stack until every helper it
-  // borrowed has finished with it.
+  // borrowed, or that joined it, has finished with it.
   struct Job {
     const std::vector<DirtyRange>* plan = nullptr;
     std::vector<Op> ops;
@@ -88,12 +88,18 @@ class BatchWriter {
   std::unique_ptr<uint8_t[]> AcquireBounce(size_t size);
   void ReleaseBounce(std::unique_ptr<uint8_t[]> buf, size_t size);
   struct Worker {
-    std::binary_semaphore go{0};  // one release per job it is to help with
-    Job* job = nullptr;           // set before go is released
+    // Released once each time it is taken from idle_; it then helps with
+    // `job`, and with jobs it joins after that, until it is idle again.
+    std::binary_semaphore go{0};
+    // Set by the thread that takes it from idle_, before go is released
+    // (and by the worker itself as it joins jobs).
+    Job* job = nullptr;
     std::thread thread;
   };
   void WorkerLoop(Worker* self);
-  // A job in wanting_ with ops left, joined (pending counted); or null.
+  // Under idle_mu_: the oldest job in wanting_ that has ops left, joined
+  // (its pending counted); or null.  Drops exhausted or failed jobs it
+  // passes over.
   Job* JoinWanting();
   void RunOps(Job* job);  // takes the job's ops until none is left
   void RunOne(Job* job, size_t i);  // op i, recording success or the first error
@@ -147,11 +153,11 @@ class BatchWriter {
   std::vector<std::unique_ptr<Worker>> workers_;
   std::mutex idle_mu_;
   std::vector<Worker*> idle_;  // guarded by idle_mu_: helpers free to borrow
-  // Guarded by idle_mu_: latency-bound jobs that got fewer helpers than
-  // they had ops, oldest first.  A helper that finishes its job joins one
-  // of these before it goes idle.  A batch that starts while the others
-  // hold every helper would otherwise write its ranges one at a time:
-  // 32 ranges over a 1 ms plugin took 35 ms instead of 1.
+  // Guarded by idle_mu_: latency-bound jobs whose caller and helpers were
+  // fewer than their ops, oldest first.  A helper that finishes its job
+  // joins one of these before it goes idle.  A batch that starts while the
+  // others hold every helper would otherwise write its ranges one at a
+  // time: 32 ranges over a 1 ms plugin took 35 ms instead of about 1.5.
   std::vector<Job*> wanting_;
   std::atomic<bool> stopping_{false};
 };

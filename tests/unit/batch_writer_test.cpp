@@ -296,7 +296,7 @@ TEST(BatchWriterTest, IdleLargeBounceBuffersMakeRoomForSmallOnes) {
 // Requests below kSecond belong to the first batch: they are held until
 // Open(), except the first-ever request (the first batch's timed probe),
 // which sleeps 2 ms.  Requests of the second batch are held until four of
-// them are inside Write() at once, or 2 s have passed.
+// them are inside Write() at once, or until 2 s after Open().
 class TwoBatchSink : public WritesOnly {
  public:
   static constexpr uint64_t kSecond = 1 << 30;
@@ -317,8 +317,9 @@ class TwoBatchSink : public WritesOnly {
     if (first) {
       cv_.wait(l, [&] { return open_; });
     } else {
-      cv_.wait_until(l, std::chrono::steady_clock::now() + std::chrono::seconds(2),
-                     [&] { return second_open_; });
+      // Counted from Open(): helpers join only once the first batch ends.
+      cv_.wait_for(l, std::chrono::seconds(10), [&] { return second_open_ || open_; });
+      cv_.wait_until(l, opened_at_ + std::chrono::seconds(2), [&] { return second_open_; });
     }
     --inside;
     return 0;
@@ -333,6 +334,7 @@ class TwoBatchSink : public WritesOnly {
   void Open() {
     std::lock_guard<std::mutex> l(mu_);
     open_ = true;
+    opened_at_ = std::chrono::steady_clock::now();
     cv_.notify_all();
   }
   int second_max() {
@@ -344,6 +346,7 @@ class TwoBatchSink : public WritesOnly {
   std::mutex mu_;
   std::condition_variable cv_;
   bool probed_ = false, open_ = false, second_open_ = false;
+  std::chrono::steady_clock::time_point opened_at_;
   int first_inside_ = 0, second_inside_ = 0, second_max_ = 0;
 };
 

@@ -146,10 +146,7 @@ int BatchWriter::WriteTimed(const void* buf, uint32_t count, uint64_t offset, bo
   return err;
 }
 
-bool BatchWriter::latency_bound() const {
-  std::lock_guard<std::mutex> l(probe_mu_);
-  return latency_bound_;
-}
+bool BatchWriter::latency_bound() const { return latency_bound_.load(); }
 
 size_t BatchWriter::BounceSize(uint64_t run) const {
   const uint64_t size = std::bit_ceil(std::max<uint64_t>(run, kMinBounce));

@@ -139,9 +139,10 @@ class BatchWriter {
   Sink* const sink_;
   const uint64_t max_write_;
   mutable std::mutex probe_mu_;
-  // What the probes found (probe_mu_).  Starts latency-bound, so that a
-  // slow plugin's first batch is parallel.
-  bool latency_bound_ = true;
+  // What the probes found: changed under probe_mu_, read without it (every
+  // bypass write asks).  Starts latency-bound, so that a slow plugin's
+  // first batch is parallel.
+  std::atomic<bool> latency_bound_{true};
   uint16_t recent_waiting_ = 0;  // probe_mu_, while CPU-bound: one bit a probe
   uint64_t batches_ = 0;  // probe_mu_
   std::mutex bounce_mu_;

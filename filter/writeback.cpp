@@ -135,11 +135,15 @@ bool WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bo
       batch_writer_.latency_bound() || active_.Overlaps(offset, count) ||
       OverlapsBatches(offset, count) || OverlapsBypass(offset, count))
     return false;
-  const auto it = bypass_.insert(bypass_.end(), {offset, count});
+  const std::pair<uint64_t, uint64_t> mine{offset, count};
+  bypass_.push_back(mine);
   mu_.Unlock();  // no lock across plugin I/O
   const int err = batch_writer_.WriteTimed(buf, count, offset, fua);
   mu_.Lock();
-  bypass_.erase(it);
+  // The entries are disjoint (OverlapsBypass above), so this one is ours.
+  const auto it = std::find(bypass_.begin(), bypass_.end(), mine);
+  *it = bypass_.back();
+  bypass_.pop_back();
   done_.SignalAll();  // for writers of the same bytes (Buffer)
   if (err != 0) return false;
   ++write_gen_;

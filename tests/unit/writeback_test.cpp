@@ -533,6 +533,38 @@ TEST(WriteBackTest, WriteOverABypassWriteInFlightWaitsForIt) {
   EXPECT_EQ(wb.counters().bypass_writes.load(), 1u);
 }
 
+// Two bypass writes in flight; the later one ends first.  Its end clears
+// its own bytes only: a write over them goes ahead, while a write over the
+// earlier one, still in the plugin, waits for it.
+TEST(WriteBackTest, EachBypassWriteClearsOnlyItsOwnBytes) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1));  // every buffered write is a batch at once
+  TimeAsCpuBound(wb);
+  ReleaseAtOnExit release{sink};
+  const uint64_t started = sink.writes_started();
+  std::string first(kLarge, 'A'), second(kLarge, 'B');
+  sink.HoldAt(kLarge);
+  auto held = std::async(std::launch::async, [&] { return wb.Write(first.data(), kLarge, kLarge, false); });
+  sink.AwaitWritesStarted(started + 1);
+  ASSERT_EQ(wb.Write(second.data(), kLarge, 3 * kLarge, false), 0);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 1u);  // the second; the first is held
+  auto over_second = std::async(std::launch::async, [&] { return wb.Write("b", 1, 3 * kLarge + 10, false); });
+  EXPECT_EQ(over_second.wait_for(std::chrono::seconds(5)), std::future_status::ready);
+  auto over_first = std::async(std::launch::async, [&] { return wb.Write("a", 1, kLarge + 10, false); });
+  EXPECT_EQ(over_first.wait_for(milliseconds(100)), std::future_status::timeout);
+  sink.ReleaseAt();
+  EXPECT_EQ(held.get(), 0);
+  EXPECT_EQ(over_first.get(), 0);
+  EXPECT_EQ(over_second.get(), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(disk[kLarge], 'A');
+  EXPECT_EQ(disk[kLarge + 10], 'a');
+  EXPECT_EQ(disk[3 * kLarge], 'B');
+  EXPECT_EQ(disk[3 * kLarge + 10], 'b');
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 2u);
+}
+
 // A bypass write the plugin fails is buffered and retried like any other
 // write: the client sees success, and the data arrives.
 TEST(WriteBackTest, FailedBypassWriteIsBufferedInstead) {

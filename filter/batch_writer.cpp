@@ -200,7 +200,6 @@ void BatchWriter::WorkerLoop(Worker* self) {
       {
         std::lock_guard<std::mutex> l(idle_mu_);
         next = JoinWanting();
-        self->job = next;
         if (next == nullptr) idle_.push_back(self);
       }
       // The job may end as soon as pending reaches 0: touch it no more.

@@ -91,8 +91,8 @@ class BatchWriter {
     // Released once each time it is taken from idle_; it then helps with
     // `job`, and with jobs it joins after that, until it is idle again.
     std::binary_semaphore go{0};
-    // Set by the thread that takes it from idle_, before go is released
-    // (and by the worker itself as it joins jobs).
+    // Set by the thread that takes it from idle_, before go is released;
+    // read by the worker only just after go.acquire().
     Job* job = nullptr;
     std::thread thread;
   };

@@ -505,6 +505,17 @@ TEST(WriteBackTest, LargeWriteOverBufferedDataIsBuffered) {
   EXPECT_EQ(std::string(disk.begin() + kLarge, disk.begin() + 2 * kLarge), big);
 }
 
+// Starts a bypass write of `data` (kLarge bytes) at kLarge, which the sink
+// holds until ReleaseAt(); returns once the write is in the sink.
+std::future<int> StartHeldBypassWrite(WriteBack& wb, FakeSink& sink, const std::string& data) {
+  const uint64_t started = sink.writes_started();
+  sink.HoldAt(kLarge);
+  auto write = std::async(std::launch::async,
+                          [&wb, &data] { return wb.Write(data.data(), kLarge, kLarge, false); });
+  sink.AwaitWritesStarted(started + 1);
+  return write;
+}
+
 // While a bypass write is in the plugin, a newer write of the same bytes
 // waits for it (else its batch could reach the plugin first and be
 // overwritten); a write elsewhere does not.
@@ -513,11 +524,8 @@ TEST(WriteBackTest, WriteOverABypassWriteInFlightWaitsForIt) {
   WriteBack wb(&sink, Opts(1));  // every buffered write is a batch at once
   TimeAsCpuBound(wb);
   ReleaseAtOnExit release{sink};
-  const uint64_t started = sink.writes_started();
-  std::string big(kLarge, 'A');
-  sink.HoldAt(kLarge);
-  auto bypass = std::async(std::launch::async, [&] { return wb.Write(big.data(), kLarge, kLarge, false); });
-  sink.AwaitWritesStarted(started + 1);
+  const std::string big(kLarge, 'A');
+  auto bypass = StartHeldBypassWrite(wb, sink, big);
   auto newer = std::async(std::launch::async, [&] { return wb.Write("B", 1, kLarge + 10, false); });
   ASSERT_EQ(wb.Write("C", 1, 0, false), 0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);  // "C" only: the held write is not acknowledged
@@ -541,11 +549,8 @@ TEST(WriteBackTest, EachBypassWriteClearsOnlyItsOwnBytes) {
   WriteBack wb(&sink, Opts(1));  // every buffered write is a batch at once
   TimeAsCpuBound(wb);
   ReleaseAtOnExit release{sink};
-  const uint64_t started = sink.writes_started();
-  std::string first(kLarge, 'A'), second(kLarge, 'B');
-  sink.HoldAt(kLarge);
-  auto held = std::async(std::launch::async, [&] { return wb.Write(first.data(), kLarge, kLarge, false); });
-  sink.AwaitWritesStarted(started + 1);
+  const std::string first(kLarge, 'A'), second(kLarge, 'B');
+  auto held = StartHeldBypassWrite(wb, sink, first);
   ASSERT_EQ(wb.Write(second.data(), kLarge, 3 * kLarge, false), 0);
   EXPECT_EQ(wb.counters().bypass_writes.load(), 1u);  // the second; the first is held
   auto over_second = std::async(std::launch::async, [&] { return wb.Write("b", 1, 3 * kLarge + 10, false); });

@@ -49,7 +49,11 @@ std::vector<Extent> Overlay::MergeExtents(const std::vector<Extent>& plugin) con
     at[e.offset] = e.type;
     stop = std::max(stop, e.offset + e.length);
   }
-  // Nothing is said past the plugin's answer (the client asks again).
+  // Nothing is said past the plugin's answer (the client asks again), nor
+  // past the request: a plugin may describe more (the file plugin reports a
+  // hole up to the next data), but buffered ranges out there were not
+  // looked up, and a hole reported over them would hide them.
+  stop = std::min(stop, offset_ + length_);
   auto type_at = [&](uint64_t off) {
     auto it = at.upper_bound(off);
     return it == at.begin() ? 0u : std::prev(it)->second;

@@ -80,7 +80,8 @@ class Overlay {
   void ApplyTo(uint8_t* buf) const;
   // Lays the overlay over the plugin's extents, which must cover
   // [offset, offset+n) contiguously from offset for some n > 0; returns
-  // contiguous extents from offset, merged where types are equal.
+  // contiguous extents from offset, merged where types are equal, ending
+  // where the plugin's do or at offset+length, whichever is first.
   std::vector<Extent> MergeExtents(const std::vector<Extent>& plugin) const;
 
  private:

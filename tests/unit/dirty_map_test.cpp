@@ -2,17 +2,27 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <map>
+#include <ostream>
 #include <random>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "dirty_map.h"
+#include "fake_sink.h"
 #include "memory_account.h"
 #include "overlay.h"
+#include "writeback.h"
 
 namespace sdccache {
+
+// Failure messages show extents as [offset,+length) type.
+void PrintTo(const Extent& e, std::ostream* os) {
+  *os << "[" << e.offset << ",+" << e.length << ") type " << e.type;
+}
+
 namespace {
 
 class DirtyMapTest : public ::testing::Test {
@@ -232,6 +242,27 @@ TEST(OverlayTest, MergeExtentsStopsWherePluginStopped) {
   std::vector<Extent> plugin = {{0, 40, 3}};
   std::vector<Extent> want = {{0, 30, 3}, {30, 10, 0}};
   EXPECT_EQ(ov.MergeExtents(plugin), want);
+}
+
+TEST(OverlayTest, MergeExtentsStopsAtTheRequestEnd) {
+  // A plugin may describe more than was asked (the file plugin reports a
+  // hole up to the next data).  Buffered ranges past the request were not
+  // looked up: a request for [0,4096) over a disk that is one hole, with
+  // data buffered at 65536, must not say [0,1M) is a hole.
+  std::string data(4096, 'x');
+  FakeSink sink(1 << 20);
+  WriteBackOptions o;
+  o.threshold = 1000;
+  o.max_age = std::chrono::milliseconds(0);
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Write(data.data(), 4096, 65536, false), 0);
+  ASSERT_EQ(wb.queued_requests(), 1u);  // still buffered, not in the sink
+  std::vector<Extent> plugin = {{0, 1 << 20, kExtentHole | kExtentZero}};
+  std::vector<Extent> want = {{0, 4096, kExtentHole | kExtentZero}};
+  EXPECT_EQ(wb.Lookup(0, 4096).MergeExtents(plugin), want);
+  // Asked for all of it, the buffered data shows.
+  want = {{0, 65536, 3}, {65536, 4096, 0}, {69632, (1 << 20) - 69632, 3}};
+  EXPECT_EQ(wb.Lookup(0, 1 << 20).MergeExtents(plugin), want);
 }
 
 }  // namespace

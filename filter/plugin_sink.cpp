@@ -50,9 +50,19 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last) {
   std::unique_lock<std::mutex> l(mu_);
   if (find() == contexts_.end()) return true;
   if (unless_last && contexts_.size() == 1) return false;
+  ++detaching_;
   idle_.wait(l, [&] { return find()->second == 0; });
+  --detaching_;
+  // Ask again: another connection may have left while this one waited, and
+  // if both went, nobody would stay to write what is still buffered.
+  if (unless_last && contexts_.size() == 1) return false;
   contexts_.erase(find());
   return true;
+}
+
+size_t PluginSink::detaching() {
+  std::lock_guard<std::mutex> l(mu_);
+  return detaching_;
 }
 
 PluginSink::Lease::Lease(PluginSink* sink) : sink_(sink), next_(nullptr) {

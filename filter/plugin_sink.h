@@ -21,6 +21,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstddef>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -68,6 +69,8 @@ class PluginSink : public Sink {
   // leaves it attached (and returns false) if it is the only context: the
   // caller must first write everything buffered.
   bool Detach(nbdkit_next* next, bool unless_last);
+  // Detach calls waiting for their context's calls to finish (for tests).
+  size_t detaching();
 
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
@@ -104,6 +107,7 @@ class PluginSink : public Sink {
   // flight.  Calls use the oldest, so a plugin without multi-conn sees a
   // batch and its flush on one context.
   std::vector<std::pair<nbdkit_next*, int>> contexts_;
+  size_t detaching_ = 0;  // guarded by mu_
 };
 
 }  // namespace sdccache

@@ -61,7 +61,15 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
                opts.bypass_min, cache->sink->multi_conn());
   ExportCache* raw = cache.get();
   exports_.emplace(name, std::move(cache));
+  any_export_.store(true, std::memory_order_release);
   return raw;
+}
+
+ExportCache* Registry::Find(const std::string& name) {
+  if (!any_export_.load(std::memory_order_acquire)) return nullptr;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = exports_.find(name);
+  return it == exports_.end() ? nullptr : it->second.get();
 }
 
 int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {

@@ -7,6 +7,7 @@
 // is guarded by mu_.  Caches live until Shutdown() (from .cleanup).
 #pragma once
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -40,6 +41,8 @@ class Registry {
   // Finds the export's cache.  With a writable connection's context
   // `writer`, creates the cache if needed and attaches the context to it.
   ExportCache* Get(const std::string& name, nbdkit_next* writer);
+  // Finds the export's cache without creating it; null if there is none.
+  ExportCache* Find(const std::string& name);
   // Called from .finalize of a writable connection: makes what it wrote
   // durable, and when it is the export's last connection, everything
   // buffered (retrying up to shutdown-timeout); then detaches its context.
@@ -72,6 +75,9 @@ class Registry {
   StatsFile* stats_file_ = nullptr;
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<ExportCache>> exports_;  // guarded by mu_
+  // Whether exports_ ever held a cache: lets read-only connections skip
+  // the lock while no writer has connected (e.g. nbdkit -r).
+  std::atomic<bool> any_export_{false};
   bool paused_ = false;                                           // guarded by mu_
   uint32_t threshold_override_ = 0;                               // guarded by mu_
 };

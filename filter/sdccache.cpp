@@ -4,6 +4,7 @@
 // one cache per export (Registry), the read/extents overlay, and the stats
 // file and control socket.  Every callback catches C++ exceptions: none may
 // cross into nbdkit.
+#include <atomic>
 #include <cerrno>
 #include <cinttypes>
 #include <cstring>
@@ -38,10 +39,29 @@ Globals* g;
 
 struct Handle {
   std::string exportname;
-  ExportCache* cache = nullptr;   // null: no writer yet, pass-through
+  // Null until a writable connection has created the export's cache; a
+  // read-only connection passes through until then (see CacheOf).
+  std::atomic<ExportCache*> cache{nullptr};
   nbdkit_next* writer = nullptr;  // set when this connection can write
-  bool wrote = false;
+  std::atomic<bool> wrote{false};  // set by any of the connection's threads
+  bool left = false;               // .finalize ran Registry::Leave
 };
+
+// A writable connection's cache, set in .prepare before any request.
+WriteBack* WriteBackOf(Handle* h) {
+  return h->cache.load(std::memory_order_relaxed)->writeback.get();
+}
+
+// The export's cache, or null if no writable connection has created it yet.
+// A read-only connection can open before the first writable one: it must
+// find the cache as soon as there is one, or it reads past the overlay and
+// returns stale data.  (Caches live until .cleanup.)
+ExportCache* CacheOf(Handle* h) {
+  ExportCache* c = h->cache.load(std::memory_order_acquire);
+  if (c == nullptr && (c = g->registry->Find(h->exportname)) != nullptr)
+    h->cache.store(c, std::memory_order_release);
+  return c;
+}
 
 // Runs `body` and turns a C++ exception into an nbdkit error.
 template <typename F>
@@ -235,7 +255,24 @@ static void* sdccache_open(nbdkit_next_open* next, nbdkit_context* nxdata, int r
   }
 }
 
-static void sdccache_close(void* handle) { delete static_cast<Handle*>(handle); }
+static void sdccache_close(void* handle) {
+  auto* h = static_cast<Handle*>(handle);
+  // nbdkit skips .finalize when the handshake fails after .prepare (the
+  // client hung up before the reply to NBD_OPT_GO) or a filter above us
+  // fails its own, yet frees the plugin context right after .close: the
+  // context must leave the export's pool here, or background writes use it
+  // after it is freed.
+  if (h->writer && !h->left) {
+    int err = 0;
+    Guarded("close", &err, [&] {
+      if (int e = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load()))
+        nbdkit_error("sdccache: close: writing buffered data on disconnect: %s",
+                     std::strerror(e));
+      return 0;
+    });
+  }
+  delete h;
+}
 
 static int sdccache_prepare(nbdkit_next* next, void* handle, int readonly) {
   auto* h = static_cast<Handle*>(handle);
@@ -250,7 +287,7 @@ static int sdccache_prepare(nbdkit_next* next, void* handle, int readonly) {
     // A writable connection lends its plugin context to the export's
     // background writes; a read-only one only reads the overlay.
     h->writer = !readonly && can_write == 1 ? next : nullptr;
-    h->cache = g->registry->Get(h->exportname, h->writer);
+    h->cache.store(g->registry->Get(h->exportname, h->writer));
     return 0;
   });
 }
@@ -260,8 +297,9 @@ static int sdccache_finalize(nbdkit_next*, void* handle) {
   if (!h->writer) return 0;
   int err = 0;
   return Guarded("finalize", &err, [&] {
-    if (int e = g->registry->Leave(h->cache, h->writer, h->wrote))
-      return Fail("writing buffered data on disconnect", e, &err);
+    int e = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load());
+    h->left = true;
+    if (e) return Fail("writing buffered data on disconnect", e, &err);
     return 0;
   });
 }
@@ -274,7 +312,8 @@ static const char* sdccache_export_description(nbdkit_next* next, void* handle) 
       GateHold gate(g->registry->gate());
       base = next->export_description(next);
     }
-    std::string summary = h->cache ? g->registry->Summary() : "sdccache: read-only pass-through";
+    std::string summary =
+        CacheOf(h) ? g->registry->Summary() : "sdccache: read-only pass-through";
     if (base && *base) return nbdkit_printf_intern("%s (%s)", base, summary.c_str());
     return nbdkit_strdup_intern(summary.c_str());
   } catch (...) {
@@ -314,20 +353,21 @@ static int sdccache_can_multi_conn(nbdkit_next* next, void* handle) {
   if (!h->writer) return next->can_multi_conn(next);
   // One overlay serves every connection, but plugin data reaches other
   // contexts coherently only if the plugin says so.
-  return h->cache->sink->multi_conn() ? 1 : 0;
+  return h->cache.load()->sink->multi_conn() ? 1 : 0;
 }
 
 static int sdccache_pread(nbdkit_next* next, void* handle, void* buf, uint32_t count,
                           uint64_t offset, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("pread", err, [&] {
-    if (!h->cache) {
+    ExportCache* cache = CacheOf(h);
+    if (!cache) {
       GateHold gate(g->registry->gate());
       return next->pread(next, buf, count, offset, flags, err);
     }
     // Snapshot first: whatever the flusher does next, the overlay is at
     // least as new as what the plugin returns.
-    Overlay ov = h->cache->writeback->Lookup(offset, count);
+    Overlay ov = cache->writeback->Lookup(offset, count);
     if (!ov.CoversAll()) {
       GateHold gate(g->registry->gate());
       if (next->pread(next, buf, count, offset, flags, err) == -1) return -1;
@@ -341,8 +381,8 @@ static int sdccache_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t
                            uint64_t offset, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("pwrite", err, [&] {
-    h->wrote = true;
-    if (int e = h->cache->writeback->Write(buf, count, offset, flags & NBDKIT_FLAG_FUA))
+    h->wrote.store(true, std::memory_order_relaxed);
+    if (int e = WriteBackOf(h)->Write(buf, count, offset, flags & NBDKIT_FLAG_FUA))
       return Fail("pwrite", e, err);
     return 0;
   });
@@ -352,8 +392,8 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("zero", err, [&] {
-    h->wrote = true;
-    if (int e = h->cache->writeback->Zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
+    h->wrote.store(true, std::memory_order_relaxed);
+    if (int e = WriteBackOf(h)->Zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
                                           flags & NBDKIT_FLAG_FUA))
       return Fail("zero", e, err);
     return 0;
@@ -364,8 +404,8 @@ static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("trim", err, [&] {
-    h->wrote = true;
-    if (int e = h->cache->writeback->Trim(count, offset, flags & NBDKIT_FLAG_FUA))
+    h->wrote.store(true, std::memory_order_relaxed);
+    if (int e = WriteBackOf(h)->Trim(count, offset, flags & NBDKIT_FLAG_FUA))
       return Fail("trim", e, err);
     return 0;
   });
@@ -374,11 +414,12 @@ static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t of
 static int sdccache_flush(nbdkit_next* next, void* handle, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("flush", err, [&] {
-    if (!h->cache) {
+    ExportCache* cache = CacheOf(h);
+    if (!cache) {
       GateHold gate(g->registry->gate());
       return next->flush(next, flags, err);
     }
-    if (int e = h->cache->writeback->Flush(Trigger::kClient)) return Fail("flush", e, err);
+    if (int e = cache->writeback->Flush(Trigger::kClient)) return Fail("flush", e, err);
     return 0;
   });
 }
@@ -387,11 +428,12 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
                             uint32_t flags, struct nbdkit_extents* extents, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("extents", err, [&] {
-    if (!h->cache) {
+    ExportCache* cache = CacheOf(h);
+    if (!cache) {
       GateHold gate(g->registry->gate());
       return next->extents(next, count, offset, flags, extents, err);
     }
-    Overlay ov = h->cache->writeback->Lookup(offset, count);
+    Overlay ov = cache->writeback->Lookup(offset, count);
     std::vector<Extent> base;
     int can_extents;
     {
@@ -430,6 +472,16 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
   });
 }
 
+// Passed through, but under the gate: a plugin that is not parallel must
+// not see a client's cache request beside a background write.
+static int sdccache_cache(nbdkit_next* next, void*, uint32_t count, uint64_t offset,
+                          uint32_t flags, int* err) {
+  return Guarded("cache", err, [&] {
+    GateHold gate(g->registry->gate());
+    return next->cache(next, count, offset, flags, err);
+  });
+}
+
 static struct nbdkit_filter filter = {};
 
 static struct nbdkit_filter* MakeFilter() {
@@ -462,6 +514,7 @@ static struct nbdkit_filter* MakeFilter() {
   filter.trim = sdccache_trim;
   filter.flush = sdccache_flush;
   filter.extents = sdccache_extents;
+  filter.cache = sdccache_cache;
   return &filter;
 }
 

@@ -64,14 +64,15 @@ def expect_errno(fn, want, what):
 
 
 def eval_file_plugin(image, thread_model=None, lock_dir=None, marker=None,
-                     call_log=None, flush_error_file=None, hold="0"):
+                     call_log=None, flush_error_file=None, hold="0", cache=False):
     """Arguments for `nbdkit eval` serving `image` with dd.
 
     With lock_dir, every data call takes a mkdir lock for its duration
     (`hold` seconds of extra work inside it, to widen any overlap); a call
     that finds the lock taken writes `marker`.  With call_log, each call
     appends "METHOD COUNT OFFSET" to it.  With flush_error_file, flush fails
-    with ENOSPC while that file exists."""
+    with ENOSPC while that file exists.  With cache, it has a native cache
+    method (which does nothing)."""
     def guarded(body, name):
         if not lock_dir:
             return body
@@ -92,6 +93,8 @@ def eval_file_plugin(image, thread_model=None, lock_dir=None, marker=None,
             "pread=" + guarded(pread, "pread"),
             "pwrite=" + guarded(pwrite, "pwrite"),
             "flush=" + guarded(flush, "flush")]
+    if cache:
+        args += ["can_cache=echo native", "cache=" + guarded("true", "cache")]
     if thread_model:
         args.append("thread_model=echo %s" % thread_model)
     return args

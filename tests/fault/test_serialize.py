@@ -1,5 +1,6 @@
 # A plugin that is not parallel (eval, thread_model serialize_*) is never
-# called concurrently, although background batches run while clients read.
+# called concurrently, although background batches run while clients read
+# and send cache requests (NBD_CMD_CACHE, which the plugin does natively).
 import os
 import random
 import threading
@@ -21,7 +22,7 @@ def run(thread_model, connections, seed, duration=6.0):
     ctl = os.path.join(tmp, "ctl.sock")
     plugin = eval_file_plugin(img, thread_model=thread_model,
                               lock_dir=os.path.join(tmp, "plugin.lock"), marker=marker,
-                              call_log=calls, hold="0.005")
+                              call_log=calls, hold="0.005", cache=True)
     srv = Server(plugin, ["threshold=2", "max-age=50ms", "control=" + ctl], tmpdir=tmp)
     with srv:
         model = Model(SIZE)
@@ -40,7 +41,10 @@ def run(thread_model, connections, seed, duration=6.0):
                 while time.monotonic() < deadline:
                     off = base + rng.randrange(0, slice_len - 8192)
                     n = rng.randint(1, 8192)
-                    if rng.random() < 0.5:
+                    r = rng.random()
+                    if r < 0.1:
+                        h.cache(n, off)
+                    elif r < 0.55:
                         data = rng.randbytes(n)
                         h.pwrite(data, off)
                         model.write(off, data)
@@ -66,16 +70,18 @@ def run(thread_model, connections, seed, duration=6.0):
         check(srv.stop() == 0, "nbdkit exit status")
         log = read_file(calls).decode().splitlines()
         methods = [line.split()[0] for line in log]
-        print("%s, %d connections: %d requests; plugin saw %d pread, %d pwrite, %d flush; "
-              "batches=%s" % (thread_model, connections, sum(counts), methods.count("pread"),
-                              methods.count("pwrite"), methods.count("flush"),
-                              st["batches_flushed"]))
+        print("%s, %d connections: %d requests; plugin saw %d pread, %d pwrite, %d flush, "
+              "%d cache; batches=%s" % (thread_model, connections, sum(counts),
+                                        methods.count("pread"), methods.count("pwrite"),
+                                        methods.count("flush"), methods.count("cache"),
+                                        st["batches_flushed"]))
         check(not os.path.exists(marker),
               "plugin calls overlapped:\n" + (read_file(marker).decode()
                                               if os.path.exists(marker) else ""))
         check(int(st["batches_flushed"]) >= 5, "too few background batches to mean anything")
-        check(methods.count("pwrite") >= 5 and methods.count("pread") >= 5,
-              "the plugin saw too few writes or reads")
+        check(methods.count("pwrite") >= 5 and methods.count("pread") >= 5
+              and methods.count("cache") >= 5,
+              "the plugin saw too few writes, reads or cache requests")
         check_same(read_file(img), model.read(0, SIZE), "disk after shutdown")
 
 

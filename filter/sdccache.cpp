@@ -266,8 +266,7 @@ static void sdccache_close(void* handle) {
     int err = 0;
     Guarded("close", &err, [&] {
       if (int e = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load()))
-        nbdkit_error("sdccache: close: writing buffered data on disconnect: %s",
-                     std::strerror(e));
+        nbdkit_error("sdccache: close: writing buffered data on disconnect: %s", std::strerror(e));
       return 0;
     });
   }
@@ -312,8 +311,7 @@ static const char* sdccache_export_description(nbdkit_next* next, void* handle) 
       GateHold gate(g->registry->gate());
       base = next->export_description(next);
     }
-    std::string summary =
-        CacheOf(h) ? g->registry->Summary() : "sdccache: read-only pass-through";
+    std::string summary = CacheOf(h) ? g->registry->Summary() : "sdccache: read-only pass-through";
     if (base && *base) return nbdkit_printf_intern("%s (%s)", base, summary.c_str());
     return nbdkit_strdup_intern(summary.c_str());
   } catch (...) {
@@ -394,7 +392,7 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
   return Guarded("zero", err, [&] {
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
-                                          flags & NBDKIT_FLAG_FUA))
+                                     flags & NBDKIT_FLAG_FUA))
       return Fail("zero", e, err);
     return 0;
   });
@@ -474,8 +472,8 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
 
 // Passed through, but under the gate: a plugin that is not parallel must
 // not see a client's cache request beside a background write.
-static int sdccache_cache(nbdkit_next* next, void*, uint32_t count, uint64_t offset,
-                          uint32_t flags, int* err) {
+static int sdccache_cache(nbdkit_next* next, void*, uint32_t count, uint64_t offset, uint32_t flags,
+                          int* err) {
   return Guarded("cache", err, [&] {
     GateHold gate(g->registry->gate());
     return next->cache(next, count, offset, flags, err);

@@ -7,6 +7,7 @@
 #include <future>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #include "plugin_sink.h"
 
@@ -18,9 +19,9 @@ namespace {
 // FakeContext.
 struct FakeContext {
   nbdkit_next ops{};
-  int pwrites = 0;     // guarded by mu
-  bool hold = false;   // guarded by mu: pwrite waits while set
-  bool inside = false; // guarded by mu: a pwrite is running
+  int pwrites = 0;      // guarded by mu
+  bool hold = false;    // guarded by mu: pwrite waits while set
+  bool inside = false;  // guarded by mu: a pwrite is running
   std::mutex mu;
   std::condition_variable cv;
 
@@ -44,6 +45,7 @@ struct FakeContext {
   }
   nbdkit_next* next() { return &ops; }
 };
+static_assert(std::is_standard_layout_v<FakeContext>, "ops must convert to FakeContext*");
 
 // Polls a condition with a deadline (no fixed sleeps).
 template <typename P>
@@ -88,13 +90,14 @@ TEST(PluginSinkTest, OfTwoLeavingTogetherTheLaterIsTheLast) {
     a.hold = true;
   }
   char buf[512] = {};
-  auto write = std::async(std::launch::async, [&] { return sink.Write(buf, sizeof buf, 0, false); });
+  auto write =
+      std::async(std::launch::async, [&] { return sink.Write(buf, sizeof buf, 0, false); });
   {
     std::unique_lock<std::mutex> l(a.mu);
     ASSERT_TRUE(a.cv.wait_for(l, std::chrono::seconds(10), [&] { return a.inside; }));
   }
-  auto leave_a = std::async(std::launch::async,
-                            [&] { return sink.Detach(a.next(), /*unless_last=*/true); });
+  auto leave_a =
+      std::async(std::launch::async, [&] { return sink.Detach(a.next(), /*unless_last=*/true); });
   ASSERT_TRUE(Eventually([&] { return sink.detaching() == 1; }));
   EXPECT_TRUE(sink.Detach(b.next(), /*unless_last=*/true));  // a is still there
   {

@@ -15,14 +15,25 @@ BatchWriter::BatchWriter(Sink* sink, unsigned threads, uint32_t max_write)
   // The calling thread of each batch is one of its writers.
   for (unsigned i = 1; i < threads; ++i) workers_.push_back(std::make_unique<Worker>());
   for (auto& w : workers_) idle_.push_back(w.get());
-  for (auto& w : workers_) w->thread = std::thread([this, w = w.get()] { WorkerLoop(w); });
+  try {
+    for (auto& w : workers_) w->thread = std::thread([this, w = w.get()] { WorkerLoop(w); });
+  } catch (...) {
+    // Out of threads: stop those that started (a joinable std::thread
+    // destroyed unjoined would abort nbdkit) and let the caller fail.
+    Shutdown();
+    throw;
+  }
 }
 
-BatchWriter::~BatchWriter() {
+void BatchWriter::Shutdown() {
   stopping_.store(true);
-  for (auto& w : workers_) w->go.release();
-  for (auto& w : workers_) w->thread.join();
+  for (auto& w : workers_)
+    if (w->thread.joinable()) w->go.release();
+  for (auto& w : workers_)
+    if (w->thread.joinable()) w->thread.join();
 }
+
+BatchWriter::~BatchWriter() { Shutdown(); }
 
 int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
                        uint64_t* plugin_writes) {

@@ -35,6 +35,8 @@ namespace sdccache {
 
 class BatchWriter {
  public:
+  // Starts threads - 1 workers; throws std::system_error, with none left
+  // running, if it cannot.
   BatchWriter(Sink* sink, unsigned threads, uint32_t max_write);
   ~BatchWriter();
   BatchWriter(const BatchWriter&) = delete;
@@ -97,6 +99,7 @@ class BatchWriter {
     std::thread thread;
   };
   void WorkerLoop(Worker* self);
+  void Shutdown();  // stops and joins the workers that were started
   // Under idle_mu_: the oldest job in wanting_ that has ops left, joined
   // (its pending counted); or null.  Drops exhausted or failed jobs it
   // passes over.

@@ -285,8 +285,11 @@ static int sdccache_prepare(nbdkit_next* next, void* handle, int readonly) {
     if (can_write == -1) return -1;
     // A writable connection lends its plugin context to the export's
     // background writes; a read-only one only reads the overlay.
-    h->writer = !readonly && can_write == 1 ? next : nullptr;
-    h->cache.store(g->registry->Get(h->exportname, h->writer));
+    nbdkit_next* writer = !readonly && can_write == 1 ? next : nullptr;
+    h->cache.store(g->registry->Get(h->exportname, writer));
+    // Only once attached (Get may throw, e.g. if it cannot start threads):
+    // .close detaches a writer that nbdkit did not finalize.
+    h->writer = writer;
     return 0;
   });
 }

@@ -24,8 +24,13 @@ WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
       account_(opts.queue_max_bytes),
       threshold_(opts.threshold),
       batch_writer_(sink, std::max(1u, opts.write_threads), opts.max_plugin_write) {
-  flusher_ = std::thread([this] { FlusherLoop(); });
-  for (auto& t : plugin_flushers_) t = std::thread([this] { PluginFlushLoop(); });
+  try {
+    flusher_ = std::thread([this] { FlusherLoop(); });
+    for (auto& t : plugin_flushers_) t = std::thread([this] { PluginFlushLoop(); });
+  } catch (...) {
+    Stop(milliseconds(0));  // joins what started; nothing is buffered yet
+    throw;
+  }
 }
 
 WriteBack::~WriteBack() {

@@ -78,7 +78,9 @@ struct Leftover {
 
 class WriteBack {
  public:
-  WriteBack(Sink* sink, const WriteBackOptions& opts);  // starts the flusher
+  // Starts the flusher and the BatchWriter's threads; throws
+  // std::system_error, with none left running, if it cannot.
+  WriteBack(Sink* sink, const WriteBackOptions& opts);
   ~WriteBack();  // Stop() with no drain if not stopped yet
   WriteBack(const WriteBack&) = delete;
   WriteBack& operator=(const WriteBack&) = delete;

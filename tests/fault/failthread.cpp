@@ -1,0 +1,27 @@
+// LD_PRELOAD shim for test_prepare_fails.py.  While the file named by
+// $SDCCACHE_FAIL_FLAG exists, the $SDCCACHE_FAIL_AT'th pthread_create
+// called off nbdkit's main thread (counted from when the flag appeared)
+// fails with EAGAIN.  nbdkit's main thread starts the connection threads;
+// the first threads a connection thread starts are the filter's, when
+// .prepare creates the export's cache.
+#include <dlfcn.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdlib>
+
+using CreateFn = int(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
+
+extern "C" __attribute__((visibility("default"))) int pthread_create(
+    pthread_t* t, const pthread_attr_t* a, void* (*f)(void*), void* arg) {
+  static std::atomic<int> counted{0};
+  auto* real = reinterpret_cast<CreateFn*>(dlsym(RTLD_NEXT, "pthread_create"));
+  const char* flag = std::getenv("SDCCACHE_FAIL_FLAG");
+  const char* at = std::getenv("SDCCACHE_FAIL_AT");
+  if (flag && at && gettid() != getpid() && access(flag, F_OK) == 0 &&
+      ++counted == std::atoi(at))
+    return EAGAIN;
+  return real(t, a, f, arg);
+}

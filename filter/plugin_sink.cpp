@@ -39,24 +39,35 @@ void PluginSink::Attach(nbdkit_next* next) {
     next->can_multi_conn(next);
   }
   std::lock_guard<std::mutex> l(mu_);
-  contexts_.emplace_back(next, 0);
+  contexts_.push_back(Slot{next});
 }
 
-bool PluginSink::Detach(nbdkit_next* next, bool unless_last) {
-  auto find = [&] {
-    return std::find_if(contexts_.begin(), contexts_.end(),
-                        [&](const auto& c) { return c.first == next; });
-  };
+PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
+  for (Slot& c : contexts_)
+    if (c.next == next) return &c;
+  return nullptr;
+}
+
+bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
   std::unique_lock<std::mutex> l(mu_);
-  if (find() == contexts_.end()) return true;
+  if (FindLocked(next) == nullptr) return true;
   if (unless_last && contexts_.size() == 1) return false;
   ++detaching_;
-  idle_.wait(l, [&] { return find()->second == 0; });
+  idle_.wait(l, [&] { return FindLocked(next)->in_flight == 0; });
   --detaching_;
   // Ask again: another connection may have left while this one waited, and
   // if both went, nobody would stay to write what is still buffered.
   if (unless_last && contexts_.size() == 1) return false;
-  contexts_.erase(find());
+  Slot* slot = FindLocked(next);
+  const bool unflushed = slot->written != slot->flushed;
+  contexts_.erase(contexts_.begin() + (slot - contexts_.data()));
+  l.unlock();
+  // Out of the pool, but still open (nbdkit frees it after .close).
+  if (unflushed && can_flush_ && !multi_conn_) {
+    int err = 0;
+    GateHold g(gate_);
+    if (next->flush(next, 0, &err) == -1 && flush_err) *flush_err = err ? err : EIO;
+  }
   return true;
 }
 
@@ -65,20 +76,29 @@ size_t PluginSink::detaching() {
   return detaching_;
 }
 
-PluginSink::Lease::Lease(PluginSink* sink) : sink_(sink), next_(nullptr) {
+PluginSink::Lease::Lease(PluginSink* sink, bool write)
+    : sink_(sink), next_(nullptr), write_(write) {
   std::lock_guard<std::mutex> l(sink_->mu_);
   if (sink_->contexts_.empty()) return;
-  auto& c = sink_->contexts_.front();
-  ++c.second;
-  next_ = c.first;
+  Slot& c = sink_->contexts_.front();
+  ++c.in_flight;
+  next_ = c.next;
+  written_at_start_ = c.written;
+}
+
+void PluginSink::Lease::Flushed() {
+  std::lock_guard<std::mutex> l(sink_->mu_);
+  Slot* c = sink_->FindLocked(next_);
+  c->flushed = std::max(c->flushed, written_at_start_);
 }
 
 PluginSink::Lease::~Lease() {
   if (next_ == nullptr) return;
   {
     std::lock_guard<std::mutex> l(sink_->mu_);
-    for (auto& c : sink_->contexts_)
-      if (c.first == next_) --c.second;
+    Slot* c = sink_->FindLocked(next_);
+    --c->in_flight;
+    if (write_) ++c->written;
   }
   sink_->idle_.notify_all();
 }
@@ -89,7 +109,7 @@ int PluginSink::Write(const void* buf, uint32_t count, uint64_t offset, bool fua
   int err = 0;
   const uint32_t flags = fua && can_fua_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0;
   {
-    Lease lease(this);
+    Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     GateHold g(gate_);
@@ -114,7 +134,7 @@ int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
   uint32_t flags = may_trim ? NBDKIT_FLAG_MAY_TRIM : 0;
   if (fua && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
   {
-    Lease lease(this);
+    Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     GateHold g(gate_);
@@ -128,7 +148,7 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
   int err = 0;
   const uint32_t flags = fua && can_fua_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0;
   {
-    Lease lease(this);
+    Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     GateHold g(gate_);
@@ -140,11 +160,14 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
 int PluginSink::Flush() {
   if (!can_flush_) return 0;
   int err = 0;
-  Lease lease(this);
+  Lease lease(this, /*write=*/false);
   nbdkit_next* next = lease.get();
   if (next == nullptr) return ENOTCONN;
-  GateHold g(gate_);
-  if (next->flush(next, 0, &err) == -1) return err ? err : EIO;
+  {
+    GateHold g(gate_);
+    if (next->flush(next, 0, &err) == -1) return err ? err : EIO;
+  }
+  lease.Flushed();
   return 0;
 }
 

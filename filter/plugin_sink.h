@@ -67,8 +67,11 @@ class PluginSink : public Sink {
   void Attach(nbdkit_next* next);
   // Removes `next` once no background call uses it.  With `unless_last`,
   // leaves it attached (and returns false) if it is the only context: the
-  // caller must first write everything buffered.
-  bool Detach(nbdkit_next* next, bool unless_last);
+  // caller must first write everything buffered.  Without multi-conn, a
+  // plugin flush covers only its own context's writes: if writes made
+  // through `next` are not yet covered by a flush through it, flushes it
+  // as it goes, and sets *flush_err if that fails.
+  bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr);
   // Detach calls waiting for their context's calls to finish (for tests).
   size_t detaching();
 
@@ -84,16 +87,28 @@ class PluginSink : public Sink {
   // A borrowed context, returned to the pool when the Lease ends.
   class Lease {
    public:
-    explicit Lease(PluginSink* sink);
+    // `write`: the call writes (counted against the context once done).
+    Lease(PluginSink* sink, bool write);
     ~Lease();
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
     nbdkit_next* get() const { return next_; }
+    // After a successful flush: the writes done before it began are covered.
+    void Flushed();
 
    private:
     PluginSink* sink_;
     nbdkit_next* next_;
+    bool write_;
+    uint64_t written_at_start_ = 0;
   };
+  struct Slot {
+    nbdkit_next* next;
+    int in_flight = 0;     // calls using it now
+    uint64_t written = 0;  // write calls finished through it
+    uint64_t flushed = 0;  // of those, how many a flush through it covers
+  };
+  Slot* FindLocked(nbdkit_next* next);
   int FuaFallback(bool fua);
 
   PluginGate* const gate_;
@@ -106,7 +121,7 @@ class PluginSink : public Sink {
   // Guarded by mu_: attached contexts, oldest first, with their calls in
   // flight.  Calls use the oldest, so a plugin without multi-conn sees a
   // batch and its flush on one context.
-  std::vector<std::pair<nbdkit_next*, int>> contexts_;
+  std::vector<Slot> contexts_;
   size_t detaching_ = 0;  // guarded by mu_
 };
 

@@ -74,12 +74,15 @@ ExportCache* Registry::Find(const std::string& name) {
 
 int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
   int err = wrote ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
-  if (cache->sink->Detach(writer, /*unless_last=*/true)) return err;
+  // Detach flushes the context if background writes went through it since
+  // its last flush (a plugin without multi-conn flushes per context).
+  int detach_err = 0;
+  if (cache->sink->Detach(writer, /*unless_last=*/true, &detach_err)) return err ? err : detach_err;
   // The last connection of this export: nothing could write the buffered
   // data after it, so keep trying (the plugin may recover) for a while.
   err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect);
-  cache->sink->Detach(writer, /*unless_last=*/false);
-  return err;
+  cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
+  return err ? err : detach_err;
 }
 
 std::vector<ExportCache*> Registry::All() {

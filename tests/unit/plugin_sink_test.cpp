@@ -20,6 +20,8 @@ namespace {
 struct FakeContext {
   nbdkit_next ops{};
   int pwrites = 0;      // guarded by mu
+  int flushes = 0;      // guarded by mu
+  int multi_conn = 1;   // what can_multi_conn says
   bool hold = false;    // guarded by mu: pwrite waits while set
   bool inside = false;  // guarded by mu: a pwrite is running
   std::mutex mu;
@@ -30,7 +32,9 @@ struct FakeContext {
     ops.can_zero = [](nbdkit_next*) { return NBDKIT_ZERO_NATIVE; };
     ops.can_flush = [](nbdkit_next*) { return 1; };
     ops.can_trim = [](nbdkit_next*) { return 1; };
-    ops.can_multi_conn = [](nbdkit_next*) { return 1; };
+    ops.can_multi_conn = [](nbdkit_next* n) {
+      return reinterpret_cast<FakeContext*>(n)->multi_conn;
+    };
     ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
     ops.pwrite = [](nbdkit_next* n, const void*, uint32_t, uint64_t, uint32_t, int*) {
       auto* c = reinterpret_cast<FakeContext*>(n);
@@ -42,8 +46,18 @@ struct FakeContext {
       c->inside = false;
       return 0;
     };
+    ops.flush = [](nbdkit_next* n, uint32_t, int*) {
+      auto* c = reinterpret_cast<FakeContext*>(n);
+      std::lock_guard<std::mutex> l(c->mu);
+      ++c->flushes;
+      return 0;
+    };
   }
   nbdkit_next* next() { return &ops; }
+  int flushed() {
+    std::lock_guard<std::mutex> l(mu);
+    return flushes;
+  }
 };
 static_assert(std::is_standard_layout_v<FakeContext>, "ops must convert to FakeContext*");
 
@@ -74,6 +88,31 @@ TEST(PluginSinkTest, WritesUseTheOldestContext) {
   EXPECT_FALSE(sink.Detach(b.next(), /*unless_last=*/true));
   EXPECT_TRUE(sink.Detach(b.next(), /*unless_last=*/false));
   EXPECT_EQ(sink.Write(buf, sizeof buf, 0, false), ENOTCONN);
+}
+
+// Without multi-conn, a plugin flush covers only the writes made through
+// the same context.  A connection whose context carried writes that no
+// flush through it has covered yet (it need not have written anything
+// itself) flushes it as it leaves; one with nothing unflushed does not.
+TEST(PluginSinkTest, ALeavingContextFlushesWhatWasWrittenThroughIt) {
+  PluginGate gate;
+  FakeContext a, b;
+  a.multi_conn = 0;
+  PluginSink sink(a.next(), &gate);
+  sink.Attach(b.next());
+  char buf[512] = {};
+  ASSERT_EQ(sink.Write(buf, sizeof buf, 0, false), 0);  // through a
+  EXPECT_TRUE(sink.Detach(a.next(), /*unless_last=*/true));
+  EXPECT_EQ(a.flushed(), 1) << "a left with a write no flush through it covered";
+  ASSERT_EQ(sink.Write(buf, sizeof buf, 0, false), 0);  // through b
+  ASSERT_EQ(sink.Flush(), 0);
+  EXPECT_EQ(b.flushed(), 1);
+  FakeContext c;
+  sink.Attach(c.next());
+  EXPECT_TRUE(sink.Detach(b.next(), /*unless_last=*/true));
+  EXPECT_EQ(b.flushed(), 1) << "b had nothing unflushed";
+  EXPECT_TRUE(sink.Detach(c.next(), /*unless_last=*/false));
+  EXPECT_EQ(c.flushed(), 0) << "c carried no writes";
 }
 
 // Two connections leave at once while a background write uses the first

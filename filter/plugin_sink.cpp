@@ -48,26 +48,58 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
   return nullptr;
 }
 
+PluginSink::Slot* PluginSink::PickLocked() {
+  for (Slot& c : contexts_)
+    if (!c.leaving) return &c;
+  return contexts_.empty() ? nullptr : &contexts_.front();
+}
+
+bool PluginSink::OthersStayLocked(nbdkit_next* next) {
+  for (const Slot& c : contexts_)
+    if (c.next != next && !c.leaving) return true;
+  return false;
+}
+
 bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
   std::unique_lock<std::mutex> l(mu_);
   if (FindLocked(next) == nullptr) return true;
-  if (unless_last && contexts_.size() == 1) return false;
+  // "Last" means no other context stays: when several leave at once, at
+  // least one of them is told so and writes what is still buffered.
+  if (unless_last && !OthersStayLocked(next)) return false;
+  FindLocked(next)->leaving = true;  // new calls go elsewhere
+  auto idle = [&] { return FindLocked(next)->in_flight == 0; };
   ++detaching_;
-  idle_.wait(l, [&] { return FindLocked(next)->in_flight == 0; });
+  idle_.wait(l, idle);
   --detaching_;
-  // Ask again: another connection may have left while this one waited, and
-  // if both went, nobody would stay to write what is still buffered.
-  if (unless_last && contexts_.size() == 1) return false;
-  Slot* slot = FindLocked(next);
-  const bool unflushed = slot->written != slot->flushed;
-  contexts_.erase(contexts_.begin() + (slot - contexts_.data()));
-  l.unlock();
-  // Out of the pool, but still open (nbdkit frees it after .close).
-  if (unflushed && can_flush_ && !multi_conn_) {
-    int err = 0;
-    GateHold g(gate_);
-    if (next->flush(next, 0, &err) == -1 && flush_err) *flush_err = err ? err : EIO;
+  if (unless_last && !OthersStayLocked(next)) {
+    FindLocked(next)->leaving = false;
+    return false;
   }
+  // Without multi-conn, a plugin flush covers only its own context's
+  // writes: flush the ones made through this context, while it is still in
+  // the pool (so that a concurrent Flush finds it too, and waits for it).
+  while (can_flush_ && !multi_conn_) {
+    Slot* slot = FindLocked(next);
+    if (slot->written == slot->flushed) break;
+    const uint64_t covers = slot->written;
+    ++slot->in_flight;
+    l.unlock();
+    int err = 0, r;
+    {
+      GateHold g(gate_);
+      r = next->flush(next, 0, &err);
+    }
+    l.lock();
+    slot = FindLocked(next);
+    --slot->in_flight;
+    if (r == -1) {
+      if (flush_err) *flush_err = err ? err : EIO;
+      break;
+    }
+    slot->flushed = std::max(slot->flushed, covers);
+  }
+  idle_.wait(l, idle);  // a concurrent Flush may still use it
+  contexts_.erase(contexts_.begin() + (FindLocked(next) - contexts_.data()));
   return true;
 }
 
@@ -76,14 +108,14 @@ size_t PluginSink::detaching() {
   return detaching_;
 }
 
-PluginSink::Lease::Lease(PluginSink* sink, bool write)
+PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which)
     : sink_(sink), next_(nullptr), write_(write) {
   std::lock_guard<std::mutex> l(sink_->mu_);
-  if (sink_->contexts_.empty()) return;
-  Slot& c = sink_->contexts_.front();
-  ++c.in_flight;
-  next_ = c.next;
-  written_at_start_ = c.written;
+  Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked();
+  if (c == nullptr) return;
+  ++c->in_flight;
+  next_ = c->next;
+  written_at_start_ = c->written;
 }
 
 void PluginSink::Lease::Flushed() {
@@ -157,18 +189,34 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
   return FuaFallback(fua);
 }
 
-int PluginSink::Flush() {
-  if (!can_flush_) return 0;
+int PluginSink::FlushOne(nbdkit_next* which) {
   int err = 0;
-  Lease lease(this, /*write=*/false);
+  Lease lease(this, /*write=*/false, which);
   nbdkit_next* next = lease.get();
-  if (next == nullptr) return ENOTCONN;
+  if (next == nullptr) return which ? 0 : ENOTCONN;  // `which` left: Detach flushed it
   {
     GateHold g(gate_);
     if (next->flush(next, 0, &err) == -1) return err ? err : EIO;
   }
   lease.Flushed();
   return 0;
+}
+
+int PluginSink::Flush() {
+  if (!can_flush_) return 0;
+  if (multi_conn_) return FlushOne(nullptr);
+  // Each context with writes that no flush through it has covered yet.
+  std::vector<nbdkit_next*> dirty;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const Slot& c : contexts_)
+      if (c.written != c.flushed) dirty.push_back(c.next);
+  }
+  if (dirty.empty()) return FlushOne(nullptr);
+  int first = 0;
+  for (nbdkit_next* next : dirty)
+    if (int err = FlushOne(next); err && !first) first = err;
+  return first;
 }
 
 }  // namespace sdccache

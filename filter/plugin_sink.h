@@ -65,12 +65,13 @@ class PluginSink : public Sink {
   PluginSink(nbdkit_next* first, PluginGate* gate);
 
   void Attach(nbdkit_next* next);
-  // Removes `next` once no background call uses it.  With `unless_last`,
-  // leaves it attached (and returns false) if it is the only context: the
-  // caller must first write everything buffered.  Without multi-conn, a
-  // plugin flush covers only its own context's writes: if writes made
-  // through `next` are not yet covered by a flush through it, flushes it
-  // as it goes, and sets *flush_err if that fails.
+  // Removes `next` once no background call uses it; new calls go to other
+  // contexts meanwhile.  With `unless_last`, leaves it attached (and
+  // returns false) if no other context stays: the caller must first write
+  // everything buffered.  Without multi-conn, a plugin flush covers only
+  // its own context's writes: if writes made through `next` are not yet
+  // covered by a flush through it, flushes it before it goes, and sets
+  // *flush_err if that fails.
   bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr);
   // Detach calls waiting for their context's calls to finish (for tests).
   size_t detaching();
@@ -88,7 +89,8 @@ class PluginSink : public Sink {
   class Lease {
    public:
     // `write`: the call writes (counted against the context once done).
-    Lease(PluginSink* sink, bool write);
+    // `which`: that context, if still attached; else the one PickLocked gives.
+    Lease(PluginSink* sink, bool write, nbdkit_next* which = nullptr);
     ~Lease();
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
@@ -107,8 +109,13 @@ class PluginSink : public Sink {
     int in_flight = 0;     // calls using it now
     uint64_t written = 0;  // write calls finished through it
     uint64_t flushed = 0;  // of those, how many a flush through it covers
+    bool leaving = false;  // in Detach: no new calls
   };
   Slot* FindLocked(nbdkit_next* next);
+  Slot* PickLocked();  // the oldest context not leaving, else the oldest
+  bool OthersStayLocked(nbdkit_next* next);
+  // Flushes `which`, or (null) the context PickLocked gives.
+  int FlushOne(nbdkit_next* which);
   int FuaFallback(bool fua);
 
   PluginGate* const gate_;

@@ -20,7 +20,9 @@ namespace {
 struct FakeContext {
   nbdkit_next ops{};
   int pwrites = 0;      // guarded by mu
-  int flushes = 0;      // guarded by mu
+  int flushes = 0;      // guarded by mu: flush calls begun
+  int flushes_finished = 0;  // guarded by mu
+  bool hold_flush = false;   // guarded by mu: flush waits while set
   int multi_conn = 1;   // what can_multi_conn says
   bool hold = false;    // guarded by mu: pwrite waits while set
   bool inside = false;  // guarded by mu: a pwrite is running
@@ -48,8 +50,11 @@ struct FakeContext {
     };
     ops.flush = [](nbdkit_next* n, uint32_t, int*) {
       auto* c = reinterpret_cast<FakeContext*>(n);
-      std::lock_guard<std::mutex> l(c->mu);
+      std::unique_lock<std::mutex> l(c->mu);
       ++c->flushes;
+      c->cv.notify_all();
+      c->cv.wait(l, [&] { return !c->hold_flush; });
+      ++c->flushes_finished;
       return 0;
     };
   }
@@ -57,6 +62,10 @@ struct FakeContext {
   int flushed() {
     std::lock_guard<std::mutex> l(mu);
     return flushes;
+  }
+  int flushes_done() {
+    std::lock_guard<std::mutex> l(mu);
+    return flushes_finished;
   }
 };
 static_assert(std::is_standard_layout_v<FakeContext>, "ops must convert to FakeContext*");
@@ -117,9 +126,9 @@ TEST(PluginSinkTest, ALeavingContextFlushesWhatWasWrittenThroughIt) {
 
 // Two connections leave at once while a background write uses the first
 // one's context.  The first waits for that write; meanwhile the second
-// leaves.  The first is then the last one: it must be told so, to write
-// what is still buffered before it goes, or nobody would.
-TEST(PluginSinkTest, OfTwoLeavingTogetherTheLaterIsTheLast) {
+// leaves.  At least one of them must be told it is the last, to write what
+// is still buffered before it goes, or nobody would.
+TEST(PluginSinkTest, OfTwoLeavingTogetherOneIsTheLast) {
   PluginGate gate;
   FakeContext a, b;
   PluginSink sink(a.next(), &gate);
@@ -138,7 +147,7 @@ TEST(PluginSinkTest, OfTwoLeavingTogetherTheLaterIsTheLast) {
   auto leave_a =
       std::async(std::launch::async, [&] { return sink.Detach(a.next(), /*unless_last=*/true); });
   ASSERT_TRUE(Eventually([&] { return sink.detaching() == 1; }));
-  EXPECT_TRUE(sink.Detach(b.next(), /*unless_last=*/true));  // a is still there
+  const bool b_left = sink.Detach(b.next(), /*unless_last=*/true);
   {
     std::lock_guard<std::mutex> l(a.mu);
     a.hold = false;
@@ -146,8 +155,51 @@ TEST(PluginSinkTest, OfTwoLeavingTogetherTheLaterIsTheLast) {
   a.cv.notify_all();
   EXPECT_EQ(write.get(), 0);
   ASSERT_EQ(leave_a.wait_for(std::chrono::seconds(10)), std::future_status::ready);
-  EXPECT_FALSE(leave_a.get()) << "both contexts left: nothing would write the buffered data";
-  EXPECT_TRUE(sink.Detach(a.next(), /*unless_last=*/false));
+  const bool a_left = leave_a.get();
+  EXPECT_FALSE(a_left && b_left) << "both contexts left: nothing would write the buffered data";
+  // The one told it is the last writes out, then goes.
+  if (!a_left) {
+    EXPECT_TRUE(sink.Detach(a.next(), /*unless_last=*/false));
+  }
+  if (!b_left) {
+    EXPECT_TRUE(sink.Detach(b.next(), /*unless_last=*/false));
+  }
+  EXPECT_EQ(sink.Write(buf, sizeof buf, 0, false), ENOTCONN);
+}
+
+// A client flush that runs while a context with unflushed writes leaves
+// (its Detach flushing it) returns only once those writes are flushed: the
+// flush covers every context that carried writes, not just one.
+TEST(PluginSinkTest, AFlushWaitsForALeavingContextsWrites) {
+  PluginGate gate;
+  FakeContext a, b;
+  a.multi_conn = 0;
+  PluginSink sink(a.next(), &gate);
+  sink.Attach(b.next());
+  char buf[512] = {};
+  ASSERT_EQ(sink.Write(buf, sizeof buf, 0, false), 0);  // through a, not flushed
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.hold_flush = true;
+  }
+  auto leave_a =
+      std::async(std::launch::async, [&] { return sink.Detach(a.next(), /*unless_last=*/true); });
+  {
+    std::unique_lock<std::mutex> l(a.mu);  // a's Detach is flushing it
+    ASSERT_TRUE(a.cv.wait_for(l, std::chrono::seconds(10), [&] { return a.flushes > 0; }));
+  }
+  auto flush = std::async(std::launch::async, [&] { return sink.Flush(); });
+  // The flush must not finish while a's writes are unflushed.
+  EXPECT_EQ(flush.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
+      << "a flush returned before the writes made through a leaving context were flushed";
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.hold_flush = false;
+  }
+  a.cv.notify_all();
+  EXPECT_EQ(flush.get(), 0);
+  EXPECT_TRUE(leave_a.get());
+  EXPECT_GE(a.flushes_done(), 1);
 }
 
 }  // namespace

@@ -99,7 +99,11 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
     slot->flushed = std::max(slot->flushed, covers);
   }
   idle_.wait(l, idle);  // a concurrent Flush may still use it
-  contexts_.erase(contexts_.begin() + (FindLocked(next) - contexts_.data()));
+  Slot* slot = FindLocked(next);
+  // Writes through it that no flush covers (its flush failed): the next
+  // Flush fails, so that the engine writes them again elsewhere.
+  if (can_flush_ && !multi_conn_ && slot->written != slot->flushed) ++lost_;
+  contexts_.erase(contexts_.begin() + (slot - contexts_.data()));
   return true;
 }
 
@@ -112,7 +116,10 @@ PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which)
     : sink_(sink), next_(nullptr), write_(write) {
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked();
-  if (c == nullptr) return;
+  // A write never goes to a leaving context: its Detach may already have
+  // flushed it for the last time.  (It fails with ENOTCONN and stays
+  // buffered, as when no context is attached.)
+  if (c == nullptr || (write && c->leaving)) return;
   ++c->in_flight;
   next_ = c->next;
   written_at_start_ = c->written;
@@ -193,7 +200,8 @@ int PluginSink::FlushOne(nbdkit_next* which) {
   int err = 0;
   Lease lease(this, /*write=*/false, which);
   nbdkit_next* next = lease.get();
-  if (next == nullptr) return which ? 0 : ENOTCONN;  // `which` left: Detach flushed it
+  // `which` left: its Detach flushed it, or counted it in lost_ (see Flush).
+  if (next == nullptr) return which ? 0 : ENOTCONN;
   {
     GateHold g(gate_);
     if (next->flush(next, 0, &err) == -1) return err ? err : EIO;
@@ -212,10 +220,17 @@ int PluginSink::Flush() {
     for (const Slot& c : contexts_)
       if (c.written != c.flushed) dirty.push_back(c.next);
   }
-  if (dirty.empty()) return FlushOne(nullptr);
   int first = 0;
+  if (dirty.empty()) first = FlushOne(nullptr);
   for (nbdkit_next* next : dirty)
     if (int err = FlushOne(next); err && !first) first = err;
+  // A context left with writes its last flush did not cover: report it
+  // (once) so that the engine keeps the batch and writes it again.
+  std::lock_guard<std::mutex> l(mu_);
+  if (lost_ != lost_reported_) {
+    lost_reported_ = lost_;
+    if (!first) first = EIO;
+  }
   return first;
 }
 

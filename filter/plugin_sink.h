@@ -130,6 +130,9 @@ class PluginSink : public Sink {
   // batch and its flush on one context.
   std::vector<Slot> contexts_;
   size_t detaching_ = 0;  // guarded by mu_
+  // Guarded by mu_: contexts that left with writes no flush covered, and
+  // how many of those a Flush has reported.
+  uint64_t lost_ = 0, lost_reported_ = 0;
 };
 
 }  // namespace sdccache

@@ -30,6 +30,7 @@ struct FakeContext {
   int flushes = 0;             // guarded by mu: flush calls begun
   int flushes_finished = 0;    // guarded by mu
   bool hold_flush = false;     // guarded by mu: flush waits while set
+  int flush_error = 0;         // guarded by mu: flush fails with it if set
 
   FakeContext() {
     ops.can_fua = [](nbdkit_next*) { return NBDKIT_FUA_NATIVE; };
@@ -48,14 +49,15 @@ struct FakeContext {
       c->in_pwrite = false;
       return 0;
     };
-    ops.flush = [](nbdkit_next* n, uint32_t, int*) {
+    ops.flush = [](nbdkit_next* n, uint32_t, int* err) {
       FakeContext* c = Of(n);
       std::unique_lock<std::mutex> l(c->mu);
       ++c->flushes;
       c->cv.notify_all();
       c->cv.wait(l, [&] { return !c->hold_flush; });
       ++c->flushes_finished;
-      return 0;
+      c->cv.notify_all();
+      return c->flush_error ? (*err = c->flush_error, -1) : 0;
     };
   }
   static FakeContext* Of(nbdkit_next* n) { return reinterpret_cast<FakeContext*>(n); }
@@ -192,6 +194,42 @@ TEST_F(PluginSinkTest, AFlushWaitsForALeavingContextsWrites) {
   EXPECT_EQ(flush.get(), 0);
   EXPECT_TRUE(leave_a.get());
   EXPECT_GE(a.Count(&FakeContext::flushes_finished), 1);
+}
+
+// The last connection leaves (after its FlushUntil, say, while the flusher
+// still retries).  Once its context is leaving, no write may go to it: its
+// Detach may be flushing it for the last time, and a write after that
+// flush would leave with it, never flushed.  The write fails (ENOTCONN)
+// and stays buffered instead.
+TEST_F(PluginSinkTest, NoWriteGoesToALeavingContext) {
+  Open(/*multi_conn=*/false);
+  ASSERT_TRUE(sink->Detach(b.next(), /*unless_last=*/true));  // b carried nothing
+  ASSERT_EQ(Write(), 0);                                      // through a
+  a.Hold(&FakeContext::hold_flush, true);
+  auto leave_a = std::async(std::launch::async,
+                            [this] { return sink->Detach(a.next(), /*unless_last=*/false); });
+  ASSERT_TRUE(a.WaitFor([&] { return a.flushes > 0; }));  // Detach is flushing a
+  EXPECT_EQ(Write(), ENOTCONN) << "a write went to a leaving context";
+  a.Hold(&FakeContext::hold_flush, false);
+  EXPECT_TRUE(leave_a.get());
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
+}
+
+// A leaving context's flush fails: it must go anyway (nbdkit frees it), but
+// its writes were never flushed, so the next Flush must fail too, for the
+// engine to keep the data and write it again through another context.
+TEST_F(PluginSinkTest, AFailedLeavingFlushFailsTheNextFlush) {
+  Open(/*multi_conn=*/false);
+  ASSERT_EQ(Write(), 0);  // through a
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.flush_error = EIO;
+  }
+  int detach_err = 0;
+  EXPECT_TRUE(sink->Detach(a.next(), /*unless_last=*/true, &detach_err));
+  EXPECT_EQ(detach_err, EIO);
+  EXPECT_EQ(sink->Flush(), EIO) << "Flush reported writes made through a as flushed";
+  EXPECT_EQ(sink->Flush(), 0) << "the loss is reported once";
 }
 
 }  // namespace

@@ -215,8 +215,10 @@ int PluginSink::Flush() {
   if (multi_conn_) return FlushOne(nullptr);
   // Each context with writes that no flush through it has covered yet.
   std::vector<nbdkit_next*> dirty;
+  uint64_t lost_at_start;
   {
     std::lock_guard<std::mutex> l(mu_);
+    lost_at_start = lost_;
     for (const Slot& c : contexts_)
       if (c.written != c.flushed) dirty.push_back(c.next);
   }
@@ -224,10 +226,11 @@ int PluginSink::Flush() {
   if (dirty.empty()) first = FlushOne(nullptr);
   for (nbdkit_next* next : dirty)
     if (int err = FlushOne(next); err && !first) first = err;
-  // A context left with writes its last flush did not cover: report it
-  // (once) so that the engine keeps the batch and writes it again.
+  // A context left with writes its last flush did not cover: report it to
+  // every Flush running meanwhile and to the next one, so that the engine
+  // keeps the batch and writes it again.
   std::lock_guard<std::mutex> l(mu_);
-  if (lost_ != lost_reported_) {
+  if (lost_ != lost_at_start || lost_ != lost_reported_) {
     lost_reported_ = lost_;
     if (!first) first = EIO;
   }

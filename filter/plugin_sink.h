@@ -131,7 +131,8 @@ class PluginSink : public Sink {
   std::vector<Slot> contexts_;
   size_t detaching_ = 0;  // guarded by mu_
   // Guarded by mu_: contexts that left with writes no flush covered, and
-  // how many of those a Flush has reported.
+  // how many of those a Flush has reported (Flushes running when one left
+  // report it too).
   uint64_t lost_ = 0, lost_reported_ = 0;
 };
 

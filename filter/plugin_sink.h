@@ -7,8 +7,9 @@
 // plugins that serve several exports learn the export name from the
 // connection (file dir=, sh, eval), and would write to the wrong export or
 // crash.  A connection leaves (Detach) only after its data was flushed and no
-// background call still uses its context.  With no connection attached,
-// writes fail with ENOTCONN and stay buffered.
+// background call still uses its context; meanwhile new calls go to other
+// contexts.  With no context attached (or only leaving ones), writes fail
+// with ENOTCONN and stay buffered.
 //
 // It does what the plugin allows: FUA becomes a plugin flush when the
 // plugin has no FUA, zeroes become written zero blocks when it cannot zero,
@@ -125,9 +126,9 @@ class PluginSink : public Sink {
 
   std::mutex mu_;
   std::condition_variable idle_;
-  // Guarded by mu_: attached contexts, oldest first, with their calls in
-  // flight.  Calls use the oldest, so a plugin without multi-conn sees a
-  // batch and its flush on one context.
+  // Guarded by mu_: attached contexts, oldest first.  Calls use the oldest
+  // one not leaving; without multi-conn, Flush reaches every context that
+  // carried writes since its last flush.
   std::vector<Slot> contexts_;
   size_t detaching_ = 0;  // guarded by mu_
   // Guarded by mu_: contexts that left with writes no flush covered, and

@@ -68,9 +68,7 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
   if (unless_last && !OthersStayLocked(next)) return false;
   FindLocked(next)->leaving = true;  // new calls go elsewhere
   auto idle = [&] { return FindLocked(next)->in_flight == 0; };
-  ++detaching_;
   idle_.wait(l, idle);
-  --detaching_;
   if (unless_last && !OthersStayLocked(next)) {
     FindLocked(next)->leaving = false;
     return false;
@@ -81,22 +79,13 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
   while (can_flush_ && !multi_conn_) {
     Slot* slot = FindLocked(next);
     if (slot->written == slot->flushed) break;
-    const uint64_t covers = slot->written;
-    ++slot->in_flight;
     l.unlock();
-    int err = 0, r;
-    {
-      GateHold g(gate_);
-      r = next->flush(next, 0, &err);
-    }
+    const int err = FlushOne(next);  // only this Detach removes `next`
     l.lock();
-    slot = FindLocked(next);
-    --slot->in_flight;
-    if (r == -1) {
-      if (flush_err) *flush_err = err ? err : EIO;
+    if (err) {
+      if (flush_err) *flush_err = err;
       break;
     }
-    slot->flushed = std::max(slot->flushed, covers);
   }
   idle_.wait(l, idle);  // a concurrent Flush may still use it
   Slot* slot = FindLocked(next);
@@ -109,7 +98,10 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
 
 size_t PluginSink::detaching() {
   std::lock_guard<std::mutex> l(mu_);
-  return detaching_;
+  // A context is marked leaving under the same hold of mu_ that starts its
+  // Detach's wait, so a leaving context is one whose Detach has begun.
+  return static_cast<size_t>(
+      std::count_if(contexts_.begin(), contexts_.end(), [](const Slot& c) { return c.leaving; }));
 }
 
 PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which)

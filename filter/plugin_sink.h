@@ -74,7 +74,7 @@ class PluginSink : public Sink {
   // covered by a flush through it, flushes it before it goes, and sets
   // *flush_err if that fails.
   bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr);
-  // Detach calls waiting for their context's calls to finish (for tests).
+  // Detach calls under way: contexts marked leaving (for tests).
   size_t detaching();
 
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
@@ -130,7 +130,6 @@ class PluginSink : public Sink {
   // one not leaving; without multi-conn, Flush reaches every context that
   // carried writes since its last flush.
   std::vector<Slot> contexts_;
-  size_t detaching_ = 0;  // guarded by mu_
   // Guarded by mu_: contexts that left with writes no flush covered, and
   // how many of those a Flush has reported (Flushes running when one left
   // report it too).

@@ -44,7 +44,7 @@ struct Handle {
   std::atomic<ExportCache*> cache{nullptr};
   nbdkit_next* writer = nullptr;  // set when this connection can write
   std::atomic<bool> wrote{false};  // set by any of the connection's threads
-  bool left = false;               // .finalize ran Registry::Leave
+  bool left = false;               // LeaveExport ran
 };
 
 // A writable connection's cache, set in .prepare before any request.
@@ -61,6 +61,13 @@ ExportCache* CacheOf(Handle* h) {
   if (c == nullptr && (c = g->registry->Find(h->exportname)) != nullptr)
     h->cache.store(c, std::memory_order_release);
   return c;
+}
+
+// A writer's Registry::Leave, from .finalize or (if nbdkit skipped that) .close.
+int LeaveExport(Handle* h) {
+  const int err = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load());
+  h->left = true;
+  return err;
 }
 
 // Runs `body` and turns a C++ exception into an nbdkit error.
@@ -265,7 +272,7 @@ static void sdccache_close(void* handle) {
   if (h->writer && !h->left) {
     int err = 0;
     Guarded("close", &err, [&] {
-      if (int e = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load()))
+      if (int e = LeaveExport(h))
         nbdkit_error("sdccache: close: writing buffered data on disconnect: %s", std::strerror(e));
       return 0;
     });
@@ -299,9 +306,7 @@ static int sdccache_finalize(nbdkit_next*, void* handle) {
   if (!h->writer) return 0;
   int err = 0;
   return Guarded("finalize", &err, [&] {
-    int e = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load());
-    h->left = true;
-    if (e) return Fail("writing buffered data on disconnect", e, &err);
+    if (int e = LeaveExport(h)) return Fail("writing buffered data on disconnect", e, &err);
     return 0;
   });
 }

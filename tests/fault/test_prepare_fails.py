@@ -8,10 +8,10 @@
 import os
 import signal
 import sys
-import tempfile
 
 import nbd
 
+import faultlib
 import sdctest
 from sdctest import check
 
@@ -19,7 +19,7 @@ KiB = 1 << 10
 
 
 def run(shim, fail_at):
-    tmp = tempfile.mkdtemp(prefix="sdc-prepfail-")
+    tmp = faultlib.tmpdir()
     flag = os.path.join(tmp, "fail-threads")
     env = dict(os.environ, LD_PRELOAD=shim, SDCCACHE_FAIL_FLAG=flag,
                SDCCACHE_FAIL_AT=str(fail_at))
@@ -56,6 +56,7 @@ def main():
     shim = sys.argv[1]
     for fail_at in (1, 2, 5):
         run(shim, fail_at)
+    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -96,6 +96,11 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
   return true;
 }
 
+uint64_t PluginSink::losses() {
+  std::lock_guard<std::mutex> l(mu_);
+  return lost_;
+}
+
 size_t PluginSink::detaching() {
   std::lock_guard<std::mutex> l(mu_);
   // A context is marked leaving under the same hold of mu_ that starts its

@@ -81,6 +81,7 @@ class PluginSink : public Sink {
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
   int Trim(uint32_t count, uint64_t offset, bool fua) override;
   int Flush() override;
+  uint64_t losses() override;
 
   bool multi_conn() const { return multi_conn_; }
   uint32_t max_write() const { return max_write_; }

@@ -17,6 +17,12 @@ class Sink {
   virtual int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) = 0;
   virtual int Trim(uint32_t count, uint64_t offset, bool fua) = 0;
   virtual int Flush() = 0;
+  // How many times writes made through the Sink were dropped before a flush
+  // covered them (a plugin context that carried them went away, its last
+  // flush failing).  Flush() reports such a loss once, to whichever flush
+  // comes first; a caller that must know about its own writes compares this
+  // count from before them to after its flush.
+  virtual uint64_t losses() { return 0; }
 };
 
 }  // namespace sdccache

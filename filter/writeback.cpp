@@ -361,9 +361,16 @@ void WriteBack::RunBatch(Trigger why) {
   uint64_t plugin_writes = 0;
   std::vector<char> written;
   mu_.Unlock();  // no lock across plugin I/O, nor while a large batch is copied
+  // A context that carried this batch's writes may leave, its last flush
+  // failing, before the batch's own flush; a flush job running meanwhile may
+  // be the one told.  Only flush_before_release keeps a batch until it is
+  // flushed, and then it is the only batch running: a loss since it began
+  // is of its writes.
+  const uint64_t losses_before = flush_after ? sink_->losses() : 0;
   std::vector<DirtyRange> plan = PlanBatch(b);
   int err = batch_writer_.Write(plan, &written, &plugin_writes);
   if (err == 0 && flush_after) err = sink_->Flush();
+  if (err == 0 && flush_after && sink_->losses() != losses_before) err = EIO;
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);

@@ -57,7 +57,18 @@ class FakeSink : public Sink {
     return 0;
   }
 
+  uint64_t losses() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return losses_;
+  }
+
   // Test controls.
+  // Counts a loss (a plugin context left with writes no flush covered)
+  // without failing any Flush: as when another flush was told of it.
+  void Lose() {
+    std::lock_guard<std::mutex> l(mu_);
+    ++losses_;
+  }
   void Hold() {
     std::lock_guard<std::mutex> l(mu_);
     held_ = true;
@@ -196,7 +207,7 @@ class FakeSink : public Sink {
     return fail_next_err_;
   }
   uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
-  uint64_t max_write_ = 0;
+  uint64_t max_write_ = 0, losses_ = 0;
 };
 
 }  // namespace sdccache

@@ -192,6 +192,31 @@ TEST(WriteBackTest, FailedPluginFlushIsReported) {
   EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// Without multi-conn (flush_before_release), a batch leaves memory only
+// once a flush covered its writes.  If a context that carried them leaves
+// before the batch's flush, its last flush failing, and another flush (a
+// client's flush job) is the one told of the loss, the batch's own flush
+// succeeds: the batch must still count it as failed, keep its data and
+// write it again.
+TEST(WriteBackTest, BatchWhoseWritesWereLostBeforeItsFlushIsWrittenAgain) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.flush_before_release = true;
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Write("abc", 3, 0, false), 0);
+  sink.HoldFlush();
+  auto flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  sink.AwaitFlushesStarted(1);  // the batch is written; its flush waits
+  ASSERT_EQ(sink.writes(), 1u);
+  sink.Lose();
+  sink.ReleaseFlush();
+  EXPECT_EQ(flush.get(), EIO) << "a flush reported lost writes as flushed";
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "abc");
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.writes(), 2u) << "the batch was not written again";
+  EXPECT_EQ(wb.queued_bytes(), 0u);
+}
+
 TEST(WriteBackTest, FuaIsDurableBeforeReturn) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

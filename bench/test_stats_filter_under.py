@@ -11,7 +11,7 @@ import os
 
 import sdctest
 
-tmp = __import__("tempfile").mkdtemp(prefix="sdcbench-stats-")
+tmp = sdctest.scratch_dir(prefix="sdcbench-stats-")
 stats = os.path.join(tmp, "plugin-stats")
 srv = sdctest.Server(["memory", "size=1M"], ["statsfile=" + stats, "statsappend=false"],
                      under=["stats"], tmpdir=tmp, start_timeout=10)

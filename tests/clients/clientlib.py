@@ -45,7 +45,8 @@ class Background:
         self.cmd = cmd
         self.log_path = log_path
         self.logf = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=env)
+        self.proc = sdctest.track(
+            subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT, env=env), log_path)
         self.pid = self.proc.pid
 
     def alive(self):
@@ -209,6 +210,6 @@ def files_equal(a, b, length):
 
 
 def remove_tmp(tmp):
-    """Removes a test's temporary directory after success (kept on failure,
-    which exits before this, for the logs)."""
+    """Removes a test's temporary directory early (sdctest removes every
+    scratch_dir at exit anyway, pass or fail)."""
     shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,6 @@
 import json
 import os
 import sys
-import tempfile
 
 import clientlib
 from clientlib import check, run
@@ -43,7 +42,7 @@ def check_jobs(jobs, what, want_write):
 
 def main():
     clientlib.require("fio")
-    tmp = tempfile.mkdtemp(prefix="sdc-fio-")
+    tmp = sdctest.scratch_dir(prefix="sdc-fio-")
     disk = sdctest.make_image(tmp, SIZE)
     stats = os.path.join(tmp, "stats.txt")
     params = ["threshold=16", "queue-max-size=4M", "sdccache-statsfile=" + stats]

@@ -2,7 +2,6 @@
 import os
 import random
 import sys
-import tempfile
 
 import clientlib
 from clientlib import check, run
@@ -14,7 +13,7 @@ MIB = 1 << 20
 
 def main():
     clientlib.require("nbdcopy")
-    tmp = tempfile.mkdtemp(prefix="sdc-nbdcopy-")
+    tmp = sdctest.scratch_dir(prefix="sdc-nbdcopy-")
     src = os.path.join(tmp, "src.img")
     clientlib.random_image(src, SIZE, seed=99)
     out = os.path.join(tmp, "out.img")

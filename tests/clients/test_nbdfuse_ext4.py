@@ -5,7 +5,6 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import clientlib
 from clientlib import Background, check, run, wait_until
@@ -31,6 +30,10 @@ class Stack:
         self.fs_dir = os.path.join(tmp, "fs-" + tag)
         os.mkdir(self.nbd_dir)
         os.mkdir(self.fs_dir)
+        # Should a check below fail, sdctest kills the processes at exit
+        # and lazily unmounts these.
+        sdctest.track_mount(self.fs_dir)
+        sdctest.track_mount(self.nbd_dir)
         self.image = os.path.join(self.nbd_dir, "nbd")
         self.fuse = Background(["nbdfuse", self.nbd_dir, self.srv.uri],
                                os.path.join(tmp, "nbdfuse-" + tag + ".log"))
@@ -62,12 +65,19 @@ class Stack:
         check(rc == 0, "nbdkit exit status %d:\n%s" % (rc, self.srv.log_text()))
 
     def kill_all(self):
-        """Cleanup after a failure: lazy-unmount and kill by PID."""
-        for d, p in ((self.fs_dir, self.fs), (self.nbd_dir, self.fuse)):
-            if p is not None and p.alive():
-                run([fusermount(), "-u", "-z", d], timeout=10, expect_rc=None)
+        """Cleanup after a failure: kill by PID, then lazy-unmount (never
+        fails, so that every step runs)."""
+        for p in (self.fs, self.fuse):
+            if p is not None:
                 p.kill()
         self.srv.kill()
+        for d in (self.fs_dir, self.nbd_dir):
+            if os.path.ismount(d):
+                try:
+                    subprocess.run([fusermount(), "-u", "-z", d], timeout=10,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                except subprocess.TimeoutExpired:
+                    print("fusermount -u -z %s timed out" % d)
 
 
 def write_files(root, rng):
@@ -92,7 +102,7 @@ def write_files(root, rng):
 def main():
     clientlib.require("nbdfuse", "fuse2fs", "mkfs.ext4", "e2fsck", "debugfs", fusermount())
     check(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
-    tmp = tempfile.mkdtemp(prefix="sdc-nbdfuse-")
+    tmp = sdctest.scratch_dir(prefix="sdc-nbdfuse-")
     disk = sdctest.make_image(tmp, SIZE)
     rng = random.Random(77)
 

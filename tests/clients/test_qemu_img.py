@@ -1,7 +1,6 @@
 # qemu-img convert -n of a random sparse 64 MiB image into the export, then qemu-img compare.
 import os
 import sys
-import tempfile
 
 import clientlib
 from clientlib import check, run
@@ -12,7 +11,7 @@ SIZE = 64 << 20
 
 def main():
     clientlib.require("qemu-img")
-    srv_tmp = tempfile.mkdtemp(prefix="sdc-qemu-img-")
+    srv_tmp = sdctest.scratch_dir(prefix="sdc-qemu-img-")
     src = os.path.join(srv_tmp, "src.img")
     clientlib.random_image(src, SIZE, seed=1234)
     # The backing file starts as 0xff, so holes of the source must be

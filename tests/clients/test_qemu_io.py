@@ -1,7 +1,6 @@
 # qemu-io writes and pattern-checked reads (aligned, unaligned, zero) through the filter.
 import os
 import sys
-import tempfile
 
 import clientlib
 from clientlib import check, run
@@ -31,7 +30,7 @@ def qemu_io(uri, cmds, expect_ok=True):
 
 def main():
     clientlib.require("qemu-io")
-    tmp = tempfile.mkdtemp(prefix="sdc-qemu-io-")
+    tmp = sdctest.scratch_dir(prefix="sdc-qemu-io-")
     disk = os.path.join(tmp, "disk.img")
     clientlib.fill(disk, SIZE, 0x11)
     stats = os.path.join(tmp, "stats.txt")

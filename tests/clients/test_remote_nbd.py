@@ -2,7 +2,6 @@
 import os
 import random
 import sys
-import tempfile
 
 import clientlib
 from clientlib import check
@@ -13,7 +12,7 @@ MIB = 1 << 20
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-remote-")
+    tmp = sdctest.scratch_dir(prefix="sdc-remote-")
     back_disk = sdctest.make_image(tmp, SIZE, "back.img")
     back = clientlib.PlainServer(tmp, "back", ["file", back_disk])
     front = None

@@ -8,23 +8,19 @@ import tempfile
 
 import nbd
 
-from sdctest import check, check_read, control_stats, fail, wait_until
+from sdctest import (check, check_read, control_stats, fail, remove_scratch, scratch_dir,
+                     wait_until)
 
 
 def tmpdir():
-    """A scratch directory, removed by cleanup() when the test passed (a
-    failing test keeps it, with nbdkit.log, for the post-mortem)."""
-    d = tempfile.mkdtemp(prefix="sdcfault-")
-    _scratch.append(d)
-    return d
+    """A scratch directory (sdctest removes it when the test ends, pass or
+    fail, after printing the tail of nbdkit's log on a failure)."""
+    return scratch_dir(prefix="sdcfault-")
 
 
 def cleanup():
-    while _scratch:
-        shutil.rmtree(_scratch.pop(), ignore_errors=True)
-
-
-_scratch = []
+    """Removes the scratch directories early, once a test has passed."""
+    remove_scratch()
 
 
 def stats(path):

@@ -109,8 +109,10 @@ def recovered_before_disconnect(seed):
     srv, h, model, img, trig, ctl = setup(seed)
     with srv:
         remove(trig)
-        # No client flush: what is buffered (or waiting for a retry) must be
-        # written by the disconnect itself.
+        # No client flush: the disconnect writes what is still buffered (the
+        # background retry may have written some or all of it by now) and
+        # flushes it, without reporting the failures from before the
+        # recovery (check_nothing_lost).
         h.shutdown()
         del h
         check_same(read_file(img), model.read(0, SIZE), what + ": disk after disconnect")

@@ -1,6 +1,5 @@
 # Backpressure: a slow plugin and a 1M queue bound; writers wait, nothing lost.
 import os
-import tempfile
 import time
 
 import sdctest
@@ -12,7 +11,7 @@ COUNT = 256  # 16 MiB through a 1 MiB queue
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-backpressure-")
+    tmp = sdctest.scratch_dir(prefix="sdc-backpressure-")
     img = sdctest.make_image(tmp, SIZE)
     stats_path = os.path.join(tmp, "stats")
     model = sdctest.Model(SIZE)

@@ -13,7 +13,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import threading
 
 import nbd
@@ -206,12 +205,12 @@ def extents_past_request(tmp):
 
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
-    tmp = tempfile.mkdtemp(prefix="sdc-conn-")
+    tmp = sdctest.scratch_dir(prefix="sdc-conn-")
     cases = [("aborted", aborted_handshake), ("read-only", read_only_first),
              ("extents", extents_past_request)]
     for name, case in cases:
         if which in ("all", name):
-            case(tempfile.mkdtemp(prefix=name + "-", dir=tmp))  # own socket and log
+            case(sdctest.scratch_dir(prefix=name + "-", dir=tmp))  # own socket and log
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 # Control socket: flush, pause/resume, threshold, refusals, socket mode.
 import os
 import stat
-import tempfile
 import time
 
 import sdctest
@@ -26,7 +25,7 @@ def absent(img, off, n, what):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-control-")
+    tmp = sdctest.scratch_dir(prefix="sdc-control-")
     img = sdctest.make_image(tmp, 4 << 20)
     ctl = os.path.join(tmp, "ctl.sock")
     with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1h", "control=" + ctl],

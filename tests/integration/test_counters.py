@@ -1,6 +1,5 @@
 # Counters: stats file (text and JSON) and control `stats` track every trigger.
 import os
-import tempfile
 
 import nbd
 
@@ -33,7 +32,7 @@ def check_both(srv, stats_path, json_format, expect, what):
 
 
 def scenario(json_format):
-    tmp = tempfile.mkdtemp(prefix="sdc-counters-")
+    tmp = sdctest.scratch_dir(prefix="sdc-counters-")
     img = sdctest.make_image(tmp, 4 << 20)
     stats_path = os.path.join(tmp, "stats")
     ctl_path = os.path.join(tmp, "ctl.sock")

@@ -1,5 +1,4 @@
 # Durability in the backing file: after a flush, a FUA write, and a disconnect.
-import tempfile
 
 import sdctest
 
@@ -14,7 +13,7 @@ def absent(img, off, what):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-durable-")
+    tmp = sdctest.scratch_dir(prefix="sdc-durable-")
     img = sdctest.make_image(tmp, 4 << 20)
     # Neither threshold nor age can write anything during the test.
     with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1h"], tmpdir=tmp) as srv:
@@ -64,7 +63,7 @@ def main():
     # the write-back for a closing connection must not run in that
     # connection's thread, where nbdkit aborts the delay's sleep with
     # ESHUTDOWN; no plugin error may be recorded, and the data must land.
-    tmp2 = tempfile.mkdtemp(prefix="sdc-durable-slow-")
+    tmp2 = sdctest.scratch_dir(prefix="sdc-durable-slow-")
     img2 = sdctest.make_image(tmp2, 4 << 20)
     ctl = tmp2 + "/ctl.sock"
     with sdctest.start_server(["file", img2, "delay-write=1ms"],
@@ -78,6 +77,14 @@ def main():
                 blocks[off] = bytes([0x30 + round_]) * BLOCK
                 h.pwrite(blocks[off], off)
             h.shutdown()
+        # Nothing else writes (threshold and max-age cannot trigger): the
+        # disconnects alone must put every block in the file.
+        for off, d in blocks.items():
+            sdctest.wait_disk(img2, off, d, 30, "block at %d in the file after the disconnects" % off)
+        def written_back():
+            stats = sdctest.control_stats(ctl)
+            return int(stats["flushes_disconnect"]) >= 3 and stats["queued_requests"] == "0"
+        sdctest.wait_until(written_back, 30, "flushes_disconnect >= 3 and queued_requests == 0")
         h = srv.connect()
         h.flush()
         h.shutdown()

@@ -1,5 +1,4 @@
 # max-age trigger: a lone write reaches the file within max-age, with no flush.
-import tempfile
 import time
 
 import sdctest
@@ -9,7 +8,7 @@ OFFSET = 123 * 4096
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-maxage-")
+    tmp = sdctest.scratch_dir(prefix="sdc-maxage-")
     img = sdctest.make_image(tmp, 1 << 20)
     with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1s"], tmpdir=tmp) as srv:
         h = srv.connect()

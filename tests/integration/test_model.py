@@ -7,7 +7,6 @@
 # unaligned, overlapping writes, zeroes, trims, flushes and FUA.
 import os
 import sys
-import tempfile
 
 import sdctest
 
@@ -44,7 +43,7 @@ def verify(srv, model, img, what):
 
 
 def run_seed(plugin, seed, params):
-    tmp = tempfile.mkdtemp(prefix="sdc-model-")
+    tmp = sdctest.scratch_dir(prefix="sdc-model-")
     ctl = os.path.join(tmp, "ctl.sock")
     if plugin == "file":
         img = sdctest.make_image(tmp, SIZE)

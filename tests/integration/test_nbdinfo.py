@@ -1,7 +1,6 @@
 # nbdinfo/nbdcopy over unflushed data: summary, block status map, full copy.
 import json
 import os
-import tempfile
 
 import sdctest
 
@@ -21,7 +20,7 @@ def map_at(extents, off):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-nbdinfo-")
+    tmp = sdctest.scratch_dir(prefix="sdc-nbdinfo-")
     img = sdctest.make_image(tmp, SIZE)  # sparse: all hole
     with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1h"], tmpdir=tmp) as srv:
         h = srv.connect()  # the writer stays connected throughout

@@ -1,6 +1,5 @@
 # Threshold trigger: the Nth queued write starts a batch; fewer stay buffered.
 import shutil
-import tempfile
 import time
 
 import sdctest
@@ -12,7 +11,7 @@ DEFAULT_THRESHOLD = 1024  # what the man page and README say
 
 def check_default(img):
     """Without threshold=, the export description shows the documented default."""
-    tmp = tempfile.mkdtemp(prefix="sdc-threshold-default-")  # a socket of its own
+    tmp = sdctest.scratch_dir(prefix="sdc-threshold-default-")  # a socket of its own
     with sdctest.start_server(["file", img], ["max-age=1h"], tmpdir=tmp) as srv:
         out = sdctest.run_command(["nbdinfo", srv.uri], timeout=30).stdout.decode()
         want = "sdccache: threshold=%d " % DEFAULT_THRESHOLD
@@ -23,7 +22,7 @@ def check_default(img):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="sdc-threshold-")
+    tmp = sdctest.scratch_dir(prefix="sdc-threshold-")
     img = sdctest.make_image(tmp, 1 << 20)
     check_default(img)
     with sdctest.start_server(["file", img], ["threshold=%d" % THRESHOLD, "max-age=1h"],

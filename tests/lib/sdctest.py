@@ -5,9 +5,11 @@ directory, and stopped by that PID: SIGTERM, then SIGKILL if it has not
 exited within its bound.  Tests wait for conditions (socket present, process
 exited, file content changed) with explicit deadlines, never bare sleeps.
 """
+import atexit
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,96 @@ FILTER = os.environ.get("SDCCACHE_FILTER", "sdccache")
 NBDKIT = os.environ.get("NBDKIT", "nbdkit")
 
 
+# Every process a test starts (track) and every scratch directory it makes
+# (scratch_dir) is registered here.  However the test ends (it passes, fail()
+# exits, an exception escapes, or meson's timeout sends SIGTERM), the
+# processes still running are killed by PID and the directories removed; on
+# a failure the tail of each log a test registered goes to stderr first (set
+# SDCTEST_KEEP=1 to keep the directories instead).
+_procs = []    # subprocess.Popen
+_logs = []     # paths
+_scratch = []  # directories
+_mounts = []   # FUSE mount points: lazily unmounted before the removal
+_failed = False
+
+
+def track(proc, log=None):
+    """Registers a started process (and its log) for the cleanup at exit."""
+    _procs.append(proc)
+    if log:
+        _logs.append(log)
+    return proc
+
+
+def track_mount(path):
+    _mounts.append(path)
+
+
+def scratch_dir(prefix="sdctest-", dir=None):
+    """A temporary directory, removed when the test ends, pass or fail."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    _scratch.append(d)
+    return d
+
+
+def remove_scratch():
+    """Removes the scratch directories now (a test that passed)."""
+    if not os.environ.get("SDCTEST_KEEP"):
+        while _scratch:
+            shutil.rmtree(_scratch.pop(), ignore_errors=True)
+
+
+def _cleanup():
+    for p in _procs:
+        try:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+        except Exception as e:  # keep cleaning up
+            print("cleanup: pid %d: %s" % (p.pid, e), file=sys.stderr)
+    if _failed:
+        for log in _logs:
+            try:
+                with open(log, "rb") as f:
+                    lines = f.read().decode(errors="replace").splitlines()
+            except OSError:
+                continue
+            print("---- last %d lines of %s ----" % (min(len(lines), 60), log), file=sys.stderr)
+            print("\n".join(lines[-60:]), file=sys.stderr)
+    for m in _mounts:
+        if os.path.ismount(m):
+            for tool in ("fusermount3", "fusermount"):
+                if shutil.which(tool):
+                    subprocess.run([tool, "-u", "-z", m], timeout=10,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    break
+    if os.environ.get("SDCTEST_KEEP") and _scratch:
+        print("kept: " + " ".join(_scratch), file=sys.stderr)
+    remove_scratch()
+
+
+def _on_exception(kind, value, tb):
+    global _failed
+    _failed = True
+    _excepthook(kind, value, tb)
+
+
+def _on_sigterm(signum, frame):
+    global _failed
+    _failed = True
+    print("FAIL: terminated (signal %d), cleaning up" % signum, file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+_excepthook = sys.excepthook
+sys.excepthook = _on_exception
+atexit.register(_cleanup)
+signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def fail(msg):
+    global _failed
+    _failed = True
     print("FAIL: " + msg, file=sys.stderr)
     sys.exit(1)
 
@@ -46,7 +137,7 @@ class Server:
 
     def __init__(self, plugin_args, filter_args=(), under=(), over=(), extra=(),
                  tmpdir=None, start_timeout=10, env=None):
-        self.tmp = tmpdir or tempfile.mkdtemp(prefix="sdctest-")
+        self.tmp = tmpdir or scratch_dir()
         self.sock = os.path.join(self.tmp, "nbd.sock")
         self.log = os.path.join(self.tmp, "nbdkit.log")
         self.pidfile = os.path.join(self.tmp, "nbdkit.pid")
@@ -61,8 +152,8 @@ class Server:
         cmd += list(plugin_args) + list(filter_args)
         self.cmd = cmd
         self.logf = open(self.log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
-                                     env=env)
+        self.proc = track(subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
+                                           env=env), self.log)
         deadline = time.monotonic() + start_timeout
         while not (os.path.exists(self.pidfile) and os.path.getsize(self.pidfile) > 0):
             if self.proc.poll() is not None:

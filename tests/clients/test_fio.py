@@ -50,7 +50,7 @@ def main():
     with srv:
         out_json = os.path.join(tmp, "fio-nbd.json")
         out, _ = run(fio_args("sdc", ["--ioengine=nbd", "--uri=" + srv.uri, "--iodepth=16"],
-                              ["--output-format=json", "--output=" + out_json]), timeout=240,
+                              ["--output-format=json", "--output=" + out_json]), timeout=90,
                      cwd=tmp)  # fio leaves verify state files in its cwd
         check("verify failed" not in out, "fio: " + out)
         check_jobs(jobs_of(out_json), "fio nbd randwrite+verify", want_write=True)
@@ -69,14 +69,14 @@ def main():
     file_args = ["--ioengine=psync", "--filename=" + disk]
     out_json = os.path.join(tmp, "fio-verify.json")
     run(fio_args("sdc", file_args, ["--verify_only", "--output-format=json",
-                                    "--output=" + out_json]), timeout=120, cwd=tmp)
+                                    "--output=" + out_json]), timeout=60, cwd=tmp)
     check_jobs(jobs_of(out_json), "fio verify_only on the backing file", want_write=False)
 
     # Negative control: the same check notices one corrupted block.
     with open(disk, "r+b") as f:
         f.seek(SIZE // 3 + 100)
         f.write(b"corrupt!")
-    out, rc = run(fio_args("sdc", file_args, ["--verify_only"]), timeout=120, expect_rc=None,
+    out, rc = run(fio_args("sdc", file_args, ["--verify_only"]), timeout=60, expect_rc=None,
                   cwd=tmp)
     check(rc != 0 and "verify failed" in out,
           "fio verify_only missed a corrupted block (rc %d):\n%s" % (rc, out))

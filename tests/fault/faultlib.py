@@ -3,8 +3,6 @@
 import errno
 import os
 import random
-import shutil
-import tempfile
 
 import nbd
 

@@ -132,6 +132,19 @@ def wait_until(pred, timeout, what, interval=0.01):
         time.sleep(interval)
 
 
+def assert_stays(pred, seconds, what, interval=0.02):
+    """A negative check: pred() must keep holding for `seconds` (something
+    must not happen within that window).  Polled, so that it fails as soon
+    as it stops holding; there is no event to wait for instead."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not pred():
+            fail("%s (checked for %.1fs)" % (what, seconds))
+        if time.monotonic() > deadline:
+            return
+        time.sleep(interval)
+
+
 class Server:
     """nbdkit [filters] --filter=sdccache PLUGIN ARGS on a Unix socket."""
 

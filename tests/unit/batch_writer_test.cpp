@@ -10,6 +10,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <functional>
 #include <mutex>
@@ -315,7 +317,10 @@ class TwoBatchSink : public WritesOnly {
     if (second_inside_ >= 4) second_open_ = true;
     cv_.notify_all();
     if (first) {
-      cv_.wait(l, [&] { return open_; });
+      if (!cv_.wait_for(l, std::chrono::seconds(20), [&] { return open_; })) {
+        std::fprintf(stderr, "gave up after 20 s waiting for the first batch's release\n");
+        std::abort();
+      }
     } else {
       // Counted from Open(): helpers join only once the first batch ends.
       cv_.wait_for(l, std::chrono::seconds(10), [&] { return second_open_ || open_; });

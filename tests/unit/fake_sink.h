@@ -1,10 +1,18 @@
 // FakeSink: an in-memory plugin for engine tests, with failure injection and
 // a gate that holds writes so tests can observe a batch in flight.
+//
+// Every wait in it gives up after kPatience and aborts with a message: a
+// test that breaks (or returns early from an ASSERT while the sink still
+// holds a call) then fails at once with a reason, instead of hanging until
+// meson kills it.
 #pragma once
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -21,7 +29,8 @@ class FakeSink : public Sink {
     std::unique_lock<std::mutex> l(mu_);
     ++writes_started_;
     cv_.notify_all();
-    cv_.wait(l, [&] { return !held_ && !(hold_at_set_ && offset == hold_at_); });
+    Await(l, "a held write's release",
+          [&] { return !held_ && !(hold_at_set_ && offset == hold_at_); });
     if (int e = Injected(fail_)) return e;
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     std::memcpy(disk_.data() + offset, buf, count);
@@ -33,7 +42,7 @@ class FakeSink : public Sink {
   }
   int Zero(uint32_t count, uint64_t offset, bool, bool) override {
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [this] { return !held_; });
+    Await(l, "the sink's release", [this] { return !held_; });
     if (int e = Injected(fail_)) return e;
     std::memset(disk_.data() + offset, 0, count);
     ++zeroes_;
@@ -41,7 +50,7 @@ class FakeSink : public Sink {
   }
   int Trim(uint32_t count, uint64_t offset, bool) override {
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [this] { return !held_; });
+    Await(l, "the sink's release", [this] { return !held_; });
     if (int e = Injected(fail_)) return e;
     std::memset(disk_.data() + offset, 0, count);  // like file/memory plugins
     ++trims_;
@@ -51,7 +60,7 @@ class FakeSink : public Sink {
     std::unique_lock<std::mutex> l(mu_);
     const uint64_t ticket = flushes_started_++;
     cv_.notify_all();
-    cv_.wait(l, [&] { return !flush_held_ || ticket < flushes_allowed_; });
+    Await(l, "a held flush's release", [&] { return !flush_held_ || ticket < flushes_allowed_; });
     if (int e = Injected(fail_flush_)) return e;
     ++flushes_;
     return 0;
@@ -120,12 +129,12 @@ class FakeSink : public Sink {
   // Blocks until at least n flushes have started (entered Flush).
   void AwaitFlushesStarted(uint64_t n) {
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return flushes_started_ >= n; });
+    Await(l, "flushes to start", [&] { return flushes_started_ >= n; });
   }
   // Blocks until at least n writes have completed.
   void AwaitWrites(uint64_t n) {
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return writes_ >= n; });
+    Await(l, "writes to complete", [&] { return writes_ >= n; });
   }
   // Like AwaitWritesStarted, but gives up after `limit`; returns whether
   // they started.
@@ -137,7 +146,7 @@ class FakeSink : public Sink {
   // Blocks until at least n writes have started (entered Write).
   void AwaitWritesStarted(uint64_t n) {
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return writes_started_ >= n; });
+    Await(l, "writes to start", [&] { return writes_started_ >= n; });
   }
   // The next n plugin calls (writes, zeroes, trims, flushes) fail with err.
   void FailNext(uint64_t n, int err) {
@@ -189,6 +198,15 @@ class FakeSink : public Sink {
   }
 
  private:
+  static constexpr std::chrono::seconds kPatience{20};
+  template <class Pred>
+  void Await(std::unique_lock<std::mutex>& l, const char* what, Pred pred) {
+    if (!cv_.wait_for(l, kPatience, pred)) {
+      std::fprintf(stderr, "FakeSink: gave up after %lld s waiting for %s\n",
+                   static_cast<long long>(kPatience.count()), what);
+      std::abort();
+    }
+  }
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint8_t> disk_;

@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <future>
 #include <memory>
 #include <mutex>
@@ -15,6 +17,11 @@
 
 namespace sdccache {
 namespace {
+
+[[noreturn]] void GiveUp(const char* what) {
+  std::fprintf(stderr, "gave up waiting for %s\n", what);
+  std::abort();
+}
 
 // A plugin context whose pwrite and flush can be held until the test lets
 // them go.  The ops come first, so the nbdkit_next* the sink passes back is
@@ -45,7 +52,8 @@ struct FakeContext {
       ++c->pwrites;
       c->in_pwrite = true;
       c->cv.notify_all();
-      c->cv.wait(l, [&] { return !c->hold_pwrite; });
+      if (!c->cv.wait_for(l, std::chrono::seconds(20), [&] { return !c->hold_pwrite; }))
+        GiveUp("a held pwrite's release");
       c->in_pwrite = false;
       return 0;
     };
@@ -54,7 +62,8 @@ struct FakeContext {
       std::unique_lock<std::mutex> l(c->mu);
       ++c->flushes;
       c->cv.notify_all();
-      c->cv.wait(l, [&] { return !c->hold_flush; });
+      if (!c->cv.wait_for(l, std::chrono::seconds(20), [&] { return !c->hold_flush; }))
+        GiveUp("a held flush's release");
       ++c->flushes_finished;
       c->cv.notify_all();
       return c->flush_error ? (*err = c->flush_error, -1) : 0;
@@ -71,11 +80,13 @@ struct FakeContext {
     }
     cv.notify_all();
   }
-  // Waits (up to 10 s) until pred() holds under mu.
+  // Waits until pred() holds under mu.  Gives up after 10 s by aborting
+  // with a message: returning early from a test while a call is held would
+  // leave its future's destructor waiting for good.
   template <typename P>
-  bool WaitFor(P pred) {
+  void WaitFor(P pred) {
     std::unique_lock<std::mutex> l(mu);
-    return cv.wait_for(l, std::chrono::seconds(10), pred);
+    if (!cv.wait_for(l, std::chrono::seconds(10), pred)) GiveUp("a fake plugin call");
   }
   int Count(int FakeContext::*counter) {
     std::lock_guard<std::mutex> l(mu);
@@ -101,13 +112,12 @@ class PluginSinkTest : public ::testing::Test {
                       [this, c] { return sink->Detach(c->next(), /*unless_last=*/true); });
   }
   // Polls sink->detaching() (a count, not an event) with a deadline.
-  bool DetachingReaches(size_t n) {
+  void AwaitDetaching(size_t n) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
     while (sink->detaching() != n) {
-      if (std::chrono::steady_clock::now() > deadline) return false;
+      if (std::chrono::steady_clock::now() > deadline) GiveUp("Detach calls to begin");
       std::this_thread::yield();
     }
-    return true;
   }
 
   PluginGate gate;
@@ -158,13 +168,14 @@ TEST_F(PluginSinkTest, OfTwoLeavingTogetherOneIsTheLast) {
   Open(/*multi_conn=*/true);
   a.Hold(&FakeContext::hold_pwrite, true);
   auto write = WriteAsync();
-  ASSERT_TRUE(a.WaitFor([&] { return a.in_pwrite; }));
+  a.WaitFor([&] { return a.in_pwrite; });
   auto leave_a = DetachAsync(&a);
-  ASSERT_TRUE(DetachingReaches(1));
+  AwaitDetaching(1);
   const bool b_left = sink->Detach(b.next(), /*unless_last=*/true);
   a.Hold(&FakeContext::hold_pwrite, false);
   EXPECT_EQ(write.get(), 0);
-  ASSERT_EQ(leave_a.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  if (leave_a.wait_for(std::chrono::seconds(10)) != std::future_status::ready)
+    GiveUp("a's Detach to return");
   const bool a_left = leave_a.get();
   EXPECT_FALSE(a_left && b_left) << "both contexts left: nothing would write the buffered data";
   // The one told it is the last writes out, then goes.
@@ -185,7 +196,7 @@ TEST_F(PluginSinkTest, AFlushWaitsForALeavingContextsWrites) {
   ASSERT_EQ(Write(), 0);  // through a, not flushed
   a.Hold(&FakeContext::hold_flush, true);
   auto leave_a = DetachAsync(&a);
-  ASSERT_TRUE(a.WaitFor([&] { return a.flushes > 0; }));  // Detach is flushing a
+  a.WaitFor([&] { return a.flushes > 0; });  // Detach is flushing a
   auto flush = std::async(std::launch::async, [&] { return sink->Flush(); });
   // Can only show that it has not finished yet: 100 ms without an answer.
   EXPECT_EQ(flush.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
@@ -208,7 +219,7 @@ TEST_F(PluginSinkTest, NoWriteGoesToALeavingContext) {
   a.Hold(&FakeContext::hold_flush, true);
   auto leave_a = std::async(std::launch::async,
                             [this] { return sink->Detach(a.next(), /*unless_last=*/false); });
-  ASSERT_TRUE(a.WaitFor([&] { return a.flushes > 0; }));  // Detach is flushing a
+  a.WaitFor([&] { return a.flushes > 0; });  // Detach is flushing a
   EXPECT_EQ(Write(), ENOTCONN) << "a write went to a leaving context";
   a.Hold(&FakeContext::hold_flush, false);
   EXPECT_TRUE(leave_a.get());

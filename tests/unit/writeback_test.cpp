@@ -3,6 +3,9 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <string>
@@ -26,6 +29,26 @@ WriteBackOptions Opts(uint32_t threshold, uint64_t queue_max = 64 << 20) {
   o.retry_min = milliseconds(1);
   o.retry_max = milliseconds(5);
   return o;
+}
+
+// Waits until nothing is queued; aborts with a message after 20 s.
+void AwaitEmptyQueue(WriteBack& wb) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (wb.queued_requests() != 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "gave up after 20 s waiting for the queue to empty\n");
+      std::abort();
+    }
+    std::this_thread::yield();
+  }
+}
+
+// A counter from Stats(), by name.
+uint64_t StatOf(WriteBack& wb, const std::string& key) {
+  for (const auto& [k, v] : wb.Stats())
+    if (k == key) return std::stoull(v);
+  ADD_FAILURE() << "no counter " << key;
+  return 0;
 }
 
 std::string ReadThrough(WriteBack& wb, FakeSink& sink, uint64_t off, uint64_t len) {
@@ -84,7 +107,7 @@ TEST(WriteBackTest, ThresholdStartsABatchWithoutFlush) {
   ASSERT_EQ(wb.Write(block.data(), 4096, 2 * 8192, false), 0);
   // The batch runs in the background; wait for its effect, not for time.
   sink.AwaitWritesStarted(3);
-  while (wb.queued_requests() != 0) std::this_thread::yield();
+  AwaitEmptyQueue(wb);
   EXPECT_EQ(sink.writes(), 3u);
   EXPECT_EQ(sink.flushes(), 0u);
   EXPECT_EQ(wb.counters().batches_flushed.load(), 1u);
@@ -105,7 +128,7 @@ TEST(WriteBackTest, ThresholdBatchGathersLateRequests) {
   // ...so a request arriving meanwhile joins the batch.
   ASSERT_EQ(wb.Write(block.data(), 4096, 4 * 4096, false), 0);
   sink.AwaitWrites(1);
-  while (wb.queued_requests() != 0) std::this_thread::yield();
+  AwaitEmptyQueue(wb);
   EXPECT_EQ(sink.writes(), 1u);
   EXPECT_EQ(sink.max_write(), 5u * 4096);
   EXPECT_EQ(wb.counters().batches_flushed.load(), 1u);
@@ -419,9 +442,15 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
     EXPECT_EQ(wb.Write(block.data(), 4096, 3 * 4096, false), 0);
     done = true;
   });
-  // The 4th write cannot fit: it starts a batch (below threshold) and waits.
+  // The 4th write cannot fit: it starts a batch (below threshold) and
+  // waits for room, which the held batch cannot make yet.
   sink.AwaitWritesStarted(1);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (StatOf(wb, "backpressure_waits") == 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::yield();
+  EXPECT_EQ(StatOf(wb, "backpressure_waits"), 1u) << "the 4th writer did not wait for room";
   EXPECT_FALSE(done.load());
+  EXPECT_LE(wb.queued_bytes(), limit);
   sink.Release();
   writer.join();
   EXPECT_TRUE(done.load());
@@ -442,7 +471,7 @@ TEST(WriteBackTest, HalfTheQueueStartsABatchBelowThreshold) {
   EXPECT_FALSE(sink.WritesStartWithin(1, milliseconds(200)));  // under half: stays buffered
   ASSERT_EQ(wb.Write(block.data(), 4096, 4 * 8192, false), 0);  // 20 KiB: half reached
   ASSERT_TRUE(sink.WritesStartWithin(5, std::chrono::seconds(10)));
-  while (wb.queued_requests() != 0) std::this_thread::yield();
+  AwaitEmptyQueue(wb);
   EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kThreshold)].load(), 1u);
   EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kBackpressure)].load(), 0u);
   EXPECT_EQ(sink.flushes(), 0u);
@@ -664,7 +693,7 @@ TEST(WriteBackTest, AgeTriggerWritesOldData) {
   WriteBack wb(&sink, o);
   ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
   sink.AwaitWritesStarted(1);
-  while (wb.queued_requests() != 0) std::this_thread::yield();
+  AwaitEmptyQueue(wb);
   EXPECT_EQ(sink.Disk()[0], 'a');
   EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kAge)].load(), 1u);
 }
@@ -678,7 +707,7 @@ TEST(WriteBackTest, PauseHoldsBackThresholdBatches) {
   EXPECT_EQ(wb.queued_requests(), 2u);  // paused: no batch was due
   wb.Resume();
   sink.AwaitWritesStarted(1);
-  while (wb.queued_requests() != 0) std::this_thread::yield();
+  AwaitEmptyQueue(wb);
   EXPECT_EQ(sink.Disk()[1], 'q');
 }
 

@@ -111,7 +111,16 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   if (int err = WaitFor(last_seq_, 0, false, Trigger::kBackpressure)) return err;
   counters_.writethrough_requests.fetch_add(1, std::memory_order_relaxed);
   mu_.Unlock();  // no lock across plugin I/O
-  const int err = sink_->Write(buf, count, offset, fua);
+  // Nothing keeps this write once the Sink has it.  With flush_before_release
+  // (contexts not coherent) the write may have gone through another
+  // connection's context, which could leave before any flush covers it, and
+  // which the client's own reads do not go through: flush it, as a batch
+  // is flushed, before acknowledging it.
+  const bool flush = opts_.flush_before_release;
+  const uint64_t losses_before = flush ? sink_->losses() : 0;
+  int err = sink_->Write(buf, count, offset, fua && !flush);
+  if (err == 0 && flush) err = sink_->Flush();
+  if (err == 0 && flush && sink_->losses() != losses_before) err = EIO;
   mu_.Lock();
   if (err) return err;
   ++write_gen_;
@@ -317,12 +326,16 @@ void WriteBack::FlusherLoop() {
         }
         wake = release_at;
       }
-      if (backing_off) wake = std::min(wake, retry_at_);
-      // While active_ cannot start, the end of a batch wakes the flusher.
-      if (can_start && !paused_ && opts_.max_age.count() > 0)
-        wake = std::min(wake, active_since_ + opts_.max_age);
-      if (can_start && !paused_ && active_requests_ >= threshold_)
-        wake = std::min(wake, threshold_at_ + opts_.gather);
+      // While backing off, only the retry (or a kick) may start a batch:
+      // the age and threshold times may be long past, and waiting until
+      // them would spin.  While active_ cannot start, the end of a batch
+      // wakes the flusher.
+      if (backing_off) {
+        wake = std::min(wake, retry_at_);
+      } else if (can_start && !paused_) {
+        if (opts_.max_age.count() > 0) wake = std::min(wake, active_since_ + opts_.max_age);
+        if (active_requests_ >= threshold_) wake = std::min(wake, threshold_at_ + opts_.gather);
+      }
       if (wake == Clock::time_point::max())
         work_.Wait();
       else

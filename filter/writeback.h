@@ -19,7 +19,8 @@
 //    A FUA request is buffered, then flushed before it returns.
 //  - Bytes buffered are bounded by queue_max_bytes: a writer past it waits
 //    (never fails).  A single write larger than the bound is written through,
-//    after everything before it has reached the Sink.
+//    after everything before it has reached the Sink (with
+//    flush_before_release, and flushed, before it returns).
 //  - A write of at least bypass_min bytes goes straight to a Sink timed as
 //    CPU-bound when nothing buffered or in flight overlaps it (WriteBypass);
 //    if the Sink fails it, it is buffered instead.

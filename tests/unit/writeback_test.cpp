@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <future>
 #include <string>
 #include <thread>
@@ -238,6 +239,62 @@ TEST(WriteBackTest, BatchWhoseWritesWereLostBeforeItsFlushIsWrittenAgain) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   EXPECT_EQ(sink.writes(), 2u) << "the batch was not written again";
   EXPECT_EQ(wb.queued_bytes(), 0u);
+}
+
+// A write larger than the queue goes straight to the Sink and is kept
+// nowhere.  Without multi-conn (flush_before_release) it may go through
+// another connection's context, which could leave before a flush covered
+// it, and which the writer's own reads do not use: it is flushed before it
+// is acknowledged, and fails if its writes were lost meanwhile.
+TEST(WriteBackTest, WriteThroughWithoutMultiConnIsFlushedBeforeItReturns) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000, 8192);
+  o.flush_before_release = true;
+  WriteBack wb(&sink, o);
+  std::string big(16384, 'W');
+  ASSERT_EQ(wb.Write(big.data(), 16384, 0, false), 0);
+  ASSERT_EQ(wb.counters().writethrough_requests.load(), 1u);
+  ASSERT_EQ(sink.flushes(), 1u) << "acknowledged a write-through no flush covered";
+  // Its context leaves, the last flush failing, between its write and its
+  // flush; another flush is told.
+  sink.HoldFlush();
+  auto write =
+      std::async(std::launch::async, [&] { return wb.Write(big.data(), 16384, 16384, false); });
+  sink.AwaitFlushesStarted(2);
+  sink.Lose();
+  sink.ReleaseFlush();
+  EXPECT_EQ(write.get(), EIO) << "acknowledged a write-through whose write was lost";
+}
+
+// A plugin that keeps failing: the flusher waits for each retry, even when
+// the age and threshold times of what it holds are long past, instead of
+// spinning until then.
+TEST(WriteBackTest, FlusherSleepsWhileBackingOff) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1);
+  o.max_age = milliseconds(1);
+  o.retry_min = o.retry_max = milliseconds(400);
+  WriteBack wb(&sink, o);
+  sink.Fail(EIO);
+  ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (wb.counters().flush_errors.load() == 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::yield();
+  ASSERT_GE(wb.counters().flush_errors.load(), 1u);
+  // The measured window: the process's CPU time over 300 ms of the 400 ms
+  // backoff.  Waiting for the retry costs next to nothing; spinning, most
+  // of a core.
+  auto cpu = [] {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+  };
+  const auto cpu_before = cpu();
+  std::this_thread::sleep_for(milliseconds(300));
+  const auto used = std::chrono::duration_cast<milliseconds>(cpu() - cpu_before);
+  EXPECT_LT(used.count(), 100) << "the flusher spun while backing off";
+  sink.Fail(0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
 TEST(WriteBackTest, FuaIsDurableBeforeReturn) {

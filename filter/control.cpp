@@ -31,7 +31,27 @@ bool ControlSocket::Start() {
     nbdkit_error("sdccache: control: socket: %m");
     return false;
   }
-  unlink(path_.c_str());
+  // Only a stale socket may be replaced: not a file (control=disk.img by
+  // mistake must not destroy it), nor a socket another process serves.
+  struct stat st;
+  if (lstat(path_.c_str(), &st) == 0) {
+    const char* why = nullptr;
+    if (!S_ISSOCK(st.st_mode)) {
+      why = "exists and is not a socket";
+    } else {
+      int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (probe != -1 && connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0)
+        why = "is in use by another process";
+      if (probe != -1) close(probe);
+    }
+    if (why != nullptr) {
+      nbdkit_error("sdccache: control: %s %s", path_.c_str(), why);
+      close(listen_fd_);
+      listen_fd_ = -1;
+      return false;
+    }
+    unlink(path_.c_str());  // a stale socket, left by a process that died
+  }
   // Created 0600 from the start: no window where others can connect.
   mode_t old = umask(0177);
   int r = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
@@ -41,6 +61,10 @@ bool ControlSocket::Start() {
     close(listen_fd_);
     listen_fd_ = -1;
     return false;
+  }
+  if (stat(path_.c_str(), &st) == 0) {
+    bound_dev_ = st.st_dev;
+    bound_ino_ = st.st_ino;
   }
   if (pipe2(stop_pipe_, O_CLOEXEC) == -1) {
     nbdkit_error("sdccache: control: pipe: %m");
@@ -60,7 +84,12 @@ void ControlSocket::Stop() {
     if (*fd != -1) close(*fd);
     *fd = -1;
   }
-  if (!path_.empty()) unlink(path_.c_str());
+  // Only the socket this process bound: another may have replaced it since.
+  struct stat st;
+  if (bound_ino_ != 0 && lstat(path_.c_str(), &st) == 0 && st.st_dev == bound_dev_ &&
+      st.st_ino == bound_ino_)
+    unlink(path_.c_str());
+  bound_ino_ = 0;
 }
 
 void ControlSocket::Loop() {
@@ -80,28 +109,53 @@ void ControlSocket::Loop() {
   }
 }
 
+// Waits until `fd` has `events` (true), the stop pipe is readable, the
+// client has been idle for kClientIdleMs, or poll fails (false).
+bool ControlSocket::WaitFor(int fd, short events) {
+  while (true) {
+    pollfd fds[2] = {{fd, events, 0}, {stop_pipe_[0], POLLIN, 0}};
+    const int n = poll(fds, 2, kClientIdleMs);
+    if (n == -1 && errno == EINTR) continue;
+    if (n <= 0 || fds[1].revents) return false;
+    return true;
+  }
+}
+
+// Clients are served one at a time, so none may hold the thread for long:
+// one that sends nothing, or stops reading its replies, for kClientIdleMs
+// is dropped (and shutdown, through the stop pipe, never waits for one).
+bool ControlSocket::SendAll(int fd, const std::string& reply) {
+  for (size_t done = 0; done < reply.size();) {
+    const ssize_t n =
+        send(fd, reply.data() + done, reply.size() - done, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      done += static_cast<size_t>(n);
+    } else if (n == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (!WaitFor(fd, POLLOUT)) return false;
+    } else if (!(n == -1 && errno == EINTR)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void ControlSocket::Serve(int fd) {
   std::string buf;
   char in[512];
   while (true) {
-    pollfd fds[2] = {{fd, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
-    if (poll(fds, 2, -1) == -1) {
-      if (errno == EINTR) continue;
-      return;
-    }
-    if (fds[1].revents) return;
+    if (!WaitFor(fd, POLLIN)) return;
     ssize_t n = read(fd, in, sizeof in);
+    if (n == -1 && errno == EINTR) continue;
     if (n <= 0) return;
     buf.append(in, static_cast<size_t>(n));
     size_t nl;
     while ((nl = buf.find('\n')) != std::string::npos) {
       std::string reply = Execute(buf.substr(0, nl));
       buf.erase(0, nl + 1);
-      if (send(fd, reply.data(), reply.size(), MSG_NOSIGNAL) == -1) return;
+      if (!SendAll(fd, reply)) return;
     }
     if (buf.size() > kMaxLine) {
-      std::string reply = "error line too long\n";
-      send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+      SendAll(fd, "error line too long\n");
       return;
     }
   }

@@ -3,8 +3,12 @@
 // Each command gets "ok", "error <text>", or (stats) counter lines then "ok".
 //
 // One thread accepts and serves clients one at a time; a flush blocks only
-// the control client that asked.
+// the control client that asked.  A client idle for kClientIdleMs (sending
+// nothing, or not reading its replies) is dropped, so that it holds up
+// neither the others nor shutdown.
 #pragma once
+
+#include <sys/types.h>
 
 #include <string>
 #include <thread>
@@ -25,14 +29,20 @@ class ControlSocket {
   // Executes one command line; returns the full reply (newline-terminated).
   std::string Execute(const std::string& line);
 
+  static constexpr int kClientIdleMs = 10000;
+
  private:
   void Loop();
   void Serve(int fd);
+  bool WaitFor(int fd, short events);
+  bool SendAll(int fd, const std::string& reply);
 
   const std::string path_;
   Registry* const registry_;
   int listen_fd_ = -1;
   int stop_pipe_[2] = {-1, -1};
+  dev_t bound_dev_ = 0;  // the socket file this process bound (ino 0: none)
+  ino_t bound_ino_ = 0;
   std::thread thread_;
 };
 

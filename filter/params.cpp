@@ -27,7 +27,7 @@ bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {
     scale = 3'600'000;
   else
     return false;
-  // Cap at ~292 years so steady_clock arithmetic cannot overflow.
+  // Only so that the product fits; the caller refuses more than kMaxDuration.
   if (n > (uint64_t{1} << 53) / scale) return false;
   *out = std::chrono::milliseconds(static_cast<int64_t>(n * scale));
   return true;

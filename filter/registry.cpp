@@ -2,6 +2,7 @@
 #include "registry.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 
@@ -129,8 +130,28 @@ CounterList Registry::Stats() {
   }
   if (all.size() == 1) return all[0]->writeback->Stats();
   CounterList out;
-  for (ExportCache* c : all)
-    for (auto& [k, v] : c->writeback->Stats()) out.emplace_back(c->name + "." + k, v);
+  for (ExportCache* c : all) {
+    const std::string prefix = KeyPart(c->name) + ".";
+    for (auto& [k, v] : c->writeback->Stats()) out.emplace_back(prefix + k, v);
+  }
+  return out;
+}
+
+// The client chose the export name: in a counter key, every byte that
+// could break a `key: value` line or a JSON string (anything but letters,
+// digits and -_./+@,=) becomes %XX, as does '%' itself.
+std::string Registry::KeyPart(const std::string& name) {
+  static const char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : name) {
+    if (std::isalnum(c) || (c != 0 && std::strchr("-_./+@,=", c) != nullptr)) {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += kHex[c >> 4];
+      out += kHex[c & 15];
+    }
+  }
   return out;
 }
 

@@ -56,6 +56,9 @@ class Registry {
 
   // Counters of every export (keys prefixed "EXPORT." when there are several).
   CounterList Stats();
+  // An export name as it appears in counter keys (NAME.key): bytes other
+  // than letters, digits and -_./+@,= become %XX.
+  static std::string KeyPart(const std::string& name);
   std::string Summary();  // the one-line export description suffix
 
   // Stops every flusher; logs what could not be written (all connections

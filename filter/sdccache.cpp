@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cinttypes>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -88,6 +89,19 @@ int Guarded(const char* what, int* err, F&& body) {
   return -1;
 }
 
+// A path parameter, made absolute: nbdkit (without -f) changes directory to
+// / when it forks, before .after_fork opens the path.
+int AbsolutePath(const char* key, const char* value, std::string* out) {
+  char* abs = nbdkit_absolute_path(value);
+  if (abs == nullptr) {
+    nbdkit_error("%s: cannot make '%s' an absolute path", key, value);
+    return -1;
+  }
+  *out = abs;
+  free(abs);
+  return 0;
+}
+
 // Parses an integer in [1, max] for parameter `key`, with a message that
 // names the parameter.  (Not nbdkit_parse_uint32_t: its messages for "abc"
 // and overflow are vaguer, and the overflow one goes through "%m".)
@@ -164,6 +178,10 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
       nbdkit_error("%s: could not parse duration '%s' (use e.g. 500ms, 5s, 2m)", key, value);
       return -1;
     }
+    if (d > kMaxDuration) {
+      nbdkit_error("%s: '%s' is too long: at most 100 years (876000h)", key, value);
+      return -1;
+    }
     (k == "max-age" ? p.max_age : p.shutdown_timeout) = d;
     return 0;
   }
@@ -173,8 +191,7 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
       nbdkit_error("sdccache-statsfile: empty path");
       return -1;
     }
-    p.statsfile = value;
-    return 0;
+    return AbsolutePath(key, value, &p.statsfile);
   }
   if (k == "sdccache-statsformat") {
     if (strcmp(value, "json") != 0 && strcmp(value, "text") != 0) {
@@ -189,8 +206,7 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
       nbdkit_error("control: empty socket path");
       return -1;
     }
-    p.control = value;
-    return 0;
+    return AbsolutePath(key, value, &p.control);
   }
   return next(nxdata, key, value);
 }
@@ -225,7 +241,9 @@ static int sdccache_after_fork(nbdkit_backend*) {
       g->stats_file =
           std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json, g->registry.get());
       g->registry->SetStatsFile(g->stats_file.get());
-      g->stats_file->Start();
+      // A path it cannot write fails startup, as a bad control= does,
+      // rather than an error every second while nbdkit runs.
+      if (!g->stats_file->Start()) return -1;
     }
     if (!g->params.control.empty()) {
       g->control = std::make_unique<ControlSocket>(g->params.control, g->registry.get());

@@ -16,9 +16,10 @@ namespace sdccache {
 
 static constexpr std::chrono::milliseconds kMinInterval{50};
 
-void StatsFile::Start() {
-  WriteNow();
+bool StatsFile::Start() {
+  if (!WriteNow()) return false;
   thread_ = std::thread([this] { Loop(); });
+  return true;
 }
 
 void StatsFile::Kick() {
@@ -32,8 +33,8 @@ void StatsFile::Kick() {
 void StatsFile::Stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_ && !thread_.joinable()) return;
     stopping_ = true;
+    if (!thread_.joinable()) return;  // never started, or stopped already
   }
   cv_.notify_one();
   if (thread_.joinable()) thread_.join();
@@ -48,7 +49,7 @@ bool StatsFile::WriteNow() {
   const std::string tmp = path_ + ".tmp";
   int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd == -1) {
-    nbdkit_error("sdccache: statsfile: %s: %m", tmp.c_str());
+    nbdkit_error("sdccache: sdccache-statsfile: %s: %m", tmp.c_str());
     return false;
   }
   size_t done = 0;
@@ -56,7 +57,7 @@ bool StatsFile::WriteNow() {
     ssize_t n = write(fd, text.data() + done, text.size() - done);
     if (n == -1) {
       if (errno == EINTR) continue;
-      nbdkit_error("sdccache: statsfile: write %s: %m", tmp.c_str());
+      nbdkit_error("sdccache: sdccache-statsfile: write %s: %m", tmp.c_str());
       close(fd);
       unlink(tmp.c_str());
       return false;
@@ -65,7 +66,7 @@ bool StatsFile::WriteNow() {
   }
   close(fd);
   if (rename(tmp.c_str(), path_.c_str()) == -1) {
-    nbdkit_error("sdccache: statsfile: rename %s: %m", path_.c_str());
+    nbdkit_error("sdccache: sdccache-statsfile: rename %s: %m", path_.c_str());
     unlink(tmp.c_str());
     return false;
   }

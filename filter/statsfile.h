@@ -20,7 +20,7 @@ class StatsFile {
       : path_(std::move(path)), json_(json), registry_(registry) {}
   ~StatsFile() { Stop(); }
 
-  void Start();
+  bool Start();  // writes the file once; false (after nbdkit_error) if it cannot
   void Kick();  // cheap; from the flusher thread
   void Stop();  // writes a final copy
   // Writes the file now; false (errno set) if it could not.

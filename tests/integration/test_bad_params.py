@@ -1,4 +1,5 @@
 # Bad parameters: nbdkit refuses to start, fast, naming the parameter.
+import os
 import subprocess
 
 import sdctest
@@ -17,6 +18,11 @@ CASES = [
     ("bypass-min", "lots"),
     ("max-age", "xyz"),
     ("shutdown-timeout", "soon"),
+    # Past ~292 years, steady_clock deadlines overflowed: "never" became "at once".
+    ("max-age", "3000000h"),
+    ("shutdown-timeout", "3000000h"),
+    # A path it cannot write: refused at startup, not an error every second.
+    ("sdccache-statsfile", "/nonexistent-dir/x.stats"),
     ("sdccache-statsformat", "xml"),
 ]
 
@@ -31,13 +37,22 @@ GOOD = [
     ("max-age", "500ms"),
     ("max-age", "0"),
     ("shutdown-timeout", "2m"),
+    ("shutdown-timeout", "876000h"),
     ("sdccache-statsformat", "json"),
 ]
 
 
 def run(param):
+    # Refused in .after_fork (sdccache-statsfile, control): with --run,
+    # nbdkit 1.32 sometimes exits with the command's status instead, so
+    # those run in the foreground, and must exit by themselves, non-zero.
+    after_fork = param.startswith(("sdccache-statsfile=", "control="))
     cmd = [sdctest.NBDKIT, "-U", "-", "--filter=" + sdctest.FILTER, "null", "1M",
            param, "--run", "true"]
+    if after_fork:
+        sock = os.path.join(sdctest.scratch_dir(prefix="sdc-badparams-"), "nbd.sock")
+        cmd = [sdctest.NBDKIT, "-f", "-U", sock, "--filter=" + sdctest.FILTER, "null", "1M",
+               param]
     try:
         return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=5)
@@ -57,6 +72,19 @@ def main():
         p = run("%s=%s" % (key, value))
         sdctest.check(p.returncode == 0, "%s=%s refused (exit %d): %s" %
                       (key, value, p.returncode, p.stderr.decode(errors="replace")))
+
+    # control= naming a file that is not a socket (a mistyped disk image):
+    # refused, and the file left as it was.
+    tmp = sdctest.scratch_dir(prefix="sdc-badparams-")
+    notes = os.path.join(tmp, "notes.txt")
+    with open(notes, "wb") as f:
+        f.write(b"keep me")
+    p = run("control=" + notes)
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and "not a socket" in err,
+                  "control= over a regular file: exit %d: %r" % (p.returncode, err))
+    with open(notes, "rb") as f:
+        sdctest.check(f.read() == b"keep me", "control= replaced a regular file")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+# Control socket and stats paths against careless or hostile use: a second
+# instance on a live socket, a control client that never reads its replies
+# or never sends anything, export names that look like counter lines, and
+# relative paths when nbdkit runs as a daemon (it changes directory to /).
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import sdctest
+
+IDLE_S = 10  # ControlSocket::kClientIdleMs
+
+
+def run_nbdkit(args, timeout=10):
+    cmd = [sdctest.NBDKIT, "-U", "-", "--filter=" + sdctest.FILTER] + args + ["--run", "true"]
+    try:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        sdctest.fail("%s did not exit within %ds" % (" ".join(cmd), timeout))
+
+
+def live_socket_kept(tmp):
+    """A second nbdkit naming a live control socket is refused, and the
+    first keeps its socket, also after the second has exited."""
+    ctl = os.path.join(tmp, "live.sock")
+    with sdctest.start_server(["memory", "1M"], ["threshold=11", "control=" + ctl],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        p = run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl])
+        err = p.stderr.decode(errors="replace")
+        sdctest.check(p.returncode != 0 and "in use" in err,
+                      "second instance on a live control socket: exit %d: %r" % (p.returncode, err))
+        st = sdctest.control_stats(ctl)
+        sdctest.check(st["threshold"] == "11", "control socket answered for another instance: %s" % st)
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+    sdctest.check(not os.path.exists(ctl), "control socket left behind after exit")
+    print("live socket: second instance refused: %s" % err.strip().splitlines()[-1])
+
+
+def stuck_client(ctl):
+    """A control client that sends commands and never reads the replies,
+    until the server's send is stuck on it (its sends time out for 0.5 s)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(ctl)
+    s.setblocking(False)
+    deadline = time.monotonic() + 20
+    blocked_since = None
+    while True:
+        try:
+            s.send(b"stats\n" * 64)
+            blocked_since = None
+        except BlockingIOError:
+            blocked_since = blocked_since or time.monotonic()
+            if time.monotonic() - blocked_since > 0.5:
+                return s
+        if time.monotonic() > deadline:
+            sdctest.fail("the control server kept reading a client that never reads")
+        time.sleep(0.01)
+
+
+def unread_replies(tmp):
+    """A client that never reads holds neither the other clients (dropped
+    after IDLE_S) nor shutdown (nbdkit exits at once on SIGTERM)."""
+    ctl = os.path.join(tmp, "stuck.sock")
+    with sdctest.start_server(["memory", "1M"], ["control=" + ctl],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        stuck = stuck_client(ctl)
+        t0 = time.monotonic()
+        lines, status = sdctest.control_command(ctl, "help", timeout=IDLE_S + 10)
+        took = time.monotonic() - t0
+        sdctest.check(status == "ok", "help after a stuck client: %r" % status)
+        print("a client stuck for good: the next one answered after %.1fs" % took)
+        stuck.close()
+        stuck = stuck_client(ctl)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=IDLE_S / 2)
+        except subprocess.TimeoutExpired:
+            sdctest.fail("nbdkit still running %.0fs after SIGTERM, a control client stuck"
+                         % (IDLE_S / 2))
+        print("SIGTERM with a stuck control client: exited in %.2fs" % (time.monotonic() - t0))
+        stuck.close()
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+
+
+def idle_client(tmp):
+    """A client that connects and sends nothing is dropped after IDLE_S."""
+    ctl = os.path.join(tmp, "idle.sock")
+    with sdctest.start_server(["memory", "1M"], ["control=" + ctl],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(ctl)
+        lines, status = sdctest.control_command(ctl, "help", timeout=IDLE_S + 10)
+        sdctest.check(status == "ok", "help beside an idle client: %r" % status)
+        idle.settimeout(10)
+        sdctest.check(idle.recv(1) == b"", "the idle client was not dropped")
+        idle.close()
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+
+
+def export_names_in_counters(tmp):
+    """Counter keys carry the export name, which the client chose: it must
+    not be able to forge lines in `stats` or break the JSON stats file."""
+    ctl = os.path.join(tmp, "names.sock")
+    statsfile = os.path.join(tmp, "names.json")
+    weird = 'b"\\\nok\nqueued_bytes: 0'
+    with sdctest.start_server(["memory", "1M"], ["control=" + ctl, "sdccache-statsfile=" + statsfile,
+                                                 "sdccache-statsformat=json"],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        for name in ("a", weird):
+            h = srv.connect(name)
+            h.pwrite(b"x" * 512, 0)
+            h.shutdown()
+        lines, status = sdctest.control_command(ctl, "stats")
+        sdctest.check(status == "ok", "stats status %r" % status)
+        bad = [l for l in lines if not re.fullmatch(r"[^\s:]+: [^\n]*", l)]
+        sdctest.check(not bad, "stats lines that are not 'key: value': %r" % bad)
+        sdctest.check(any(l.startswith("a.queued_bytes: ") for l in lines) and
+                      any(l.startswith("b%22%5C%0Aok%0Aqueued_bytes%3A%200.queued_bytes: ")
+                          for l in lines), "export names not escaped as expected: %r" % lines)
+        sdctest.check(sum(l.startswith("a.") for l in lines) * 2 == len(lines),
+                      "a forged line (the reply ended early?): %r" % lines)
+
+        def parses():
+            try:
+                with open(statsfile) as f:
+                    d = json.load(f)
+            except (OSError, ValueError):
+                return False
+            return any(k.startswith("b%22") for k in d)
+        sdctest.wait_until(parses, 10, "a JSON stats file that parses, with both exports")
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+
+
+def relative_paths_as_daemon(tmp):
+    """Without -f nbdkit changes directory to / before the filter opens its
+    paths: relative control= and sdccache-statsfile= still mean the
+    directory nbdkit was started in."""
+    work = sdctest.scratch_dir(dir=tmp)
+    pidfile = os.path.join(work, "nbdkit.pid")
+    sock = os.path.join(work, "nbd.sock")
+    name = "sdc-rel-%d" % os.getpid()
+    cmd = [sdctest.NBDKIT, "-U", sock, "-P", pidfile, "--filter=" + sdctest.FILTER, "memory", "1M",
+           "control=%s.ctl" % name, "sdccache-statsfile=%s.stats" % name]
+    p = subprocess.run(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=10)
+    sdctest.check(p.returncode == 0, "nbdkit (daemon) exited %d: %s" % (p.returncode, p.stdout))
+    pid = None
+    try:
+        sdctest.wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, 10,
+                           "the daemon's pidfile")
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        for suffix in (".ctl", ".stats"):
+            where = os.path.join(work, name + suffix)
+            sdctest.wait_until(lambda: os.path.exists(where), 10, where)
+            sdctest.check(not os.path.exists("/" + name + suffix), "/%s%s created" % (name, suffix))
+        sdctest.check(sdctest.control_command(os.path.join(work, name + ".ctl"), "help")[1] == "ok",
+                      "the control socket does not answer")
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            sdctest.wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10,
+                               "the daemon (pid %d) to exit" % pid)
+        for suffix in (".ctl", ".stats"):  # in case a broken build put them there
+            if os.path.exists("/" + name + suffix):
+                os.unlink("/" + name + suffix)
+
+
+def main():
+    tmp = sdctest.scratch_dir(prefix="sdc-ctl-hostile-")
+    live_socket_kept(tmp)
+    export_names_in_counters(tmp)
+    relative_paths_as_daemon(tmp)
+    unread_replies(tmp)
+    idle_client(tmp)
+
+
+if __name__ == "__main__":
+    main()

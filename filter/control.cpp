@@ -28,7 +28,7 @@ bool ControlSocket::Start() {
   std::memcpy(addr.sun_path, path_.c_str(), path_.size() + 1);
   listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (listen_fd_ == -1) {
-    nbdkit_error("sdccache: control: socket: %m");
+    nbdkit_error("sdccache: control: socket: %s", std::strerror(errno));
     return false;
   }
   // Only a stale socket may be replaced: not a file (control=disk.img by
@@ -57,7 +57,7 @@ bool ControlSocket::Start() {
   int r = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   umask(old);
   if (r == -1 || listen(listen_fd_, 8) == -1) {
-    nbdkit_error("sdccache: control: %s: %m", path_.c_str());
+    nbdkit_error("sdccache: control: %s: %s", path_.c_str(), std::strerror(errno));
     close(listen_fd_);
     listen_fd_ = -1;
     return false;
@@ -67,7 +67,7 @@ bool ControlSocket::Start() {
     bound_ino_ = st.st_ino;
   }
   if (pipe2(stop_pipe_, O_CLOEXEC) == -1) {
-    nbdkit_error("sdccache: control: pipe: %m");
+    nbdkit_error("sdccache: control: pipe: %s", std::strerror(errno));
     return false;
   }
   thread_ = std::thread([this] { Loop(); });

@@ -49,7 +49,7 @@ bool StatsFile::WriteNow() {
   const std::string tmp = path_ + ".tmp";
   int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd == -1) {
-    nbdkit_error("sdccache: sdccache-statsfile: %s: %m", tmp.c_str());
+    nbdkit_error("sdccache: sdccache-statsfile: %s: %s", tmp.c_str(), std::strerror(errno));
     return false;
   }
   size_t done = 0;
@@ -57,7 +57,7 @@ bool StatsFile::WriteNow() {
     ssize_t n = write(fd, text.data() + done, text.size() - done);
     if (n == -1) {
       if (errno == EINTR) continue;
-      nbdkit_error("sdccache: sdccache-statsfile: write %s: %m", tmp.c_str());
+      nbdkit_error("sdccache: sdccache-statsfile: write %s: %s", tmp.c_str(), std::strerror(errno));
       close(fd);
       unlink(tmp.c_str());
       return false;
@@ -66,7 +66,8 @@ bool StatsFile::WriteNow() {
   }
   close(fd);
   if (rename(tmp.c_str(), path_.c_str()) == -1) {
-    nbdkit_error("sdccache: sdccache-statsfile: rename %s: %m", path_.c_str());
+    nbdkit_error("sdccache: sdccache-statsfile: rename %s: %s", path_.c_str(),
+                 std::strerror(errno));
     unlink(tmp.c_str());
     return false;
   }

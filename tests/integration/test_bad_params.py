@@ -60,8 +60,16 @@ def run(param):
         sdctest.fail("%s did not exit within 5 s" % " ".join(cmd))
 
 
+# Under ASan (the sanitizer run sets SDCCACHE_ASAN_RT), an nbdkit that has
+# logged an errno message deadlocks at exit in libp11-kit's destructor
+# (tests/sanitizer/nbdkit): skip the refusals made in .after_fork there.
+ASAN = bool(os.environ.get("SDCCACHE_ASAN_RT"))
+
+
 def main():
     for key, value in CASES:
+        if ASAN and key == "sdccache-statsfile":
+            continue
         p = run("%s=%s" % (key, value))
         err = p.stderr.decode(errors="replace")
         sdctest.check(p.returncode != 0, "%s=%s accepted (exit 0)" % (key, value))
@@ -75,6 +83,8 @@ def main():
 
     # control= naming a file that is not a socket (a mistyped disk image):
     # refused, and the file left as it was.
+    if ASAN:
+        return
     tmp = sdctest.scratch_dir(prefix="sdc-badparams-")
     notes = os.path.join(tmp, "notes.txt")
     with open(notes, "wb") as f:

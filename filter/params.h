@@ -22,11 +22,12 @@ struct Params {
 inline constexpr uint32_t kMaxThreshold = 1048576;
 inline constexpr uint32_t kMaxWritebackThreads = 256;
 
-// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
-// false on anything else (negative, empty, unknown unit, overflow).
 // Durations above this are refused: deadlines are steady_clock time points
 // in nanoseconds, which overflow past about 292 years of uptime.
 inline constexpr std::chrono::milliseconds kMaxDuration{100ll * 365 * 24 * 3600 * 1000};
+
+// Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
+// false on anything else (negative, empty, unknown unit, overflow).
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out);
 
 }  // namespace sdccache

@@ -37,7 +37,7 @@ void StatsFile::Stop() {
     if (!thread_.joinable()) return;  // never started, or stopped already
   }
   cv_.notify_one();
-  if (thread_.joinable()) thread_.join();
+  thread_.join();
   last_.clear();
   WriteNow();
 }

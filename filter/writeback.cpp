@@ -119,8 +119,7 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   const bool flush = opts_.flush_before_release;
   const uint64_t losses_before = flush ? sink_->losses() : 0;
   int err = sink_->Write(buf, count, offset, fua && !flush);
-  if (err == 0 && flush) err = sink_->Flush();
-  if (err == 0 && flush && sink_->losses() != losses_before) err = EIO;
+  if (err == 0 && flush) err = FlushSinceLosses(losses_before);
   mu_.Lock();
   if (err) return err;
   ++write_gen_;
@@ -382,8 +381,7 @@ void WriteBack::RunBatch(Trigger why) {
   const uint64_t losses_before = flush_after ? sink_->losses() : 0;
   std::vector<DirtyRange> plan = PlanBatch(b);
   int err = batch_writer_.Write(plan, &written, &plugin_writes);
-  if (err == 0 && flush_after) err = sink_->Flush();
-  if (err == 0 && flush_after && sink_->losses() != losses_before) err = EIO;
+  if (err == 0 && flush_after) err = FlushSinceLosses(losses_before);
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
@@ -437,6 +435,13 @@ void WriteBack::RunBatch(Trigger why) {
     hook(opaque, why, requests, bytes, plugin_writes, us, err);
     mu_.Lock();
   }
+}
+
+int WriteBack::FlushSinceLosses(uint64_t losses_before) {
+  const int err = sink_->Flush();
+  // Another flush may have been the one told that writes were lost.
+  if (err == 0 && sink_->losses() != losses_before) return EIO;
+  return err;
 }
 
 void WriteBack::ReleaseIdleMemory() {

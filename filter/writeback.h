@@ -183,6 +183,10 @@ class WriteBack {
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
   void ReleaseIdleMemory() EXCLUDES(mu_);
+  // A Sink flush that fails with EIO also when the Sink has lost writes
+  // since `losses_before` was read (Sink::losses), though another flush
+  // may have been the one told.
+  int FlushSinceLosses(uint64_t losses_before) EXCLUDES(mu_);
   uint64_t MemoryBytesLocked() const REQUIRES(mu_);
   uint64_t QueuedRequestsLocked() const REQUIRES(mu_);
 

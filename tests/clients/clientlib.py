@@ -208,8 +208,3 @@ def files_equal(a, b, length):
             done += n
     return -1
 
-
-def remove_tmp(tmp):
-    """Removes a test's temporary directory early (sdctest removes every
-    scratch_dir at exit anyway, pass or fail)."""
-    shutil.rmtree(tmp, ignore_errors=True)

@@ -80,7 +80,6 @@ def main():
                   cwd=tmp)
     check(rc != 0 and "verify failed" in out,
           "fio verify_only missed a corrupted block (rc %d):\n%s" % (rc, out))
-    clientlib.remove_tmp(tmp)
     print("PASS: fio randwrite 4k/64k with crc32c verify, through sdccache and on disk")
 
 

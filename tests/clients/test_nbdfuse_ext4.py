@@ -2,7 +2,6 @@
 import hashlib
 import os
 import random
-import shutil
 import subprocess
 import sys
 
@@ -11,10 +10,6 @@ from clientlib import Background, check, run, wait_until
 import sdctest
 
 SIZE = 128 << 20
-
-
-def fusermount():
-    return "fusermount3" if shutil.which("fusermount3") else "fusermount"
 
 
 class Stack:
@@ -54,11 +49,11 @@ class Stack:
     def unmount_all(self):
         """Unmounts in order; each daemon must exit by itself, cleanly."""
         if self.fs is not None:
-            run([fusermount(), "-u", self.fs_dir], timeout=30)
+            run([sdctest.fusermount(), "-u", self.fs_dir], timeout=30)
             rc = self.fs.wait_exit(60, "fuse2fs")
             check(rc == 0, "fuse2fs exit status %d:\n%s" % (rc, self.fs.log_text()))
             self.fs = None
-        run([fusermount(), "-u", self.nbd_dir], timeout=30)
+        run([sdctest.fusermount(), "-u", self.nbd_dir], timeout=30)
         rc = self.fuse.wait_exit(60, "nbdfuse")
         check(rc == 0, "nbdfuse exit status %d:\n%s" % (rc, self.fuse.log_text()))
         rc = self.srv.stop()
@@ -74,7 +69,7 @@ class Stack:
         for d in (self.fs_dir, self.nbd_dir):
             if os.path.ismount(d):
                 try:
-                    subprocess.run([fusermount(), "-u", "-z", d], timeout=10,
+                    subprocess.run([sdctest.fusermount(), "-u", "-z", d], timeout=10,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 except subprocess.TimeoutExpired:
                     print("fusermount -u -z %s timed out" % d)
@@ -100,7 +95,7 @@ def write_files(root, rng):
 
 
 def main():
-    clientlib.require("nbdfuse", "fuse2fs", "mkfs.ext4", "e2fsck", "debugfs", fusermount())
+    clientlib.require("nbdfuse", "fuse2fs", "mkfs.ext4", "e2fsck", "debugfs", sdctest.fusermount())
     check(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
     tmp = sdctest.scratch_dir(prefix="sdc-nbdfuse-")
     disk = sdctest.make_image(tmp, SIZE)
@@ -136,7 +131,6 @@ def main():
     finally:
         stack.kill_all()
     run(["e2fsck", "-fn", disk], timeout=60)
-    clientlib.remove_tmp(tmp)
     print("PASS: ext4 via nbdfuse + fuse2fs over sdccache, %d files intact" % len(sums))
 
 

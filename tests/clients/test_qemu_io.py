@@ -86,7 +86,6 @@ def main():
     for off, n, byte in expect:
         got = sdctest.disk_read(disk, off, n)
         check(got == bytes([byte]) * n, "disk [%d,+%d) is not 0x%02x" % (off, n, byte))
-    clientlib.remove_tmp(tmp)
     print("PASS: qemu-io patterns through sdccache and on disk")
 
 

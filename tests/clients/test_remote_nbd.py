@@ -65,7 +65,6 @@ def main():
             front.kill()
         rc = back.stop()
     check(rc == 0, "back nbdkit exit status %d\n%s" % (rc, back.log_text()))
-    clientlib.remove_tmp(tmp)
     print("PASS: remote nbd backend: data on the remote after flush and after shutdown")
 
 

@@ -6,19 +6,13 @@ import random
 
 import nbd
 
-from sdctest import (check, check_read, control_stats, fail, remove_scratch, scratch_dir,
-                     wait_until)
+from sdctest import check, check_read, control_stats, fail, scratch_dir, wait_until
 
 
 def tmpdir():
     """A scratch directory (sdctest removes it when the test ends, pass or
     fail, after printing the tail of nbdkit's log on a failure)."""
     return scratch_dir(prefix="sdcfault-")
-
-
-def cleanup():
-    """Removes the scratch directories early, once a test has passed."""
-    remove_scratch()
 
 
 def stats(path):

@@ -50,7 +50,6 @@ def main():
         check_same(read_file(img), model.read(0, SIZE), "disk after recovered flush")
         h.shutdown()
         check(srv.stop() == 0, "nbdkit exit status")
-    faultlib.cleanup()
     print("error-flush: ok")
 
 

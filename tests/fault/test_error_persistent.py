@@ -123,7 +123,6 @@ def main():
     for i, kind in enumerate(kinds):
         scenario(kind, seed + i)
     older_write_never_lands(seed)
-    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -59,7 +59,6 @@ def main():
     run(seed, threshold=4, count=3000)
     run(seed + 1, threshold=1, count=1500)
     run(seed + 2, threshold=2, count=2000, rate="5%")
-    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -111,8 +111,6 @@ def main():
         except Exception:
             traceback.print_exc()
             failed.append(make.__name__)
-    if not failed:
-        faultlib.cleanup()
     if failed:
         sdctest.fail("failed: " + ", ".join(failed))
     return 0

@@ -56,7 +56,6 @@ def main():
     shim = sys.argv[1]
     for fail_at in (1, 2, 5):
         run(shim, fail_at)
-    faultlib.cleanup()
 
 
 if __name__ == "__main__":

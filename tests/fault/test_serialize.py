@@ -90,7 +90,6 @@ def main():
     seed = int(os.environ.get("SEED", "3"))
     run("serialize_all_requests", 3, seed)
     run("serialize_connections", 1, seed + 1)
-    faultlib.cleanup()
 
 
 if __name__ == "__main__":

@@ -146,7 +146,6 @@ def main():
     rng = random.Random(int(os.environ.get("SEED", "31")))
     disconnect_then_sigterm(rng)
     sigterm_then_disconnect(rng)
-    faultlib.cleanup()
 
 
 if __name__ == "__main__":

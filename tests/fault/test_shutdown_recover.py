@@ -171,7 +171,6 @@ def main():
     check(not false_errors,
           "nbdkit logged a failed final flush although all data reached the plugin and "
           "was flushed (a stale error from before the recovery?):\n" + "\n".join(false_errors))
-    faultlib.cleanup()
 
 
 if __name__ == "__main__":

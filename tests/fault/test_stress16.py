@@ -125,7 +125,6 @@ def main():
         check(srv.stop(timeout=20) == 0, "nbdkit exit status")
         check("could not be written" not in srv.log_text(), "shutdown reported lost data")
         check_same(read_file(img), model.read(0, SIZE), "disk after shutdown")
-    faultlib.cleanup()
     print("stress: ok")
 
 

@@ -54,11 +54,9 @@ def scratch_dir(prefix="sdctest-", dir=None):
     return d
 
 
-def remove_scratch():
-    """Removes the scratch directories now (a test that passed)."""
-    if not os.environ.get("SDCTEST_KEEP"):
-        while _scratch:
-            shutil.rmtree(_scratch.pop(), ignore_errors=True)
+def fusermount():
+    """The FUSE unmount tool this system has."""
+    return "fusermount3" if shutil.which("fusermount3") else "fusermount"
 
 
 def _cleanup():
@@ -80,14 +78,14 @@ def _cleanup():
             print("\n".join(lines[-60:]), file=sys.stderr)
     for m in _mounts:
         if os.path.ismount(m):
-            for tool in ("fusermount3", "fusermount"):
-                if shutil.which(tool):
-                    subprocess.run([tool, "-u", "-z", m], timeout=10,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                    break
-    if os.environ.get("SDCTEST_KEEP") and _scratch:
-        print("kept: " + " ".join(_scratch), file=sys.stderr)
-    remove_scratch()
+            subprocess.run([fusermount(), "-u", "-z", m], timeout=10,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if os.environ.get("SDCTEST_KEEP"):
+        if _scratch:
+            print("kept: " + " ".join(_scratch), file=sys.stderr)
+        return
+    for d in reversed(_scratch):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _on_exception(kind, value, tb):

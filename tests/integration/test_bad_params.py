@@ -1,6 +1,5 @@
 # Bad parameters: nbdkit refuses to start, fast, naming the parameter.
 import os
-import subprocess
 
 import sdctest
 
@@ -43,21 +42,10 @@ GOOD = [
 
 
 def run(param):
-    # Refused in .after_fork (sdccache-statsfile, control): with --run,
-    # nbdkit 1.32 sometimes exits with the command's status instead, so
-    # those run in the foreground, and must exit by themselves, non-zero.
+    # Refused in .after_fork (sdccache-statsfile, control): run in the
+    # foreground, where they must exit by themselves, non-zero.
     after_fork = param.startswith(("sdccache-statsfile=", "control="))
-    cmd = [sdctest.NBDKIT, "-U", "-", "--filter=" + sdctest.FILTER, "null", "1M",
-           param, "--run", "true"]
-    if after_fork:
-        sock = os.path.join(sdctest.scratch_dir(prefix="sdc-badparams-"), "nbd.sock")
-        cmd = [sdctest.NBDKIT, "-f", "-U", sock, "--filter=" + sdctest.FILTER, "null", "1M",
-               param]
-    try:
-        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              timeout=5)
-    except subprocess.TimeoutExpired:
-        sdctest.fail("%s did not exit within 5 s" % " ".join(cmd))
+    return sdctest.run_nbdkit(["null", "1M", param], timeout=5, foreground=after_fork)
 
 
 # Under ASan (the sanitizer run sets SDCCACHE_ASAN_RT), an nbdkit that has

@@ -16,21 +16,14 @@ import sdctest
 IDLE_S = 10  # ControlSocket::kClientIdleMs
 
 
-def run_nbdkit(args, timeout=10):
-    cmd = [sdctest.NBDKIT, "-U", "-", "--filter=" + sdctest.FILTER] + args + ["--run", "true"]
-    try:
-        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        sdctest.fail("%s did not exit within %ds" % (" ".join(cmd), timeout))
-
-
 def live_socket_kept(tmp):
     """A second nbdkit naming a live control socket is refused, and the
     first keeps its socket, also after the second has exited."""
     ctl = os.path.join(tmp, "live.sock")
     with sdctest.start_server(["memory", "1M"], ["threshold=11", "control=" + ctl],
                               tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
-        p = run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl])
+        p = sdctest.run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl],
+                               foreground=True)
         err = p.stderr.decode(errors="replace")
         sdctest.check(p.returncode != 0 and "in use" in err,
                       "second instance on a live control socket: exit %d: %r" % (p.returncode, err))

@@ -388,6 +388,25 @@ def run_command(cmd, timeout=30, check_rc=True):
     return p
 
 
+def run_nbdkit(args, timeout=10, foreground=False):
+    """Runs nbdkit with the filter and args (plugin first) until it exits by
+    itself; returns CompletedProcess.  Normally with --run true.  With
+    foreground=True it runs with -f and no --run, and must exit on its own:
+    use that for refusals made in .after_fork, which nbdkit 1.32's --run
+    can race (captive.c exits with the command's status 0 when `true`
+    finishes before the refused server has exited)."""
+    if foreground:
+        sock = os.path.join(scratch_dir(prefix="sdc-run-"), "nbd.sock")
+        cmd = [NBDKIT, "-f", "-U", sock, "--filter=" + FILTER] + list(args)
+    else:
+        cmd = [NBDKIT, "-U", "-", "--filter=" + FILTER] + list(args) + ["--run", "true"]
+    try:
+        return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        fail("%s did not exit within %ds" % (" ".join(cmd), timeout))
+
+
 def start_server(*args, **kwargs):
     """Server(...), which returns once nbdkit accepts connections (it waits
     for nbdkit's pidfile; a probe connection would make nbdkit log an

@@ -5,35 +5,56 @@
 #include <bit>
 #include <cstring>
 #include <ctime>
+#include <exception>
 
 #include <sys/resource.h>
 
 namespace sdccache {
 
 BatchWriter::BatchWriter(Sink* sink, unsigned threads, uint32_t max_write)
-    : sink_(sink), max_write_(std::max<uint32_t>(max_write, 1)) {
-  // The calling thread of each batch is one of its writers.
-  for (unsigned i = 1; i < threads; ++i) workers_.push_back(std::make_unique<Worker>());
-  for (auto& w : workers_) idle_.push_back(w.get());
-  try {
-    for (auto& w : workers_) w->thread = std::thread([this, w = w.get()] { WorkerLoop(w); });
-  } catch (...) {
-    // Out of threads: stop those that started (a joinable std::thread
-    // destroyed unjoined would abort nbdkit) and let the caller fail.
-    Shutdown();
-    throw;
+    : sink_(sink),
+      max_write_(std::max<uint32_t>(max_write, 1)),
+      // The calling thread of each batch is one of its writers.
+      max_helpers_(threads > 1 ? threads - 1 : 0) {
+  workers_.reserve(max_helpers_);
+}
+
+BatchWriter::~BatchWriter() {
+  // No Write() is running: every helper is idle, waiting for go.
+  stopping_.store(true);
+  std::vector<std::unique_ptr<Worker>> workers;
+  {
+    std::lock_guard<std::mutex> l(idle_mu_);
+    workers.swap(workers_);
+  }
+  for (auto& w : workers) w->go.release();
+  for (auto& w : workers) w->thread.join();
+}
+
+size_t BatchWriter::helpers_started() const {
+  std::lock_guard<std::mutex> l(idle_mu_);
+  return workers_.size();
+}
+
+void BatchWriter::StartHelpers(Job* job, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    try {
+      auto w = std::make_unique<Worker>();
+      w->job = job;
+      w->go.release();
+      w->thread = std::thread([this, w = w.get()] { WorkerLoop(w); });
+      std::lock_guard<std::mutex> l(idle_mu_);
+      workers_.push_back(std::move(w));  // capacity reserved: cannot throw
+    } catch (const std::exception&) {
+      // Out of threads (or memory): give back this slot and the rest; a
+      // later batch may try again.
+      std::lock_guard<std::mutex> l(idle_mu_);
+      started_ -= n - i;
+      job->pending.fetch_sub(static_cast<unsigned>(n - i));  // the caller holds one
+      return;
+    }
   }
 }
-
-void BatchWriter::Shutdown() {
-  stopping_.store(true);
-  for (auto& w : workers_)
-    if (w->thread.joinable()) w->go.release();
-  for (auto& w : workers_)
-    if (w->thread.joinable()) w->thread.join();
-}
-
-BatchWriter::~BatchWriter() { Shutdown(); }
 
 int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
                        uint64_t* plugin_writes) {
@@ -87,15 +108,20 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   // Borrow idle helpers; each is woken through its own semaphore (no herd
   // on one lock), and the last one to finish wakes this thread.  Short of
   // helpers, the job is listed for those that finish other jobs to join.
+  // Helpers are started here, while fewer are idle than wanted, up to
+  // max_helpers_.
   std::vector<Worker*> helpers;
+  size_t start = 0;
   bool listed = false;
   if (waiting && job.error.load() == 0 && left > 1) {
     std::lock_guard<std::mutex> l(idle_mu_);
     const size_t n = std::min(idle_.size(), left - 1);
     helpers.assign(idle_.end() - static_cast<std::ptrdiff_t>(n), idle_.end());
     idle_.resize(idle_.size() - n);
-    job.pending.fetch_add(static_cast<unsigned>(n));
-    if (n < left - 1) {
+    start = std::min(left - 1 - n, max_helpers_ - started_);
+    started_ += start;
+    job.pending.fetch_add(static_cast<unsigned>(n + start));
+    if (n + start < left - 1) {
       wanting_.push_back(&job);
       listed = true;
     }
@@ -104,6 +130,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     w->job = &job;
     w->go.release();
   }
+  if (start > 0) StartHelpers(&job, start);
   RunOps(&job);
   if (listed) {
     std::lock_guard<std::mutex> l(idle_mu_);

@@ -35,8 +35,9 @@ namespace sdccache {
 
 class BatchWriter {
  public:
-  // Starts threads - 1 workers; throws std::system_error, with none left
-  // running, if it cannot.
+  // Up to threads - 1 helpers, started only when a latency-bound batch
+  // wants more than are idle (a CPU-bound plugin never gets one; an export
+  // that is never written back costs no thread).
   BatchWriter(Sink* sink, unsigned threads, uint32_t max_write);
   ~BatchWriter();
   BatchWriter(const BatchWriter&) = delete;
@@ -50,6 +51,9 @@ class BatchWriter {
   // Whether the plugin's requests were last found to mostly wait (so that
   // more of them in flight, in this batch or beside it, help).
   bool latency_bound() const;
+
+  // Helpers started so far (they stay until destruction).
+  size_t helpers_started() const;
 
   // One plugin write from the caller's thread, timed like a batch's probe
   // (so that a plugin that turns slow is noticed while every write goes
@@ -99,7 +103,10 @@ class BatchWriter {
     std::thread thread;
   };
   void WorkerLoop(Worker* self);
-  void Shutdown();  // stops and joins the workers that were started
+  // Starts `n` new helpers on `job`, whose pending already counts them.
+  // Those that cannot be started (out of threads) are uncounted again:
+  // the job's other threads do their share.
+  void StartHelpers(Job* job, size_t n);
   // Under idle_mu_: the oldest job in wanting_ that has ops left, joined
   // (its pending counted); or null.  Drops exhausted or failed jobs it
   // passes over.
@@ -154,8 +161,12 @@ class BatchWriter {
   // buffers allocated (idle and in use).
   std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> bounce_idle_;
   size_t bounce_bytes_ = 0;
+  const size_t max_helpers_;
+  mutable std::mutex idle_mu_;
+  // Guarded by idle_mu_: every helper started (and slots reserved for
+  // helpers being started: started_ may exceed workers_.size() briefly).
   std::vector<std::unique_ptr<Worker>> workers_;
-  std::mutex idle_mu_;
+  size_t started_ = 0;
   std::vector<Worker*> idle_;  // guarded by idle_mu_: helpers free to borrow
   // Guarded by idle_mu_: latency-bound jobs whose caller and helpers were
   // fewer than their ops, oldest first.  A helper that finishes its job

@@ -678,6 +678,7 @@ CounterList WriteBack::Stats() {
     add("threshold", threshold_);
     add("paused", paused_ ? 1 : 0);
     add("plugin_latency_bound", batch_writer_.latency_bound() ? 1 : 0);
+    add("writeback_helpers", batch_writer_.helpers_started());
     add("queued_requests", QueuedRequestsLocked());
     add("queued_bytes", data);
     add("queued_zero_bytes", total - data);

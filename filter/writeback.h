@@ -79,8 +79,9 @@ struct Leftover {
 
 class WriteBack {
  public:
-  // Starts the flusher and the BatchWriter's threads; throws
-  // std::system_error, with none left running, if it cannot.
+  // Starts the flusher and the plugin-flush thread (BatchWriter starts its
+  // helpers when needed); throws std::system_error, with none left
+  // running, if it cannot.
   WriteBack(Sink* sink, const WriteBackOptions& opts);
   ~WriteBack();  // Stop() with no drain if not stopped yet
   WriteBack(const WriteBack&) = delete;

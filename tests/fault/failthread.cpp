@@ -1,9 +1,10 @@
 // LD_PRELOAD shim for test_prepare_fails.py.  While the file named by
 // $SDCCACHE_FAIL_FLAG exists, the $SDCCACHE_FAIL_AT'th pthread_create
 // called off nbdkit's main thread (counted from when the flag appeared)
-// fails with EAGAIN.  nbdkit's main thread starts the connection threads;
-// the first threads a connection thread starts are the filter's, when
-// .prepare creates the export's cache.
+// fails with EAGAIN; with "N+", the N'th and every one after it.  nbdkit's
+// main thread starts the connection threads; the first threads a
+// connection thread starts are the filter's, when .prepare creates the
+// export's cache, and write-back helpers come after.
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 
 using CreateFn = int(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
 
@@ -20,8 +22,9 @@ extern "C" __attribute__((visibility("default"))) int pthread_create(
   auto* real = reinterpret_cast<CreateFn*>(dlsym(RTLD_NEXT, "pthread_create"));
   const char* flag = std::getenv("SDCCACHE_FAIL_FLAG");
   const char* at = std::getenv("SDCCACHE_FAIL_AT");
-  if (flag && at && gettid() != getpid() && access(flag, F_OK) == 0 &&
-      ++counted == std::atoi(at))
-    return EAGAIN;
+  if (flag && at && gettid() != getpid() && access(flag, F_OK) == 0) {
+    const int n = ++counted, want = std::atoi(at);
+    if (n == want || (n > want && std::strchr(at, '+') != nullptr)) return EAGAIN;
+  }
   return real(t, a, f, arg);
 }

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -120,6 +121,47 @@ TEST(BatchWriterTest, WaitingRequestsRunInParallel) {
 TEST(BatchWriterTest, ComputingRequestsRunOneAtATime) {
   TimedSink sink(false, std::chrono::microseconds(2000));
   EXPECT_LE(ParallelBatches(&sink), kBatches / 4);
+}
+
+// Threads of this process, from /proc/self/task.
+size_t ProcessThreads() {
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    (void)e;
+    ++n;
+  }
+  return n;
+}
+
+// Helpers start only when a latency-bound batch wants more than are idle,
+// up to threads - 1 in all: an export whose plugin is CPU-bound (or that is
+// never written back) costs no helper thread.
+TEST(BatchWriterTest, HelpersStartOnlyWhenALatencyBoundBatchWantsThem) {
+  const size_t before = ProcessThreads();
+  const std::vector<DirtyRange> plan = Plan();
+  auto write = [&](BatchWriter* writer) {
+    std::vector<char> written;
+    uint64_t calls = 0;
+    EXPECT_EQ(writer->Write(plan, &written, &calls), 0);
+    EXPECT_EQ(std::count(written.begin(), written.end(), 1), 16);
+  };
+  {
+    TimedSink computing(false, std::chrono::microseconds(200));
+    BatchWriter writer(&computing, 8, 1 << 20);
+    EXPECT_EQ(ProcessThreads(), before) << "threads started with no batch";
+    for (int b = 0; b < 3; ++b) write(&writer);
+    EXPECT_EQ(computing.TakeMax(), 1);
+    EXPECT_EQ(writer.helpers_started(), 0u) << "helpers started for a CPU-bound plugin";
+    EXPECT_EQ(ProcessThreads(), before);
+  }
+  TimedSink waiting(true, std::chrono::microseconds(2000));
+  BatchWriter writer(&waiting, 8, 1 << 20);
+  for (int b = 0; b < 3; ++b) {
+    write(&writer);
+    EXPECT_EQ(writer.helpers_started(), 7u) << "after batch " << b;
+    EXPECT_EQ(ProcessThreads(), before + 7) << "after batch " << b;
+  }
+  EXPECT_GT(waiting.TakeMax(), 1);
 }
 
 // The CPU the calling thread is on, as an affinity mask.

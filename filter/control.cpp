@@ -1,6 +1,7 @@
 // ControlSocket: line commands to steer write-back at run time.
 #include "control.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -18,7 +19,7 @@ namespace sdccache {
 
 static constexpr size_t kMaxLine = 256;
 
-bool ControlSocket::Start() {
+bool ControlSocket::Listen() {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path_.size() >= sizeof addr.sun_path) {
@@ -66,6 +67,11 @@ bool ControlSocket::Start() {
     bound_dev_ = st.st_dev;
     bound_ino_ = st.st_ino;
   }
+  return true;
+}
+
+bool ControlSocket::Start() {
+  if (listen_fd_ == -1 && !Listen()) return false;
   if (pipe2(stop_pipe_, O_CLOEXEC) == -1) {
     nbdkit_error("sdccache: control: pipe: %s", std::strerror(errno));
     return false;
@@ -180,13 +186,17 @@ std::string ControlSocket::Execute(const std::string& raw) {
   if (line == "help")
     return "commands: flush, stats, pause, resume, threshold N (1-" +
            std::to_string(kMaxThreshold) + ")\nok\n";
-  if (line.rfind("threshold", 0) == 0) {
+  if (line == "threshold" || line.rfind("threshold ", 0) == 0) {
     std::string arg = line.substr(9);
-    if (arg.empty() || arg[0] != ' ') return "error usage: threshold N\n";
     arg.erase(0, arg.find_first_not_of(' '));
-    if (arg.empty() || arg.size() > 7 || arg.find_first_not_of("0123456789") != std::string::npos)
-      return "error threshold: not a number: '" + arg + "'\n";
-    unsigned long n = std::stoul(arg);
+    if (arg.empty()) return "error usage: threshold N\n";
+    if (arg.find_first_not_of("0123456789") != std::string::npos) {
+      std::string shown;
+      for (char c : arg.substr(0, 32)) shown += (c >= 0x20 && c < 0x7f) ? c : '?';
+      return "error threshold: not a number: '" + shown + "'\n";
+    }
+    arg.erase(0, std::min(arg.find_first_not_of('0'), arg.size() - 1));  // keep one digit
+    const unsigned long n = arg.size() > 7 ? kMaxThreshold + 1ul : std::stoul(arg);
     if (n < 1 || n > kMaxThreshold)
       return "error threshold: must be between 1 and " + std::to_string(kMaxThreshold) + "\n";
     registry_->SetThreshold(static_cast<uint32_t>(n));

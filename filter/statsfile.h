@@ -20,7 +20,9 @@ class StatsFile {
       : path_(std::move(path)), json_(json), registry_(registry) {}
   ~StatsFile() { Stop(); }
 
-  bool Start();  // writes the file once; false (after nbdkit_error) if it cannot
+  // Writes the file (again), then starts the thread; false (after
+  // nbdkit_error) if it cannot write it.
+  bool Start();
   void Kick();  // cheap; from the flusher thread
   void Stop();  // writes a final copy
   // Writes the file now; false (errno set) if it could not.

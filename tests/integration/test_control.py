@@ -5,8 +5,16 @@ import stat
 import sdctest
 
 BLOCK = 4096
-BAD = ["bogus", "threshold abc", "threshold 0", "threshold", "", "threshold -1",
-       "threshold 99999999", "threshold 1048577", "threshold 3x", "flush now", "FLUSH"]
+# Each refused line, and what its error must say.
+BAD = {
+    "bogus": "unknown command", "thresholdx": "unknown command", "": "unknown command",
+    "flush now": "unknown command", "FLUSH": "unknown command",
+    "threshold": "usage: threshold N", "threshold abc": "not a number",
+    "threshold -1": "not a number", "threshold 3x": "not a number",
+    "threshold 0": "between 1 and", "threshold 0000": "between 1 and",
+    "threshold 99999999": "between 1 and", "threshold 1048577": "between 1 and",
+    "threshold 000000000000000000000001048577": "between 1 and",
+}
 
 
 def stats(ctl):
@@ -45,9 +53,10 @@ def main():
 
         # Refusals: an error line, nothing changed.
         before = stats(ctl)
-        for line in BAD:
+        for line, want in BAD.items():
             _, status = sdctest.control_command(ctl, line)
-            sdctest.check(status.startswith("error "), "control %r answered %r" % (line, status))
+            sdctest.check(status.startswith("error ") and want in status,
+                          "control %r answered %r, want an error saying %r" % (line, status, want))
             after = stats(ctl)
             for k in ("threshold", "paused", "flushes_control", "batches_flushed"):
                 sdctest.check(after[k] == before[k], "control %r changed %s: %s -> %s" %
@@ -56,7 +65,10 @@ def main():
         lines = ok(ctl, "help")
         sdctest.check(any("threshold" in l for l in lines), "help: %r" % lines)
 
-        # threshold N changes the trigger at run time.
+        # threshold N changes the trigger at run time (leading zeros are
+        # just zeros).
+        ok(ctl, "threshold 000000000000000000005")
+        sdctest.check(stats(ctl)["threshold"] == "5", "threshold 0...05 not applied")
         ok(ctl, "threshold 3")
         sdctest.check(stats(ctl)["threshold"] == "3", "threshold 3 not applied")
         blocks = [((1 << 20) + i * 65536, bytes([0x40 + i]) * BLOCK) for i in range(3)]

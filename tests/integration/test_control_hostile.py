@@ -22,8 +22,7 @@ def live_socket_kept(tmp):
     ctl = os.path.join(tmp, "live.sock")
     with sdctest.start_server(["memory", "1M"], ["threshold=11", "control=" + ctl],
                               tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
-        p = sdctest.run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl],
-                               foreground=True)
+        p = sdctest.run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl])
         err = p.stderr.decode(errors="replace")
         sdctest.check(p.returncode != 0 and "in use" in err,
                       "second instance on a live control socket: exit %d: %r" % (p.returncode, err))
@@ -131,8 +130,9 @@ def export_names_in_counters(tmp):
 
 
 def relative_paths_as_daemon(tmp):
-    """Without -f nbdkit changes directory to / before the filter opens its
-    paths: relative control= and sdccache-statsfile= still mean the
+    """Without -f nbdkit changes directory to / when it forks, and the
+    filter rewrites its stats file and removes its control socket after
+    that: relative control= and sdccache-statsfile= still mean the
     directory nbdkit was started in."""
     work = sdctest.scratch_dir(dir=tmp)
     pidfile = os.path.join(work, "nbdkit.pid")
@@ -148,18 +148,31 @@ def relative_paths_as_daemon(tmp):
                            "the daemon's pidfile")
         with open(pidfile) as f:
             pid = int(f.read().strip())
+        # Both exist, and the socket listens, by the time nbdkit has
+        # written its pidfile (the filter creates them in .get_ready).
         for suffix in (".ctl", ".stats"):
             where = os.path.join(work, name + suffix)
-            sdctest.wait_until(lambda: os.path.exists(where), 10, where)
+            sdctest.check(os.path.exists(where), "%s missing once the pidfile exists" % where)
             sdctest.check(not os.path.exists("/" + name + suffix), "/%s%s created" % (name, suffix))
-        sdctest.check(sdctest.control_command(os.path.join(work, name + ".ctl"), "help")[1] == "ok",
+        ctl = os.path.join(work, name + ".ctl")
+        sdctest.check(sdctest.control_command(ctl, "threshold 7")[1] == "ok",
                       "the control socket does not answer")
+        # The stats file is rewritten (after the fork) where it was created.
+        sdctest.wait_stats(os.path.join(work, name + ".stats"),
+                           lambda st: st.get("threshold") == "7", 10, "threshold 7 in the stats file")
+        os.kill(pid, signal.SIGTERM)
+        sdctest.wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10,
+                           "the daemon (pid %d) to exit" % pid)
+        pid = None
+        sdctest.check(not os.path.exists(ctl), "the control socket was left behind at exit")
+        for suffix in (".ctl", ".stats", ".stats.tmp"):
+            sdctest.check(not os.path.exists("/" + name + suffix), "/%s%s created" % (name, suffix))
     finally:
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             sdctest.wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10,
                                "the daemon (pid %d) to exit" % pid)
-        for suffix in (".ctl", ".stats"):  # in case a broken build put them there
+        for suffix in (".ctl", ".stats", ".stats.tmp"):  # in case a broken build put them there
             if os.path.exists("/" + name + suffix):
                 os.unlink("/" + name + suffix)
 

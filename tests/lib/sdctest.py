@@ -388,18 +388,19 @@ def run_command(cmd, timeout=30, check_rc=True):
     return p
 
 
-def run_nbdkit(args, timeout=10, foreground=False):
-    """Runs nbdkit with the filter and args (plugin first) until it exits by
-    itself; returns CompletedProcess.  Normally with --run true.  With
-    foreground=True it runs with -f and no --run, and must exit on its own:
-    use that for refusals made in .after_fork, which nbdkit 1.32's --run
-    can race (captive.c exits with the command's status 0 when `true`
-    finishes before the refused server has exited)."""
+def run_nbdkit(args, timeout=10, foreground=False, extra=()):
+    """Runs nbdkit [extra] with the filter and args (plugin first) until it
+    exits by itself; returns CompletedProcess.  Normally with --run true,
+    which suits refusals made before the command starts (.config,
+    .config_complete, .get_ready): nbdkit 1.32 exits with the command's
+    status if the command ends first.  With foreground=True it runs with -f
+    and no --run, and must exit on its own: for refusals in .after_fork."""
     if foreground:
         sock = os.path.join(scratch_dir(prefix="sdc-run-"), "nbd.sock")
-        cmd = [NBDKIT, "-f", "-U", sock, "--filter=" + FILTER] + list(args)
+        cmd = [NBDKIT, "-f", "-U", sock] + list(extra) + ["--filter=" + FILTER] + list(args)
     else:
-        cmd = [NBDKIT, "-U", "-", "--filter=" + FILTER] + list(args) + ["--run", "true"]
+        cmd = ([NBDKIT, "-U", "-"] + list(extra) + ["--filter=" + FILTER] + list(args) +
+               ["--run", "true"])
     try:
         return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=timeout)

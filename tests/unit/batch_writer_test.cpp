@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "await.h"
 #include "batch_writer.h"
 #include "chunk.h"
 
@@ -359,10 +360,7 @@ class TwoBatchSink : public WritesOnly {
     if (second_inside_ >= 4) second_open_ = true;
     cv_.notify_all();
     if (first) {
-      if (!cv_.wait_for(l, std::chrono::seconds(20), [&] { return open_; })) {
-        std::fprintf(stderr, "gave up after 20 s waiting for the first batch's release\n");
-        std::abort();
-      }
+      test::Await(cv_, l, "the first batch's release", [&] { return open_; });
     } else {
       // Counted from Open(): helpers join only once the first batch ends.
       cv_.wait_for(l, std::chrono::seconds(10), [&] { return second_open_ || open_; });

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <vector>
 
+#include "await.h"
 #include "sink.h"
 
 namespace sdccache {
@@ -198,14 +199,9 @@ class FakeSink : public Sink {
   }
 
  private:
-  static constexpr std::chrono::seconds kPatience{20};
   template <class Pred>
   void Await(std::unique_lock<std::mutex>& l, const char* what, Pred pred) {
-    if (!cv_.wait_for(l, kPatience, pred)) {
-      std::fprintf(stderr, "FakeSink: gave up after %lld s waiting for %s\n",
-                   static_cast<long long>(kPatience.count()), what);
-      std::abort();
-    }
+    test::Await(cv_, l, what, pred);
   }
   std::mutex mu_;
   std::condition_variable cv_;

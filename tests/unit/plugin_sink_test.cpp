@@ -13,15 +13,13 @@
 #include <thread>
 #include <type_traits>
 
+#include "await.h"
 #include "plugin_sink.h"
 
 namespace sdccache {
 namespace {
 
-[[noreturn]] void GiveUp(const char* what) {
-  std::fprintf(stderr, "gave up waiting for %s\n", what);
-  std::abort();
-}
+using test::GiveUp;
 
 // A plugin context whose pwrite and flush can be held until the test lets
 // them go.  The ops come first, so the nbdkit_next* the sink passes back is
@@ -52,8 +50,7 @@ struct FakeContext {
       ++c->pwrites;
       c->in_pwrite = true;
       c->cv.notify_all();
-      if (!c->cv.wait_for(l, std::chrono::seconds(20), [&] { return !c->hold_pwrite; }))
-        GiveUp("a held pwrite's release");
+      test::Await(c->cv, l, "a held pwrite's release", [&] { return !c->hold_pwrite; });
       c->in_pwrite = false;
       return 0;
     };
@@ -62,8 +59,7 @@ struct FakeContext {
       std::unique_lock<std::mutex> l(c->mu);
       ++c->flushes;
       c->cv.notify_all();
-      if (!c->cv.wait_for(l, std::chrono::seconds(20), [&] { return !c->hold_flush; }))
-        GiveUp("a held flush's release");
+      test::Await(c->cv, l, "a held flush's release", [&] { return !c->hold_flush; });
       ++c->flushes_finished;
       c->cv.notify_all();
       return c->flush_error ? (*err = c->flush_error, -1) : 0;
@@ -86,7 +82,7 @@ struct FakeContext {
   template <typename P>
   void WaitFor(P pred) {
     std::unique_lock<std::mutex> l(mu);
-    if (!cv.wait_for(l, std::chrono::seconds(10), pred)) GiveUp("a fake plugin call");
+    test::Await(cv, l, "a fake plugin call", pred);
   }
   int Count(int FakeContext::*counter) {
     std::lock_guard<std::mutex> l(mu);
@@ -111,13 +107,9 @@ class PluginSinkTest : public ::testing::Test {
     return std::async(std::launch::async,
                       [this, c] { return sink->Detach(c->next(), /*unless_last=*/true); });
   }
-  // Polls sink->detaching() (a count, not an event) with a deadline.
+  // Polls sink->detaching() (a count, not an event).
   void AwaitDetaching(size_t n) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (sink->detaching() != n) {
-      if (std::chrono::steady_clock::now() > deadline) GiveUp("Detach calls to begin");
-      std::this_thread::yield();
-    }
+    test::AwaitPoll("Detach calls to begin", [&] { return sink->detaching() == n; });
   }
 
   PluginGate gate;
@@ -174,7 +166,7 @@ TEST_F(PluginSinkTest, OfTwoLeavingTogetherOneIsTheLast) {
   const bool b_left = sink->Detach(b.next(), /*unless_last=*/true);
   a.Hold(&FakeContext::hold_pwrite, false);
   EXPECT_EQ(write.get(), 0);
-  if (leave_a.wait_for(std::chrono::seconds(10)) != std::future_status::ready)
+  if (leave_a.wait_for(test::kPatience) != std::future_status::ready)
     GiveUp("a's Detach to return");
   const bool a_left = leave_a.get();
   EXPECT_FALSE(a_left && b_left) << "both contexts left: nothing would write the buffered data";

@@ -12,6 +12,7 @@
 #include <string>
 #include <thread>
 
+#include "await.h"
 #include "fake_sink.h"
 #include "writeback.h"
 
@@ -32,21 +33,9 @@ WriteBackOptions Opts(uint32_t threshold, uint64_t queue_max = 64 << 20) {
   return o;
 }
 
-// Waits until pred() holds; aborts with a message after 20 s.
-template <class Pred>
-void Await(const char* what, Pred pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (!pred()) {
-    if (std::chrono::steady_clock::now() > deadline) {
-      std::fprintf(stderr, "gave up after 20 s waiting for %s\n", what);
-      std::abort();
-    }
-    std::this_thread::yield();
-  }
-}
 
 void AwaitEmptyQueue(WriteBack& wb) {
-  Await("the queue to empty", [&] { return wb.queued_requests() == 0; });
+  test::AwaitPoll("the queue to empty", [&] { return wb.queued_requests() == 0; });
 }
 
 // A counter from Stats(), by name.
@@ -282,7 +271,7 @@ TEST(WriteBackTest, FlusherSleepsWhileBackingOff) {
   WriteBack wb(&sink, o);
   sink.Fail(EIO);
   ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
-  Await("a failed batch", [&] { return wb.counters().flush_errors.load() > 0; });
+  test::AwaitPoll("a failed batch", [&] { return wb.counters().flush_errors.load() > 0; });
   ASSERT_GE(wb.counters().flush_errors.load(), 1u);
   // The measured window: the process's CPU time over 300 ms of the 400 ms
   // backoff.  Waiting for the retry costs next to nothing; spinning, most
@@ -505,7 +494,7 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
   // The 4th write cannot fit: it starts a batch (below threshold) and
   // waits for room, which the held batch cannot make yet.
   sink.AwaitWritesStarted(1);
-  Await("the 4th writer to wait for room", [&] { return StatOf(wb, "backpressure_waits") > 0; });
+  test::AwaitPoll("the 4th writer to wait for room", [&] { return StatOf(wb, "backpressure_waits") > 0; });
   EXPECT_EQ(StatOf(wb, "backpressure_waits"), 1u) << "the 4th writer did not wait for room";
   EXPECT_FALSE(done.load());
   EXPECT_LE(wb.queued_bytes(), limit);

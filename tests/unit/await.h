@@ -1,0 +1,41 @@
+// Bounded waits for the unit tests.  A wait that would hang instead aborts
+// after kPatience with a message naming what it waited for: meson's own
+// timeout would kill the test without saying where it was stuck.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+
+namespace sdccache::test {
+
+inline constexpr std::chrono::seconds kPatience{20};
+
+[[noreturn]] inline void GiveUp(const char* what) {
+  std::fprintf(stderr, "gave up after %lld s waiting for %s\n",
+               static_cast<long long>(kPatience.count()), what);
+  std::abort();
+}
+
+// Waits on `cv` (with `l` held) until pred() holds.
+template <class Pred>
+void Await(std::condition_variable& cv, std::unique_lock<std::mutex>& l, const char* what,
+           Pred pred) {
+  if (!cv.wait_for(l, kPatience, pred)) GiveUp(what);
+}
+
+// Polls pred(), yielding between calls, until it holds: for state that no
+// condition variable announces (counters of the engine under test).
+template <class Pred>
+void AwaitPoll(const char* what, Pred pred) {
+  const auto deadline = std::chrono::steady_clock::now() + kPatience;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > deadline) GiveUp(what);
+    std::this_thread::yield();
+  }
+}
+
+}  // namespace sdccache::test

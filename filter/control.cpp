@@ -19,7 +19,7 @@ namespace sdccache {
 
 static constexpr size_t kMaxLine = 256;
 
-bool ControlSocket::Listen() {
+bool ControlSocket::Start() {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path_.size() >= sizeof addr.sun_path) {
@@ -67,11 +67,6 @@ bool ControlSocket::Listen() {
     bound_dev_ = st.st_dev;
     bound_ino_ = st.st_ino;
   }
-  return true;
-}
-
-bool ControlSocket::Start() {
-  if (listen_fd_ == -1 && !Listen()) return false;
   if (pipe2(stop_pipe_, O_CLOEXEC) == -1) {
     nbdkit_error("sdccache: control: pipe: %s", std::strerror(errno));
     return false;

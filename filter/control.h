@@ -23,13 +23,7 @@ class ControlSocket {
       : path_(std::move(path)), registry_(registry) {}
   ~ControlSocket() { Stop(); }
 
-  // Binds and listens (connections queue until Start); false after
-  // nbdkit_error.  Called before nbdkit forks or writes its pidfile, so
-  // that the socket answers once the pidfile exists, and a bad path fails
-  // nbdkit's startup even under --run.
-  bool Listen();
-  // Starts serving (Listen()s first if not yet); false after nbdkit_error.
-  bool Start();
+  bool Start();  // false after nbdkit_error
   void Stop();
 
   // Executes one command line; returns the full reply (newline-terminated).

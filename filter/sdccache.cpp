@@ -90,8 +90,7 @@ int Guarded(const char* what, int* err, F&& body) {
 }
 
 // A path parameter, made absolute: nbdkit (without -f) changes directory to
-// / when it forks, and the stats file is rewritten, and the control socket
-// removed, after that.
+// / when it forks, before .after_fork opens the path.
 int AbsolutePath(const char* key, const char* value, std::string* out) {
   char* abs = nbdkit_absolute_path(value);
   if (abs == nullptr) {
@@ -226,40 +225,38 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
 
 static int sdccache_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }
 
-// The stats file and the control socket are checked and created here,
-// before nbdkit forks (threads cannot cross fork, so theirs start in
-// .after_fork): a bad path fails startup at once, even under --run, and the
-// control socket answers by the time nbdkit writes its pidfile.
 static int sdccache_get_ready(int thread_model) {
   g->thread_model = thread_model;
-  int err = 0;
-  return Guarded("get_ready", &err, [&] {
-    g->registry = std::make_unique<Registry>(g->params);
-    // A plugin that is not fully parallel must never see the flusher's
-    // requests beside a client's.
-    g->registry->gate()->Enable(g->thread_model < NBDKIT_THREAD_MODEL_PARALLEL);
-    if (!g->params.statsfile.empty()) {
-      g->stats_file =
-          std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json, g->registry.get());
-      g->registry->SetStatsFile(g->stats_file.get());
-      // A path it cannot write fails startup, as a bad control= does,
-      // rather than an error every second while nbdkit runs.
-      if (!g->stats_file->WriteNow()) return -1;
-    }
-    if (!g->params.control.empty()) {
-      // Last: nothing after it can fail and leave the socket behind.
-      g->control = std::make_unique<ControlSocket>(g->params.control, g->registry.get());
-      if (!g->control->Listen()) return -1;
-    }
-    return 0;
-  });
+  return 0;
 }
 
 static int sdccache_after_fork(nbdkit_backend*) {
   int err = 0;
   return Guarded("after_fork", &err, [&] {
-    if (g->stats_file && !g->stats_file->Start()) return -1;
-    if (g->control && !g->control->Start()) return -1;
+    g->registry = std::make_unique<Registry>(g->params);
+    // A plugin that is not fully parallel must never see the flusher's
+    // requests beside a client's.
+    g->registry->gate()->Enable(g->thread_model < NBDKIT_THREAD_MODEL_PARALLEL);
+    // Created here, as the user nbdkit runs as (after -u/-g), and not in
+    // .get_ready: created before nbdkit changes user they would belong to
+    // the user it was started as, which a -u user could not replace (a
+    // stats file in /tmp), unlink at exit or connect to (a 0600 socket).
+    // The control socket comes first: a stats file that cannot be written
+    // then removes it again, and fails startup (rather than an error
+    // every second while nbdkit runs).
+    if (!g->params.control.empty()) {
+      g->control = std::make_unique<ControlSocket>(g->params.control, g->registry.get());
+      if (!g->control->Start()) return -1;
+    }
+    if (!g->params.statsfile.empty()) {
+      g->stats_file =
+          std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json, g->registry.get());
+      g->registry->SetStatsFile(g->stats_file.get());
+      if (!g->stats_file->Start()) {
+        if (g->control) g->control->Stop();
+        return -1;
+      }
+    }
     return 0;
   });
 }

@@ -17,9 +17,6 @@ namespace sdccache {
 static constexpr std::chrono::milliseconds kMinInterval{50};
 
 bool StatsFile::Start() {
-  // Written again even if unchanged: nbdkit may have changed user (-u)
-  // since the first write, and that user must be able to replace the file.
-  last_.clear();
   if (!WriteNow()) return false;
   thread_ = std::thread([this] { Loop(); });
   return true;

@@ -20,9 +20,7 @@ class StatsFile {
       : path_(std::move(path)), json_(json), registry_(registry) {}
   ~StatsFile() { Stop(); }
 
-  // Writes the file (again), then starts the thread; false (after
-  // nbdkit_error) if it cannot write it.
-  bool Start();
+  bool Start();  // writes the file once; false (after nbdkit_error) if it cannot
   void Kick();  // cheap; from the flusher thread
   void Stop();  // writes a final copy
   // Writes the file now; false (errno set) if it could not.

@@ -42,12 +42,15 @@ GOOD = [
 
 
 def run(param):
-    return sdctest.run_nbdkit(["null", "1M", param], timeout=5)
+    # Refused in .after_fork (sdccache-statsfile, control): run in the
+    # foreground, where they must exit by themselves, non-zero.
+    after_fork = param.startswith(("sdccache-statsfile=", "control="))
+    return sdctest.run_nbdkit(["null", "1M", param], timeout=5, foreground=after_fork)
 
 
 # Under ASan (the sanitizer run sets SDCCACHE_ASAN_RT), an nbdkit that has
 # logged an errno message deadlocks at exit in libp11-kit's destructor
-# (tests/sanitizer/nbdkit): skip the refusals made in .get_ready there.
+# (tests/sanitizer/nbdkit): skip the refusals made in .after_fork there.
 ASAN = bool(os.environ.get("SDCCACHE_ASAN_RT"))
 
 
@@ -82,16 +85,21 @@ def main():
         sdctest.check(f.read() == b"keep me", "control= replaced a regular file")
 
 
-    # nbdkit -u: the stats file is first written before nbdkit changes user,
-    # then again, as that user, before it serves; a user that cannot write
-    # it fails startup (rather than an error every second later).
+    # nbdkit -u: the stats file is written as the user nbdkit changes to; a
+    # user that cannot write it fails startup (rather than an error every
+    # second later).
+    # The control socket, created first (where nobody may), is removed.
     if os.geteuid() == 0:
         stats = os.path.join(sdctest.scratch_dir(prefix="sdc-badparams-"), "stats")  # 0700 root
-        p = sdctest.run_nbdkit(["null", "1M", "sdccache-statsfile=" + stats], timeout=5,
-                               foreground=True, extra=["-u", "nobody"])
+        open_dir = sdctest.scratch_dir(prefix="sdc-badparams-")
+        os.chmod(open_dir, 0o777)
+        ctl = os.path.join(open_dir, "ctl.sock")
+        p = sdctest.run_nbdkit(["null", "1M", "sdccache-statsfile=" + stats, "control=" + ctl],
+                               timeout=5, foreground=True, extra=["-u", "nobody"])
         err = p.stderr.decode(errors="replace")
         sdctest.check(p.returncode != 0 and "sdccache-statsfile" in err,
                       "a stats file that user nobody cannot write: exit %d: %r" % (p.returncode, err))
+        sdctest.check(not os.path.exists(ctl), "the control socket was left behind")
         print("-u nobody, stats file in a root-only directory -> exit %d: %s" %
               (p.returncode, err.strip().splitlines()[-1]))
 

@@ -22,7 +22,8 @@ def live_socket_kept(tmp):
     ctl = os.path.join(tmp, "live.sock")
     with sdctest.start_server(["memory", "1M"], ["threshold=11", "control=" + ctl],
                               tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
-        p = sdctest.run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl])
+        p = sdctest.run_nbdkit(["memory", "1M", "threshold=22", "control=" + ctl],
+                               foreground=True)
         err = p.stderr.decode(errors="replace")
         sdctest.check(p.returncode != 0 and "in use" in err,
                       "second instance on a live control socket: exit %d: %r" % (p.returncode, err))
@@ -130,10 +131,10 @@ def export_names_in_counters(tmp):
 
 
 def relative_paths_as_daemon(tmp):
-    """Without -f nbdkit changes directory to / when it forks, and the
-    filter rewrites its stats file and removes its control socket after
-    that: relative control= and sdccache-statsfile= still mean the
-    directory nbdkit was started in."""
+    """Without -f nbdkit changes directory to / when it forks, before the
+    filter creates its control socket and stats file: relative control=
+    and sdccache-statsfile= still mean the directory nbdkit was started in,
+    also for rewriting the file and removing the socket at exit."""
     work = sdctest.scratch_dir(dir=tmp)
     pidfile = os.path.join(work, "nbdkit.pid")
     sock = os.path.join(work, "nbd.sock")
@@ -148,18 +149,15 @@ def relative_paths_as_daemon(tmp):
                            "the daemon's pidfile")
         with open(pidfile) as f:
             pid = int(f.read().strip())
-        # Both exist, and the socket listens, by the time nbdkit has
-        # written its pidfile (the filter creates them in .get_ready).
-        for suffix in (".ctl", ".stats"):
-            where = os.path.join(work, name + suffix)
-            sdctest.check(os.path.exists(where), "%s missing once the pidfile exists" % where)
-            sdctest.check(not os.path.exists("/" + name + suffix), "/%s%s created" % (name, suffix))
         ctl = os.path.join(work, name + ".ctl")
+        stats = os.path.join(work, name + ".stats")
+        sdctest.wait_until(lambda: sdctest.control_accepts(ctl) and os.path.exists(stats), 10,
+                           "the control socket and stats file in the starting directory")
         sdctest.check(sdctest.control_command(ctl, "threshold 7")[1] == "ok",
                       "the control socket does not answer")
-        # The stats file is rewritten (after the fork) where it was created.
-        sdctest.wait_stats(os.path.join(work, name + ".stats"),
-                           lambda st: st.get("threshold") == "7", 10, "threshold 7 in the stats file")
+        # The stats file is rewritten where it was created.
+        sdctest.wait_stats(stats, lambda st: st.get("threshold") == "7", 10,
+                           "threshold 7 in the stats file")
         os.kill(pid, signal.SIGTERM)
         sdctest.wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10,
                            "the daemon (pid %d) to exit" % pid)

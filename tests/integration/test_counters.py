@@ -40,7 +40,6 @@ def scenario(json_format):
     if json_format:
         args.append("sdccache-statsformat=json")
     with sdctest.start_server(["file", img], args, tmpdir=tmp) as srv:
-        srv.control = ctl_path
         st = sdctest.wait_stats(stats_path, lambda s: True, 10, "stats file created",
                                 json_format)
         sdctest.check(int(st["threshold"]) == 5, "threshold in stats: %r" % st)

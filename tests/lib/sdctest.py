@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -174,6 +175,18 @@ class Server:
                 self.kill()
                 fail("nbdkit did not create its socket within %ds" % start_timeout)
             time.sleep(0.01)
+        # The filter's control socket and stats file come just after the
+        # pidfile (in .after_fork): wait until the socket accepts and the
+        # file exists.
+        opts = dict(a.split("=", 1) for a in filter_args if "=" in a)
+        self.control = opts.get("control")
+        while not (control_accepts(self.control) and
+                   os.path.exists(opts.get("sdccache-statsfile", self.pidfile))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                fail("nbdkit's control socket or stats file did not appear within %ds:\n%s" %
+                     (start_timeout, self.log_text()))
+            time.sleep(0.01)
 
     @property
     def uri(self):
@@ -336,10 +349,24 @@ def wait_stats(path, pred, timeout, what, json_format=False):
     return seen["last"]
 
 
+def control_accepts(sock_path):
+    """Whether the control socket at sock_path (None: no socket, True)
+    accepts a connection; the connection is closed unused."""
+    if sock_path is None:
+        return True
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def control_command(sock_path, line, timeout=30):
     """Sends one line to the control socket; returns (body_lines, status),
     status being the final 'ok' or 'error ...' line."""
-    import socket
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:

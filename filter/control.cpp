@@ -19,23 +19,32 @@ namespace sdccache {
 
 static constexpr size_t kMaxLine = 256;
 
-bool ControlSocket::Start() {
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  if (path_.size() >= sizeof addr.sun_path) {
-    nbdkit_error("sdccache: control: socket path too long: %s", path_.c_str());
+namespace {
+// The socket address of `path`; false (after nbdkit_error) if it is too long.
+bool AddressOf(const std::string& path, sockaddr_un* addr) {
+  *addr = sockaddr_un{};
+  addr->sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr->sun_path) {
+    nbdkit_error("sdccache: control: socket path too long: %s", path.c_str());
     return false;
   }
-  std::memcpy(addr.sun_path, path_.c_str(), path_.size() + 1);
-  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ == -1) {
-    nbdkit_error("sdccache: control: socket: %s", std::strerror(errno));
+  std::memcpy(addr->sun_path, path.c_str(), path.size() + 1);
+  return true;
+}
+}  // namespace
+
+bool ControlSocket::Check(const std::string& path) {
+  sockaddr_un addr;
+  if (!AddressOf(path, &addr)) return false;
+  const std::string dir = path.substr(0, path.rfind('/'));  // path is absolute
+  struct stat st;
+  if (stat(dir.empty() ? "/" : dir.c_str(), &st) == -1 || !S_ISDIR(st.st_mode)) {
+    nbdkit_error("sdccache: control: %s: no directory %s", path.c_str(), dir.c_str());
     return false;
   }
   // Only a stale socket may be replaced: not a file (control=disk.img by
   // mistake must not destroy it), nor a socket another process serves.
-  struct stat st;
-  if (lstat(path_.c_str(), &st) == 0) {
+  if (lstat(path.c_str(), &st) == 0) {
     const char* why = nullptr;
     if (!S_ISSOCK(st.st_mode)) {
       why = "exists and is not a socket";
@@ -46,13 +55,24 @@ bool ControlSocket::Start() {
       if (probe != -1) close(probe);
     }
     if (why != nullptr) {
-      nbdkit_error("sdccache: control: %s %s", path_.c_str(), why);
-      close(listen_fd_);
-      listen_fd_ = -1;
+      nbdkit_error("sdccache: control: %s %s", path.c_str(), why);
       return false;
     }
-    unlink(path_.c_str());  // a stale socket, left by a process that died
   }
+  return true;
+}
+
+bool ControlSocket::Start() {
+  sockaddr_un addr;
+  if (!Check(path_) || !AddressOf(path_, &addr)) return false;
+  listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ == -1) {
+    nbdkit_error("sdccache: control: socket: %s", std::strerror(errno));
+    return false;
+  }
+  struct stat st;
+  if (lstat(path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
+    unlink(path_.c_str());  // a stale socket (Check), left by a process that died
   // Created 0600 from the start: no window where others can connect.
   mode_t old = umask(0177);
   int r = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);

@@ -23,6 +23,10 @@ class ControlSocket {
       : path_(std::move(path)), registry_(registry) {}
   ~ControlSocket() { Stop(); }
 
+  // Whether the (absolute) path can become the socket: its directory
+  // exists, and it is not a file nor a socket another process listens on.
+  // False after nbdkit_error.  Start() checks again.
+  static bool Check(const std::string& path);
   bool Start();  // false after nbdkit_error
   void Stop();
 

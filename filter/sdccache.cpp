@@ -13,6 +13,8 @@
 #include <new>
 #include <string>
 
+#include <sys/stat.h>
+
 #include <nbdkit-filter.h>
 
 #include "control.h"
@@ -225,9 +227,31 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
 
 static int sdccache_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }
 
+// The control socket and stats file are made in .after_fork (see there),
+// but the usual mistakes in their paths are reported here, before nbdkit
+// forks: from .after_fork, an error reaches only syslog when nbdkit runs in
+// the background (and nbdkit has already exited 0), and with --run nbdkit
+// may exit with the command's status instead.
 static int sdccache_get_ready(int thread_model) {
   g->thread_model = thread_model;
-  return 0;
+  int err = 0;
+  return Guarded("get_ready", &err, [&] {
+    if (!g->params.control.empty() && !ControlSocket::Check(g->params.control)) return -1;
+    if (!g->params.statsfile.empty()) {
+      const std::string& path = g->params.statsfile;
+      const std::string dir = path.substr(0, path.rfind('/'));  // path is absolute
+      struct stat st;
+      if (stat(dir.empty() ? "/" : dir.c_str(), &st) == -1 || !S_ISDIR(st.st_mode)) {
+        nbdkit_error("sdccache-statsfile: %s: no directory %s", path.c_str(), dir.c_str());
+        return -1;
+      }
+      if (stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+        nbdkit_error("sdccache-statsfile: %s is a directory", path.c_str());
+        return -1;
+      }
+    }
+    return 0;
+  });
 }
 
 static int sdccache_after_fork(nbdkit_backend*) {

@@ -1,5 +1,6 @@
 # Bad parameters: nbdkit refuses to start, fast, naming the parameter.
 import os
+import signal
 
 import sdctest
 
@@ -84,6 +85,32 @@ def main():
     with open(notes, "rb") as f:
         sdctest.check(f.read() == b"keep me", "control= replaced a regular file")
 
+
+    # In the background (no -f, no --run) the usual path mistakes are still
+    # reported on stderr with a failing exit status: they are checked
+    # before nbdkit forks (an error in .after_fork would reach only syslog,
+    # after the starting process had exited 0).
+    for param in ("control=" + notes, "sdccache-statsfile=/nonexistent-dir/x.stats",
+                  "control=/nonexistent-dir/ctl.sock", "sdccache-statsfile=" + tmp):
+        run_dir = sdctest.scratch_dir(prefix="sdc-badparams-")
+        pidfile = os.path.join(run_dir, "nbdkit.pid")
+        cmd = [sdctest.NBDKIT, "-U", os.path.join(run_dir, "nbd.sock"), "-P", pidfile,
+               "--filter=" + sdctest.FILTER, "null", "1M", param]
+        p = sdctest.run_command(cmd, timeout=5, check_rc=False)
+        if os.path.exists(pidfile):  # a daemon started after all: stop it
+            sdctest.wait_until(lambda: os.path.getsize(pidfile) > 0, 5, "the pidfile")
+            with open(pidfile) as f:
+                daemon = int(f.read().strip())
+            try:
+                os.kill(daemon, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        err = p.stderr.decode(errors="replace")
+        key = param.split("=", 1)[0]
+        sdctest.check(p.returncode != 0 and key in err,
+                      "%s in the background: exit %d, stderr %r" % (param, p.returncode, err))
+        print("%s in the background -> exit %d: %s" %
+              (param, p.returncode, err.strip().splitlines()[-1]))
 
     # nbdkit -u: the stats file is written as the user nbdkit changes to; a
     # user that cannot write it fails startup (rather than an error every

@@ -85,7 +85,6 @@ def main():
     with open(notes, "rb") as f:
         sdctest.check(f.read() == b"keep me", "control= replaced a regular file")
 
-
     # In the background (no -f, no --run) the usual path mistakes are still
     # reported on stderr with a failing exit status: they are checked
     # before nbdkit forks (an error in .after_fork would reach only syslog,
@@ -125,7 +124,8 @@ def main():
                                timeout=5, foreground=True, extra=["-u", "nobody"])
         err = p.stderr.decode(errors="replace")
         sdctest.check(p.returncode != 0 and "sdccache-statsfile" in err,
-                      "a stats file that user nobody cannot write: exit %d: %r" % (p.returncode, err))
+                      "a stats file that user nobody cannot write: exit %d: %r" %
+                      (p.returncode, err))
         sdctest.check(not os.path.exists(ctl), "the control socket was left behind")
         print("-u nobody, stats file in a root-only directory -> exit %d: %s" %
               (p.returncode, err.strip().splitlines()[-1]))

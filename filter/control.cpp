@@ -13,6 +13,7 @@
 
 #include <nbdkit-filter.h>
 
+#include "params.h"
 #include "registry.h"
 
 namespace sdccache {
@@ -36,12 +37,12 @@ bool AddressOf(const std::string& path, sockaddr_un* addr) {
 bool ControlSocket::Check(const std::string& path) {
   sockaddr_un addr;
   if (!AddressOf(path, &addr)) return false;
-  const std::string dir = path.substr(0, path.rfind('/'));  // path is absolute
-  struct stat st;
-  if (stat(dir.empty() ? "/" : dir.c_str(), &st) == -1 || !S_ISDIR(st.st_mode)) {
+  std::string dir;
+  if (!ParentDirExists(path, &dir)) {
     nbdkit_error("sdccache: control: %s: no directory %s", path.c_str(), dir.c_str());
     return false;
   }
+  struct stat st;
   // Only a stale socket may be replaced: not a file (control=disk.img by
   // mistake must not destroy it), nor a socket another process serves.
   if (lstat(path.c_str(), &st) == 0) {

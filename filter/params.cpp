@@ -1,10 +1,19 @@
-// Params: duration parsing (nbdkit 1.32 has no helper for it).
+// Params: duration parsing (nbdkit 1.32 has no helper for it) and path checks.
 #include "params.h"
 
 #include <cctype>
 #include <limits>
 
+#include <sys/stat.h>
+
 namespace sdccache {
+
+bool ParentDirExists(const std::string& path, std::string* dir) {
+  const size_t slash = path.rfind('/');
+  *dir = path.substr(0, slash == 0 ? 1 : slash);  // "/x": "/"
+  struct stat st;
+  return stat(dir->c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
 
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {
   size_t i = 0;

@@ -26,6 +26,10 @@ inline constexpr uint32_t kMaxWritebackThreads = 256;
 // in nanoseconds, which overflow past about 292 years of uptime.
 inline constexpr std::chrono::milliseconds kMaxDuration{100ll * 365 * 24 * 3600 * 1000};
 
+// Sets *dir to the directory part of the absolute `path` ("/" for "/x");
+// false if that is not an existing directory.
+bool ParentDirExists(const std::string& path, std::string* dir);
+
 // Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
 // false on anything else (negative, empty, unknown unit, overflow).
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out);

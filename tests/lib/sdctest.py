@@ -166,26 +166,26 @@ class Server:
         self.logf = open(self.log, "wb")
         self.proc = track(subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
                                            env=env), self.log)
+        # Ready once nbdkit has written its pidfile (it accepts connections
+        # then) and the filter's control socket accepts and its stats file
+        # exists: those come just after the pidfile, in .after_fork.
+        opts = dict(a.split("=", 1) for a in filter_args if "=" in a)
+        self.control = opts.get("control")
+        statsfile = opts.get("sdccache-statsfile")
+
+        def ready():
+            return (os.path.exists(self.pidfile) and os.path.getsize(self.pidfile) > 0 and
+                    control_accepts(self.control) and
+                    (statsfile is None or os.path.exists(statsfile)))
         deadline = time.monotonic() + start_timeout
-        while not (os.path.exists(self.pidfile) and os.path.getsize(self.pidfile) > 0):
+        while not ready():
             if self.proc.poll() is not None:
                 fail("nbdkit exited early (%d): %s\n%s" %
                      (self.proc.returncode, " ".join(cmd), self.log_text()))
             if time.monotonic() > deadline:
                 self.kill()
-                fail("nbdkit did not create its socket within %ds" % start_timeout)
-            time.sleep(0.01)
-        # The filter's control socket and stats file come just after the
-        # pidfile (in .after_fork): wait until the socket accepts and the
-        # file exists.
-        opts = dict(a.split("=", 1) for a in filter_args if "=" in a)
-        self.control = opts.get("control")
-        while not (control_accepts(self.control) and
-                   os.path.exists(opts.get("sdccache-statsfile", self.pidfile))):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                fail("nbdkit's control socket or stats file did not appear within %ds:\n%s" %
-                     (start_timeout, self.log_text()))
+                fail("nbdkit was not ready (pidfile, control socket, stats file) within %ds:\n%s"
+                     % (start_timeout, self.log_text()))
             time.sleep(0.01)
 
     @property

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 # Target 6's repetitions: median_run (experiments.py) and how report.py
 # shows them; the hypervisor steal of fio_runs.py and report.py, and which
-# run a cell run twice keeps; the table of thresholds.py.  Runs no server.
+# run a cell run twice keeps; the tables of thresholds.py and sizing.py.
+# Runs no server.
 import os
 import sys
 import unittest
@@ -12,6 +13,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import experiments  # noqa: E402
 import fio_runs  # noqa: E402
 import report  # noqa: E402
+import sizing  # noqa: E402
 import thresholds  # noqa: E402
 
 
@@ -105,6 +107,41 @@ class ThresholdTable(unittest.TestCase):
         self.assertEqual(len(lines), 3)  # header, rule, QD16 only (QD1 lacks a variant)
         self.assertEqual(lines[2], "| randwrite-qd16 | 55,000 | 42,000 | 1.31x | 18.0 | 23.0 "
                                    "| 0.78x | 1000 | 200 |")
+
+
+def sized(iops, cpu, drain_s, plugin_writes, ios, peak=None):
+    r = {"iops_drain": iops, "cpu_us_per_io": cpu, "drain_s": drain_s,
+         "plugin_write_ops": plugin_writes, "ios": ios}
+    if peak is not None:
+        r["sdccache"] = {"peak_queued_bytes": peak}
+    return r
+
+
+class SizingTable(unittest.TestCase):
+    def runs(self, sdc_iops):
+        names = [v for v, _, _ in sizing.VARIANTS]
+        return {names[0]: [sized(200000, 4.5, 0.0, 10, 10), sized(220000, 4.4, 0.0, 10, 10),
+                           sized(210000, 4.6, 0.0, 10, 10)],
+                names[1]: [sized(80000, 12.0, 0.1, 10, 10)],
+                names[2]: [sized(100000, 8.0, 0.1, 8, 10, 64 << 20)],
+                names[3]: [sized(sdc_iops, 5.0, 0.2, 0, 10, 256 << 20)]}
+
+    def test_ratios_are_against_the_median_of_each_variant(self):
+        lines, checks = sizing.table(self.runs(170000))
+        self.assertEqual(len(lines), 6)
+        self.assertEqual(lines[2], "| memory | 210,000 | 1.00x | 2.62x | 0.000 | 4.5 | 1.00 | - |")
+        self.assertEqual(lines[4], "| sdccache | 100,000 | 0.48x | 1.25x | 0.100 | 8.0 | 0.80 "
+                                   "| 64.0 |")
+        self.assertEqual(checks[0], "- target 2, sdccache: 1.25x file (need >= 2.0x) MISS; "
+                                    "0.48x memory (need >= 0.8x) MISS")
+        self.assertEqual(len(checks), 2)
+        self.assertIn("2.12x file (need >= 2.0x) PASS; 0.81x memory (need >= 0.8x) PASS",
+                      checks[1])
+
+    def test_a_check_fails_on_its_own(self):
+        _, checks = sizing.table(self.runs(165000))  # 2.06x file, 0.79x memory
+        self.assertIn("2.06x file (need >= 2.0x) PASS; 0.79x memory (need >= 0.8x) MISS",
+                      checks[1])
 
 
 if __name__ == "__main__":

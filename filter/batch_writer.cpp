@@ -20,7 +20,12 @@ BatchWriter::BatchWriter(Sink* sink, unsigned threads, uint32_t max_write)
 }
 
 BatchWriter::~BatchWriter() {
-  // No Write() is running: every helper is idle, waiting for go.
+  StopHelpers();
+}
+
+void BatchWriter::StopHelpers() {
+  // No Write() is running: every helper is in idle_ (a helper goes there
+  // before it ends its part of a job), or about to wait for go.
   stopping_.store(true);
   std::vector<std::unique_ptr<Worker>> workers;
   {
@@ -29,6 +34,12 @@ BatchWriter::~BatchWriter() {
   }
   for (auto& w : workers) w->go.release();
   for (auto& w : workers) w->thread.join();
+  workers.clear();
+  std::lock_guard<std::mutex> l(idle_mu_);
+  idle_.clear();
+  started_ = 0;
+  workers_.swap(workers);  // empty, with the capacity StartHelpers relies on
+  stopping_.store(false);
 }
 
 size_t BatchWriter::helpers_started() const {

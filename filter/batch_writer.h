@@ -52,8 +52,12 @@ class BatchWriter {
   // more of them in flight, in this batch or beside it, help).
   bool latency_bound() const;
 
-  // Helpers started so far (they stay until destruction).
+  // Helpers running (they stay until StopHelpers or destruction).
   size_t helpers_started() const;
+
+  // Ends every helper (joined before it returns); later batches start
+  // them again as they want them.  No Write() may be running.
+  void StopHelpers();
 
   // One plugin write from the caller's thread, timed like a batch's probe
   // (so that a plugin that turns slow is noticed while every write goes

@@ -101,6 +101,11 @@ uint64_t PluginSink::losses() {
   return lost_;
 }
 
+size_t PluginSink::attached() {
+  std::lock_guard<std::mutex> l(mu_);
+  return contexts_.size();
+}
+
 size_t PluginSink::detaching() {
   std::lock_guard<std::mutex> l(mu_);
   // A context is marked leaving under the same hold of mu_ that starts its

@@ -74,6 +74,8 @@ class PluginSink : public Sink {
   // covered by a flush through it, flushes it before it goes, and sets
   // *flush_err if that fails.
   bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr);
+  // Contexts attached (leaving ones included).
+  size_t attached();
   // Detach calls under way: contexts marked leaving (for tests).
   size_t detaching();
 

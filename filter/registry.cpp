@@ -29,7 +29,12 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = exports_.find(name);
   if (it != exports_.end()) {
-    if (writer) it->second->sink->Attach(writer);
+    if (writer) {
+      // Throws, still parked, if the threads cannot start: this connection
+      // fails, and is not attached.
+      it->second->writeback->Unpark();
+      it->second->sink->Attach(writer);
+    }
     return it->second.get();
   }
   if (writer == nullptr) return nullptr;
@@ -83,6 +88,14 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
   // data after it, so keep trying (the plugin may recover) for a while.
   err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect);
   cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
+  // Unless a writer came meanwhile (Get, under the same lock), the export
+  // keeps no thread until the next one does; if the data could not all be
+  // written, the flusher stays to retry it.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (cache->sink->attached() == 0 && cache->writeback->Park())
+      nbdkit_debug("sdccache: export '%s': no writer left, threads stopped", cache->name.c_str());
+  }
   return err ? err : detach_err;
 }
 

@@ -4,7 +4,9 @@
 // socket.
 //
 // Thread safety: all methods may be called from any thread; the export map
-// is guarded by mu_.  Caches live until Shutdown() (from .cleanup).
+// is guarded by mu_.  Caches (and their counters) live until Close(), from
+// .cleanup; the threads of an export no writer is connected to are stopped
+// (WriteBack::Park) until one connects again.
 #pragma once
 
 #include <atomic>

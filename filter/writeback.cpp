@@ -24,13 +24,71 @@ WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
       account_(opts.queue_max_bytes),
       threshold_(opts.threshold),
       batch_writer_(sink, std::max(1u, opts.write_threads), opts.max_plugin_write) {
+  StartThreads();
+}
+
+void WriteBack::StartThreads() {
   try {
     flusher_ = std::thread([this] { FlusherLoop(); });
     for (auto& t : plugin_flushers_) t = std::thread([this] { PluginFlushLoop(); });
   } catch (...) {
-    Stop(milliseconds(0));  // joins what started; nothing is buffered yet
+    JoinThreads();  // what started
+    MutexLock l(&mu_);
+    stopping_ = false;
+    flush_thread_stop_ = false;
     throw;
   }
+}
+
+void WriteBack::JoinThreads() {
+  {
+    MutexLock l(&mu_);
+    stopping_ = true;
+    work_.SignalAll();
+  }
+  if (flusher_.joinable()) flusher_.join();
+  {
+    MutexLock l(&mu_);
+    flush_thread_stop_ = true;  // flushes started finish first
+    flush_wake_.SignalAll();
+  }
+  for (auto& t : plugin_flushers_)
+    if (t.joinable()) t.join();
+}
+
+bool WriteBack::Park() {
+  {
+    MutexLock l(&mu_);
+    if (parked_ || stopping_ || stopped_ || !active_.empty() || !batches_.empty() ||
+        !bypass_.empty() || FlushPending() || flushes_in_flight_ > 0 || backoff_.count() > 0)
+      return false;
+  }
+  // Meanwhile a flush asked for runs on its caller's thread (RunHere), once
+  // stopping_ is cleared again.
+  JoinThreads();
+  batch_writer_.StopHelpers();
+  ReleaseIdleMemory();
+  MutexLock l(&mu_);
+  stopping_ = false;
+  flush_thread_stop_ = false;
+  parked_ = true;
+  done_.SignalAll();
+  return true;
+}
+
+void WriteBack::Unpark() {
+  {
+    MutexLock l(&mu_);
+    if (!parked_) return;
+  }
+  StartThreads();
+  MutexLock l(&mu_);
+  parked_ = false;
+}
+
+bool WriteBack::parked() {
+  MutexLock l(&mu_);
+  return parked_;
 }
 
 WriteBack::~WriteBack() {
@@ -552,19 +610,7 @@ Leftover WriteBack::Stop(milliseconds limit) {
     buffered = !active_.empty() || !batches_.empty() || FlushPending();
   }
   if (buffered && limit.count() > 0) FlushUntil(limit, Trigger::kShutdown);
-  {
-    MutexLock l(&mu_);
-    stopping_ = true;
-    work_.SignalAll();
-  }
-  if (flusher_.joinable()) flusher_.join();
-  {
-    MutexLock l(&mu_);
-    flush_thread_stop_ = true;  // flushes started finish first
-    flush_wake_.SignalAll();
-  }
-  for (auto& t : plugin_flushers_)
-    if (t.joinable()) t.join();
+  JoinThreads();
   MutexLock l(&mu_);
   stopped_ = true;
   done_.SignalAll();

@@ -105,6 +105,18 @@ class WriteBack {
   // is buffered; then stops the flusher.  Returns what is still unwritten.
   Leftover Stop(std::chrono::milliseconds limit) EXCLUDES(mu_);
 
+  // For an export no writer is connected to: if nothing is buffered,
+  // being written or flushed, and no retry is due, stops the flusher, the
+  // plugin-flush thread and BatchWriter's helpers, and returns true.
+  // Reads (Lookup), flushes (on the caller's thread) and counters go on.
+  // Call Unpark() before the next write.  Not at the same time as Stop(),
+  // Unpark() or another Park().
+  bool Park() EXCLUDES(mu_);
+  // Starts the threads again after Park() (nothing if not parked); throws
+  // std::system_error, still parked, if it cannot.
+  void Unpark() EXCLUDES(mu_);
+  bool parked() EXCLUDES(mu_);
+
   void Pause() EXCLUDES(mu_);   // no threshold/age batches until Resume
   void Resume() EXCLUDES(mu_);
   void SetThreshold(uint32_t n) EXCLUDES(mu_);
@@ -130,6 +142,12 @@ class WriteBack {
 
  private:
   using Clock = std::chrono::steady_clock;
+  // Starts the flusher and the plugin-flush thread; throws, with neither
+  // running, if it cannot.
+  void StartThreads() EXCLUDES(mu_);
+  // Ends them (a plugin flush they started finishes first) and joins them;
+  // leaves stopping_ and flush_thread_stop_ set.
+  void JoinThreads() EXCLUDES(mu_);
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   // Sends a write straight to the Sink if it may (see the .cpp); true if
@@ -227,6 +245,7 @@ class WriteBack {
   bool kick_ GUARDED_BY(mu_) = false;      // a fresh request skips the backoff
   bool stopping_ GUARDED_BY(mu_) = false;
   bool stopped_ GUARDED_BY(mu_) = false;
+  bool parked_ GUARDED_BY(mu_) = false;  // Park(): no thread of ours runs
   // Written batches being freed outside mu_: Stats() waits, so that it
   // never reports queued bytes gone while their memory is still held.
   unsigned retiring_ GUARDED_BY(mu_) = 0;

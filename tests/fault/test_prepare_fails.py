@@ -5,6 +5,10 @@
 # second thread the filter starts (the flusher, the plugin-flush thread), so
 # that a thread already started must be stopped.
 #
+# The same when an export whose last writer left (its threads stopped)
+# gets its next writer: that connection fails, the export's data stays,
+# no thread is left behind, and the connection after it works.
+#
 # Write-back helpers start later, when a latency-bound plugin's batch wants
 # them: if none can be started, the batch is written by the thread that runs
 # it, and nothing is lost or refused; helpers start once threads can be had.
@@ -55,6 +59,53 @@ def run(shim, fail_at):
         check(rc == 0, "fail_at=%d: nbdkit exited %d:\n%s" % (fail_at, rc, srv.log_text()))
 
 
+def restart_fails(shim, fail_at):
+    tmp = faultlib.tmpdir()
+    flag = os.path.join(tmp, "fail-threads")
+    env = dict(os.environ, LD_PRELOAD=shim, SDCCACHE_FAIL_FLAG=flag,
+               SDCCACHE_FAIL_AT=str(fail_at))
+    with sdctest.start_server(["memory", "1M"], ["threshold=1000"], tmpdir=tmp, env=env,
+                              extra=["-v"]) as srv:
+        pid = srv.proc.pid
+        base = len(os.listdir("/proc/%d/task" % pid))
+        first = bytes([0x40 + fail_at]) * (4 * KiB)
+        h = srv.connect()
+        h.pwrite(first, 0)  # buffered; written when the connection leaves
+        h.shutdown()
+        del h
+        sdctest.wait_until(lambda: "threads stopped" in srv.log_text(), 20,
+                           "fail_at=%d: the export's threads to stop" % fail_at)
+        open(flag, "w").close()
+        try:
+            srv.connect()
+            sdctest.fail("fail_at=%d: the connection after the export went idle succeeded; "
+                         "the shim injected nothing" % fail_at)
+        except nbd.Error as e:
+            print("fail_at=%d, idle export: connection refused as expected: %s" % (fail_at, e))
+        check("sdccache: prepare: Resource temporarily unavailable" in srv.log_text(),
+              "fail_at=%d: no error naming the failure in nbdkit's log" % fail_at)
+        os.unlink(flag)
+        sdctest.wait_until(lambda: len(os.listdir("/proc/%d/task" % pid)) <= base, 20,
+                           "fail_at=%d: nbdkit back to %d threads after the refused connection"
+                           % (fail_at, base))
+        second = bytes([0x50 + fail_at]) * (4 * KiB)
+        try:
+            h = srv.connect()
+            got_first = h.pread(len(first), 0)
+            h.pwrite(second, 8 * KiB)
+            h.flush()
+            got_second = h.pread(len(second), 8 * KiB)
+            h.shutdown()
+        except nbd.Error as e:
+            sdctest.fail("fail_at=%d: the connection after the refused one failed (%s):\n%s"
+                         % (fail_at, e, srv.log_text()[-3000:]))
+        check(got_first == first, "fail_at=%d: the first writer's data read back %r"
+              % (fail_at, got_first[:4]))
+        check(got_second == second, "fail_at=%d: read back %r" % (fail_at, got_second[:4]))
+        rc = srv.stop(signal.SIGTERM, timeout=30)
+        check(rc == 0, "fail_at=%d: nbdkit exited %d" % (fail_at, rc))
+
+
 def helpers_cannot_start(shim):
     tmp = faultlib.tmpdir()
     flag = os.path.join(tmp, "fail-threads")
@@ -98,6 +149,7 @@ def main():
     shim = sys.argv[1]
     for fail_at in (1, 2):
         run(shim, fail_at)
+        restart_fails(shim, fail_at)
     helpers_cannot_start(shim)
 
 

@@ -7,7 +7,9 @@
 #      must read what the writer buffered;
 #   3. block status for [0,4096) must not report data buffered further on
 #      as a hole, though the file plugin describes the whole hole (nbdkit
-#      and libnbd pass an answer longer than the request on to the client).
+#      and libnbd pass an answer longer than the request on to the client);
+#   4. export names written once and left keep no threads in nbdkit, and
+#      come back (data, write-back, counters) with their next writer.
 import os
 import signal
 import socket
@@ -203,11 +205,68 @@ def extents_past_request(tmp):
     print("block status: nothing reported past what was looked up")
 
 
+def threads_of(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+def export_stat(stats, name, key):
+    """A counter of export `name` (keys carry no prefix while it is the only one)."""
+    return stats.get(name + "." + key, stats.get(key))
+
+
+def idle_exports(tmp):
+    names = ["e%d" % i for i in range(10)]
+    control = os.path.join(tmp, "control.sock")
+    # threshold=1: only the flusher writes a lone write back.
+    with sdctest.start_server(["memory", "16M"], ["threshold=1", "max-age=1h",
+                                                  "control=" + control],
+                              tmpdir=tmp, extra=["-v"]) as srv:
+        pid = srv.proc.pid
+        base = threads_of(pid)
+        for rnd in range(2):
+            for i, name in enumerate(names):
+                h = srv.connect(name)
+                if rnd == 1:
+                    got = h.pread(4 * KiB, i * 4 * KiB)
+                    sdctest.check(got == bytes([i + 1]) * (4 * KiB),
+                                  "%s: what the first writer left is gone" % name)
+                h.pwrite(bytes([i + 1 + 16 * rnd]) * (4 * KiB), i * 4 * KiB + rnd * MiB)
+                # Written back by the flusher, with no flush from the client.
+                sdctest.wait_until(
+                    lambda: export_stat(sdctest.control_stats(control), name,
+                                        "queued_requests") == "0",
+                    20, "%s's write to be written back (round %d)" % (name, rnd))
+                h.shutdown()
+                del h
+            # nbdkit's connection threads end soon after each disconnect.
+            sdctest.wait_until(lambda: threads_of(pid) <= base, 20,
+                               "nbdkit back to %d threads after round %d (has %d)"
+                               % (base, rnd, threads_of(pid)))
+            print("round %d: %d export names written and left; nbdkit has %d threads, "
+                  "as before any connection" % (rnd, len(names), threads_of(pid)))
+        st = sdctest.control_stats(control)
+        for i, name in enumerate(names):
+            flushed = export_stat(st, name, "batches_flushed")
+            sdctest.check(flushed == "2", "%s: batches_flushed %s, not 2: counters lost when "
+                          "its threads stopped" % (name, flushed))
+            h = srv.connect(name)
+            for rnd in range(2):
+                got = h.pread(4 * KiB, i * 4 * KiB + rnd * MiB)
+                sdctest.check(got == bytes([i + 1 + 16 * rnd]) * (4 * KiB),
+                              "%s: round %d's data read back wrong" % (name, rnd))
+            h.shutdown()
+        sdctest.check("no writer left, threads stopped" in srv.log_text(),
+                      "nbdkit -v did not log an export's threads stopping")
+        rc = srv.stop(signal.SIGTERM, timeout=30)
+        sdctest.check(rc == 0, "nbdkit exited %d:\n%s" % (rc, log_tail(srv)))
+    print("idle exports: no threads kept; data, write-back and counters come back")
+
+
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     tmp = sdctest.scratch_dir(prefix="sdc-conn-")
     cases = [("aborted", aborted_handshake), ("read-only", read_only_first),
-             ("extents", extents_past_request)]
+             ("extents", extents_past_request), ("idle-exports", idle_exports)]
     for name, case in cases:
         if which in ("all", name):
             case(sdctest.scratch_dir(prefix=name + "-", dir=tmp))  # own socket and log

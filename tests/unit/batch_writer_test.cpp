@@ -165,6 +165,27 @@ TEST(BatchWriterTest, HelpersStartOnlyWhenALatencyBoundBatchWantsThem) {
   EXPECT_GT(waiting.TakeMax(), 1);
 }
 
+// An export left with no writer stops its helpers (WriteBack::Park); the
+// next latency-bound batch starts them again and is written in full.
+TEST(BatchWriterTest, StoppedHelpersAreStartedAgainByTheNextBatch) {
+  const size_t before = ProcessThreads();
+  const std::vector<DirtyRange> plan = Plan();
+  TimedSink waiting(true, std::chrono::microseconds(2000));
+  BatchWriter writer(&waiting, 8, 1 << 20);
+  for (int round = 0; round < 2; ++round) {
+    std::vector<char> written;
+    uint64_t calls = 0;
+    ASSERT_EQ(writer.Write(plan, &written, &calls), 0) << "round " << round;
+    EXPECT_EQ(std::count(written.begin(), written.end(), 1), 16) << "round " << round;
+    EXPECT_EQ(writer.helpers_started(), 7u) << "round " << round;
+    EXPECT_EQ(ProcessThreads(), before + 7) << "round " << round;
+    writer.StopHelpers();
+    EXPECT_EQ(writer.helpers_started(), 0u) << "round " << round;
+    EXPECT_EQ(ProcessThreads(), before) << "helpers left running, round " << round;
+  }
+  EXPECT_GT(waiting.TakeMax(), 1);
+}
+
 // The CPU the calling thread is on, as an affinity mask.
 cpu_set_t ThisCpu() {
   cpu_set_t one;

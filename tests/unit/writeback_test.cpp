@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <future>
 #include <string>
 #include <thread>
@@ -718,6 +719,66 @@ TEST(WriteBackTest, StopWritesEverythingOrReportsIt) {
   EXPECT_EQ(left.requests, 1u);
   EXPECT_EQ(left.error, EIO);
   EXPECT_EQ(left.ranges, "[4096,+4)");
+}
+
+// Threads of this process, from /proc/self/task.
+size_t ProcessThreads() {
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    (void)e;
+    ++n;
+  }
+  return n;
+}
+
+// An export whose last writer has left runs no thread (Registry::Leave
+// parks it); reads, flushes and counters go on, and Unpark() brings the
+// threads back for the next writer.
+TEST(WriteBackTest, ParkedExportRunsNoThreadUntilUnparked) {
+  FakeSink sink(kDisk);
+  const size_t before = ProcessThreads();
+  WriteBack wb(&sink, Opts(1000));
+  const size_t running = ProcessThreads();
+  EXPECT_GT(running, before);
+  ASSERT_EQ(wb.Write("abc", 3, 0, false), 0);
+  EXPECT_FALSE(wb.Park()) << "parked with a write buffered";
+  EXPECT_FALSE(wb.parked());
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  ASSERT_TRUE(wb.Park());
+  EXPECT_TRUE(wb.parked());
+  EXPECT_EQ(ProcessThreads(), before) << "threads left running while parked";
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "abc");
+  EXPECT_EQ(wb.Flush(Trigger::kControl), 0);
+  EXPECT_EQ(StatOf(wb, "batches_flushed"), 1u);
+  for (int round = 0; round < 2; ++round) {
+    wb.Unpark();
+    EXPECT_FALSE(wb.parked());
+    EXPECT_EQ(ProcessThreads(), running) << "round " << round;
+    // A threshold batch needs the flusher: nothing else writes it.
+    wb.SetThreshold(1);
+    ASSERT_EQ(wb.Write("def", 3, 100 + round, false), 0);
+    sink.AwaitWrites(2 + round);
+    AwaitEmptyQueue(wb);
+    ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+    ASSERT_TRUE(wb.Park()) << "round " << round;
+    EXPECT_EQ(ProcessThreads(), before) << "round " << round;
+  }
+  EXPECT_EQ(ReadThrough(wb, sink, 100, 4), "ddef");
+  EXPECT_EQ(StatOf(wb, "batches_flushed"), 3u);
+  EXPECT_EQ(wb.Stop(milliseconds(0)).bytes, 0u);
+}
+
+TEST(WriteBackTest, ExportWithUnwrittenDataIsNotParked) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
+  sink.Fail(EIO);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  EXPECT_FALSE(wb.Park()) << "parked with a retry due: nothing would write the data";
+  sink.Fail(0);
+  // The flusher, still running, retries by itself.
+  AwaitEmptyQueue(wb);
+  EXPECT_EQ(sink.Disk()[0], 'x');
 }
 
 TEST(WriteBackTest, NoContextDoesNotHideThePluginError) {

@@ -33,7 +33,12 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
       // Throws, still parked, if the threads cannot start: this connection
       // fails, and is not attached.
       it->second->writeback->Unpark();
-      it->second->sink->Attach(writer);
+      try {
+        it->second->sink->Attach(writer);
+      } catch (...) {
+        if (it->second->sink->attached() == 0) it->second->writeback->Park();
+        throw;
+      }
     }
     return it->second.get();
   }
@@ -83,18 +88,24 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
   // Detach flushes the context if background writes went through it since
   // its last flush (a plugin without multi-conn flushes per context).
   int detach_err = 0;
-  if (cache->sink->Detach(writer, /*unless_last=*/true, &detach_err)) return err ? err : detach_err;
-  // The last connection of this export: nothing could write the buffered
-  // data after it, so keep trying (the plugin may recover) for a while.
-  err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect);
-  cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
-  // Unless a writer came meanwhile (Get, under the same lock), the export
-  // keeps no thread until the next one does; if the data could not all be
-  // written, the flusher stays to retry it.
+  if (!cache->sink->Detach(writer, /*unless_last=*/true, &detach_err)) {
+    // The last connection of this export: nothing could write the buffered
+    // data after it, so keep trying (the plugin may recover) for a while.
+    err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect);
+    cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
+  }
+  // Whichever leaving writer detaches last (several may leave at once, and
+  // a context still detaching counts as attached) finds none left: unless
+  // a writer came meanwhile (Get, under the same lock), the export keeps
+  // no thread until the next one does.
+  bool parked = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (cache->sink->attached() == 0 && cache->writeback->Park())
-      nbdkit_debug("sdccache: export '%s': no writer left, threads stopped", cache->name.c_str());
+    parked = cache->sink->attached() == 0 && cache->writeback->Park();
+  }
+  if (parked) {
+    nbdkit_debug("sdccache: export '%s': no writer left, threads stopped", cache->name.c_str());
+    cache->writeback->ReleaseIdleMemory();  // not under mu_: it may take a while
   }
   return err ? err : detach_err;
 }

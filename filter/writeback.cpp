@@ -59,15 +59,17 @@ void WriteBack::JoinThreads() {
 bool WriteBack::Park() {
   {
     MutexLock l(&mu_);
-    if (parked_ || stopping_ || stopped_ || !active_.empty() || !batches_.empty() ||
-        !bypass_.empty() || FlushPending() || flushes_in_flight_ > 0 || backoff_.count() > 0)
+    // Data still buffered (the plugin failed the last write-back) may stay:
+    // with no writer, no plugin context is left to write it through, and
+    // the flusher that Unpark() starts retries it at once.
+    if (parked_ || stopping_ || stopped_ || !batches_.empty() || !bypass_.empty() ||
+        flushes_in_flight_ > 0)
       return false;
   }
   // Meanwhile a flush asked for runs on its caller's thread (RunHere), once
   // stopping_ is cleared again.
   JoinThreads();
   batch_writer_.StopHelpers();
-  ReleaseIdleMemory();
   MutexLock l(&mu_);
   stopping_ = false;
   flush_thread_stop_ = false;
@@ -247,6 +249,9 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
   while (!satisfied()) {
     if (last_failed_attempt_ > started_before) return last_error_;
     if (stopped_) return ESHUTDOWN;
+    // No writer is connected (Park): no Sink context is left to write or
+    // flush through, and a batch run here could start helper threads.
+    if (parked_) return ENOTCONN;
     // The caller does the work itself when nobody else is at it: handing
     // the batch and the plugin flush to other threads and waiting to be
     // woken costs several context switches per client flush, which is most

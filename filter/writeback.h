@@ -105,17 +105,21 @@ class WriteBack {
   // is buffered; then stops the flusher.  Returns what is still unwritten.
   Leftover Stop(std::chrono::milliseconds limit) EXCLUDES(mu_);
 
-  // For an export no writer is connected to: if nothing is buffered,
-  // being written or flushed, and no retry is due, stops the flusher, the
-  // plugin-flush thread and BatchWriter's helpers, and returns true.
-  // Reads (Lookup), flushes (on the caller's thread) and counters go on.
-  // Call Unpark() before the next write.  Not at the same time as Stop(),
-  // Unpark() or another Park().
+  // For an export no writer is connected to (so no Sink context either):
+  // if no batch, bypass write or Sink flush is running, stops the flusher,
+  // the plugin-flush thread and BatchWriter's helpers, and returns true.
+  // Reads (Lookup), flushes (on the caller's thread) and counters go on;
+  // what is still buffered stays, and is retried once Unpark() has started
+  // the flusher again.  Call Unpark() before the next write.  Not at the
+  // same time as Stop(), Unpark() or another Park().
   bool Park() EXCLUDES(mu_);
   // Starts the threads again after Park() (nothing if not parked); throws
   // std::system_error, still parked, if it cannot.
   void Unpark() EXCLUDES(mu_);
   bool parked() EXCLUDES(mu_);
+  // Returns the pool of chunk buffers and malloc's free pages to the
+  // system (the flusher does after kIdleRelease with nothing buffered).
+  void ReleaseIdleMemory() EXCLUDES(mu_);
 
   void Pause() EXCLUDES(mu_);   // no threshold/age batches until Resume
   void Resume() EXCLUDES(mu_);
@@ -201,7 +205,6 @@ class WriteBack {
   void PluginFlushLoop() EXCLUDES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
-  void ReleaseIdleMemory() EXCLUDES(mu_);
   // A Sink flush that fails with EIO also when the Sink has lost writes
   // since `losses_before` was read (Sink::losses), though another flush
   // may have been the one told.

@@ -64,8 +64,11 @@ def restart_fails(shim, fail_at):
     flag = os.path.join(tmp, "fail-threads")
     env = dict(os.environ, LD_PRELOAD=shim, SDCCACHE_FAIL_FLAG=flag,
                SDCCACHE_FAIL_AT=str(fail_at))
-    with sdctest.start_server(["memory", "1M"], ["threshold=1000"], tmpdir=tmp, env=env,
-                              extra=["-v"]) as srv:
+    ctl = os.path.join(tmp, "ctl.sock")
+    # threshold=1: the next writer's lone write is written back by the
+    # flusher alone, so that it fails if Unpark left the export without one.
+    with sdctest.start_server(["memory", "1M"], ["threshold=1", "max-age=1h", "control=" + ctl],
+                              tmpdir=tmp, env=env, extra=["-v"]) as srv:
         pid = srv.proc.pid
         base = len(os.listdir("/proc/%d/task" % pid))
         first = bytes([0x40 + fail_at]) * (4 * KiB)
@@ -93,9 +96,11 @@ def restart_fails(shim, fail_at):
             h = srv.connect()
             got_first = h.pread(len(first), 0)
             h.pwrite(second, 8 * KiB)
-            h.flush()
+            sdctest.wait_until(lambda: sdctest.control_stats(ctl)["queued_requests"] == "0",
+                               20, "fail_at=%d: the flusher to write the next writer's data"
+                               % fail_at)
             got_second = h.pread(len(second), 8 * KiB)
-            h.shutdown()
+            h.shutdown()  # no flush: the disconnect's own must not hang either
         except nbd.Error as e:
             sdctest.fail("fail_at=%d: the connection after the refused one failed (%s):\n%s"
                          % (fail_at, e, srv.log_text()[-3000:]))

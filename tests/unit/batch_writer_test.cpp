@@ -181,7 +181,7 @@ TEST(BatchWriterTest, StoppedHelpersAreStartedAgainByTheNextBatch) {
     EXPECT_EQ(ProcessThreads(), before + 7) << "round " << round;
     writer.StopHelpers();
     EXPECT_EQ(writer.helpers_started(), 0u) << "round " << round;
-    EXPECT_EQ(ProcessThreads(), before) << "helpers left running, round " << round;
+    test::AwaitPoll("the helpers to end", [&] { return ProcessThreads() == before; });
   }
   EXPECT_GT(waiting.TakeMax(), 1);
 }

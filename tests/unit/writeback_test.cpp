@@ -741,12 +741,10 @@ TEST(WriteBackTest, ParkedExportRunsNoThreadUntilUnparked) {
   const size_t running = ProcessThreads();
   EXPECT_GT(running, before);
   ASSERT_EQ(wb.Write("abc", 3, 0, false), 0);
-  EXPECT_FALSE(wb.Park()) << "parked with a write buffered";
-  EXPECT_FALSE(wb.parked());
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   ASSERT_TRUE(wb.Park());
   EXPECT_TRUE(wb.parked());
-  EXPECT_EQ(ProcessThreads(), before) << "threads left running while parked";
+  test::AwaitPoll("the parked export's threads to end", [&] { return ProcessThreads() == before; });
   EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "abc");
   EXPECT_EQ(wb.Flush(Trigger::kControl), 0);
   EXPECT_EQ(StatOf(wb, "batches_flushed"), 1u);
@@ -761,24 +759,46 @@ TEST(WriteBackTest, ParkedExportRunsNoThreadUntilUnparked) {
     AwaitEmptyQueue(wb);
     ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
     ASSERT_TRUE(wb.Park()) << "round " << round;
-    EXPECT_EQ(ProcessThreads(), before) << "round " << round;
+    test::AwaitPoll("the threads to end again", [&] { return ProcessThreads() == before; });
   }
   EXPECT_EQ(ReadThrough(wb, sink, 100, 4), "ddef");
   EXPECT_EQ(StatOf(wb, "batches_flushed"), 3u);
   EXPECT_EQ(wb.Stop(milliseconds(0)).bytes, 0u);
 }
 
-TEST(WriteBackTest, ExportWithUnwrittenDataIsNotParked) {
+// A batch in the plugin keeps the threads: Park() refuses rather than wait.
+TEST(WriteBackTest, ExportWritingABatchIsNotParked) {
+  HeldBatch t;
+  EXPECT_FALSE(t.wb.Park()) << "parked with a batch in the plugin";
+  EXPECT_FALSE(t.wb.parked());
+  t.sink.ReleaseAt();
+  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_TRUE(t.wb.Park());
+}
+
+// The plugin failed the last write-back: the data stays buffered while the
+// export is parked (nothing could write it: no writer means no context),
+// a flush fails at once without starting a thread, and the flusher that
+// Unpark() starts writes it without being asked.
+TEST(WriteBackTest, UnwrittenDataWaitsParkedForTheNextWriter) {
   FakeSink sink(kDisk);
+  const size_t before = ProcessThreads();
   WriteBack wb(&sink, Opts(1000));
   ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
   sink.Fail(EIO);
   EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
-  EXPECT_FALSE(wb.Park()) << "parked with a retry due: nothing would write the data";
+  ASSERT_TRUE(wb.Park());
+  test::AwaitPoll("the parked export's threads to end", [&] { return ProcessThreads() == before; });
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 1), "x");
   sink.Fail(0);
-  // The flusher, still running, retries by itself.
-  AwaitEmptyQueue(wb);
+  EXPECT_EQ(wb.Flush(Trigger::kControl), ENOTCONN);
+  EXPECT_EQ(ProcessThreads(), before) << "a flush of the parked export started threads";
+  EXPECT_EQ(sink.Disk()[0], 0) << "written while parked";
+  wb.Unpark();
+  AwaitEmptyQueue(wb);  // the flusher's retry: no client flush
   EXPECT_EQ(sink.Disk()[0], 'x');
+  EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
 TEST(WriteBackTest, NoContextDoesNotHideThePluginError) {

@@ -1,0 +1,91 @@
+// A fake nbdkit plugin context (nbdkit_next) for PluginSink and Registry
+// tests: its pwrite and flush can be held until the test lets them go.
+#pragma once
+
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+
+#include <nbdkit-filter.h>
+
+#include "await.h"
+
+namespace sdccache {
+namespace test {
+
+// A plugin context whose pwrite and flush can be held until the test lets
+// them go.  The ops come first, so the nbdkit_next* the sink passes back is
+// the FakeContext.
+struct FakeContext {
+  nbdkit_next ops{};
+  int multi_conn = 1;  // what can_multi_conn says
+  std::mutex mu;
+  std::condition_variable cv;  // any change below
+  int pwrites = 0;             // guarded by mu
+  bool hold_pwrite = false;    // guarded by mu: pwrite waits while set
+  bool in_pwrite = false;      // guarded by mu
+  int flushes = 0;             // guarded by mu: flush calls begun
+  int flushes_finished = 0;    // guarded by mu
+  bool hold_flush = false;     // guarded by mu: flush waits while set
+  // Guarded by mu: if set, hold_flush holds only this thread's flushes.
+  std::thread::id hold_flush_of;
+  int flush_error = 0;         // guarded by mu: flush fails with it if set
+
+  FakeContext() {
+    ops.can_fua = [](nbdkit_next*) { return NBDKIT_FUA_NATIVE; };
+    ops.can_zero = [](nbdkit_next*) { return NBDKIT_ZERO_NATIVE; };
+    ops.can_flush = [](nbdkit_next*) { return 1; };
+    ops.can_trim = [](nbdkit_next*) { return 1; };
+    ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };
+    ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
+    ops.pwrite = [](nbdkit_next* n, const void*, uint32_t, uint64_t, uint32_t, int*) {
+      FakeContext* c = Of(n);
+      std::unique_lock<std::mutex> l(c->mu);
+      ++c->pwrites;
+      c->in_pwrite = true;
+      c->cv.notify_all();
+      test::Await(c->cv, l, "a held pwrite's release", [&] { return !c->hold_pwrite; });
+      c->in_pwrite = false;
+      return 0;
+    };
+    ops.flush = [](nbdkit_next* n, uint32_t, int* err) {
+      FakeContext* c = Of(n);
+      std::unique_lock<std::mutex> l(c->mu);
+      ++c->flushes;
+      c->cv.notify_all();
+      if (c->hold_flush_of == std::thread::id() || c->hold_flush_of == std::this_thread::get_id())
+        test::Await(c->cv, l, "a held flush's release", [&] { return !c->hold_flush; });
+      ++c->flushes_finished;
+      c->cv.notify_all();
+      return c->flush_error ? (*err = c->flush_error, -1) : 0;
+    };
+  }
+  static FakeContext* Of(nbdkit_next* n) { return reinterpret_cast<FakeContext*>(n); }
+  nbdkit_next* next() { return &ops; }
+
+  // Sets a hold flag (or clears it, letting held calls go).
+  void Hold(bool FakeContext::*flag, bool on) {
+    {
+      std::lock_guard<std::mutex> l(mu);
+      this->*flag = on;
+    }
+    cv.notify_all();
+  }
+  // Waits until pred() holds under mu.  Gives up after 10 s by aborting
+  // with a message: returning early from a test while a call is held would
+  // leave its future's destructor waiting for good.
+  template <typename P>
+  void WaitFor(P pred) {
+    std::unique_lock<std::mutex> l(mu);
+    test::Await(cv, l, "a fake plugin call", pred);
+  }
+  int Count(int FakeContext::*counter) {
+    std::lock_guard<std::mutex> l(mu);
+    return this->*counter;
+  }
+};
+static_assert(std::is_standard_layout_v<FakeContext>, "ops must convert to FakeContext*");
+
+}  // namespace test
+}  // namespace sdccache

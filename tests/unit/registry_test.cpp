@@ -1,0 +1,82 @@
+// Registry over fake plugin contexts: an export's threads stop once no
+// writer is left, whichever of several leaving writers detaches last.
+#include <gtest/gtest.h>
+
+#include <cstdarg>
+#include <cstdio>
+#include <thread>
+
+#include "await.h"
+#include "fake_context.h"
+#include "registry.h"
+
+// What the filter's glue (sdccache.cpp, not linked here) provides.
+extern "C" {
+int sdccache_debug_verbose = 0;
+void nbdkit_debug(const char* fs, ...) {
+  va_list a;
+  va_start(a, fs);
+  vfprintf(stderr, fs, a);
+  va_end(a);
+  fputc('\n', stderr);
+}
+void nbdkit_error(const char* fs, ...) {
+  va_list a;
+  va_start(a, fs);
+  vfprintf(stderr, fs, a);
+  va_end(a);
+  fputc('\n', stderr);
+}
+}
+
+namespace sdccache {
+namespace {
+
+using test::FakeContext;
+
+// Writers a (the oldest) and b leave at once, with a plugin that lacks
+// multi-conn.  b's Leave takes the last-writer path (a is already
+// detaching) and finishes while a's Detach still flushes a's context, so
+// it sees a attached; a's Detach then ends as a non-last writer.  The
+// export must be parked all the same: whichever Leave detaches last does.
+TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
+  Params p;
+  p.threshold = 2;
+  Registry reg(p);
+  FakeContext a, b;
+  a.multi_conn = b.multi_conn = 0;
+  a.Hold(&FakeContext::hold_pwrite, true);
+  b.Hold(&FakeContext::hold_pwrite, true);
+  ExportCache* c = reg.Get("x", a.next());
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  char buf[4096] = {1};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 1 << 20, false), 0);  // a threshold batch
+  a.WaitFor([&] { return a.in_pwrite; });  // its first write, through a
+  std::thread leave_a([&] {
+    {
+      std::lock_guard<std::mutex> l(a.mu);
+      a.hold_flush_of = std::this_thread::get_id();  // a's Detach flush waits
+      a.hold_flush = true;
+    }
+    EXPECT_EQ(reg.Leave(c, a.next(), false), 0);
+  });
+  test::AwaitPoll("a's Detach to begin", [&] { return c->sink->detaching() == 1; });
+  a.Hold(&FakeContext::hold_pwrite, false);
+  b.WaitFor([&] { return b.in_pwrite; });  // the second write, through b: a is leaving
+  a.WaitFor([&] { return a.flushes >= 1; });  // a's Detach flushes what went through a
+  b.Hold(&FakeContext::hold_pwrite, false);
+  EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
+  EXPECT_EQ(c->sink->attached(), 1u) << "the interleaving this test is for did not happen";
+  EXPECT_FALSE(c->writeback->parked());
+  a.Hold(&FakeContext::hold_flush, false);
+  leave_a.join();
+  EXPECT_EQ(c->sink->attached(), 0u);
+  EXPECT_TRUE(c->writeback->parked()) << "no writer left, but the export's threads run";
+  EXPECT_EQ(c->writeback->queued_requests(), 0u);
+  reg.Drain();
+  reg.Close();
+}
+
+}  // namespace
+}  // namespace sdccache

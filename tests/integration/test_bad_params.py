@@ -1,6 +1,5 @@
 # Bad parameters: nbdkit refuses to start, fast, naming the parameter.
 import os
-import signal
 
 import sdctest
 
@@ -97,13 +96,7 @@ def main():
                "--filter=" + sdctest.FILTER, "null", "1M", param]
         p = sdctest.run_command(cmd, timeout=5, check_rc=False)
         if os.path.exists(pidfile):  # a daemon started after all: stop it
-            sdctest.wait_until(lambda: os.path.getsize(pidfile) > 0, 5, "the pidfile")
-            with open(pidfile) as f:
-                daemon = int(f.read().strip())
-            try:
-                os.kill(daemon, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            sdctest.stop_daemon(sdctest.daemon_from_pidfile(pidfile, 5))
         err = p.stderr.decode(errors="replace")
         key = param.split("=", 1)[0]
         sdctest.check(p.returncode != 0 and key in err,

@@ -2,7 +2,6 @@
 # instance on a live socket, a control client that never reads its replies
 # or never sends anything, export names that look like counter lines, and
 # relative paths when nbdkit runs as a daemon (it changes directory to /).
-import errno
 import json
 import os
 import re
@@ -145,10 +144,7 @@ def relative_paths_as_daemon(tmp):
     sdctest.check(p.returncode == 0, "nbdkit (daemon) exited %d: %s" % (p.returncode, p.stdout))
     pid = None
     try:
-        sdctest.wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, 10,
-                           "the daemon's pidfile")
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
+        pid = sdctest.daemon_from_pidfile(pidfile)
         ctl = os.path.join(work, name + ".ctl")
         stats = os.path.join(work, name + ".stats")
         sdctest.wait_until(lambda: sdctest.control_accepts(ctl) and os.path.exists(stats), 10,
@@ -158,18 +154,14 @@ def relative_paths_as_daemon(tmp):
         # The stats file is rewritten where it was created.
         sdctest.wait_stats(stats, lambda st: st.get("threshold") == "7", 10,
                            "threshold 7 in the stats file")
-        os.kill(pid, signal.SIGTERM)
-        sdctest.wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10,
-                           "the daemon (pid %d) to exit" % pid)
+        sdctest.stop_daemon(pid)
         pid = None
         sdctest.check(not os.path.exists(ctl), "the control socket was left behind at exit")
         for suffix in (".ctl", ".stats", ".stats.tmp"):
             sdctest.check(not os.path.exists("/" + name + suffix), "/%s%s created" % (name, suffix))
     finally:
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            sdctest.wait_until(lambda: not os.path.exists("/proc/%d" % pid), 10,
-                               "the daemon (pid %d) to exit" % pid)
+            sdctest.stop_daemon(pid)
         for suffix in (".ctl", ".stats", ".stats.tmp"):  # in case a broken build put them there
             if os.path.exists("/" + name + suffix):
                 os.unlink("/" + name + suffix)

@@ -6,7 +6,6 @@ exited within its bound.  Tests wait for conditions (socket present, process
 exited, file content changed) with explicit deadlines, never bare sleeps.
 """
 import atexit
-import contextlib
 import os
 import random
 import shutil
@@ -33,6 +32,7 @@ _procs = []    # subprocess.Popen
 _logs = []     # paths
 _scratch = []  # directories
 _mounts = []   # FUSE mount points: lazily unmounted before the removal
+_daemons = []  # PIDs of nbdkit daemons (started without -f), from their pidfiles
 _failed = False
 
 
@@ -42,6 +42,38 @@ def track(proc, log=None):
     if log:
         _logs.append(log)
     return proc
+
+
+def daemon_from_pidfile(pidfile, timeout=10):
+    """The PID a backgrounded nbdkit wrote to `pidfile` (waited for),
+    registered so that the cleanup at exit kills it if the test has not
+    stopped it (stop_daemon)."""
+    wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, timeout,
+               "the daemon's pidfile %s" % pidfile)
+    with open(pidfile) as f:
+        pid = int(f.read().strip())
+    _daemons.append(pid)
+    return pid
+
+
+def _is_nbdkit(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return b"nbdkit" in f.read().split(b"\0")[0]
+    except OSError:
+        return False
+
+
+def stop_daemon(pid, timeout=10, sig=signal.SIGTERM):
+    """Signals a daemon from daemon_from_pidfile and waits until it has gone."""
+    if not _is_nbdkit(pid):  # gone already (its PID not yet reused by another program)
+        return
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    wait_until(lambda: not os.path.exists("/proc/%d" % pid), timeout,
+               "the daemon (pid %d) to exit" % pid)
 
 
 def track_mount(path):
@@ -68,6 +100,11 @@ def _cleanup():
                 p.wait(timeout=10)
         except Exception as e:  # keep cleaning up
             print("cleanup: pid %d: %s" % (p.pid, e), file=sys.stderr)
+    for pid in _daemons:
+        try:
+            stop_daemon(pid, sig=signal.SIGKILL)
+        except BaseException as e:  # keep cleaning up (wait_until fails by exiting)
+            print("cleanup: daemon pid %d: %s" % (pid, e), file=sys.stderr)
     if _failed:
         for log in _logs:
             try:

@@ -13,13 +13,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
-#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include "await.h"
+#include "process_threads.h"
 #include "batch_writer.h"
 #include "chunk.h"
 
@@ -124,15 +124,7 @@ TEST(BatchWriterTest, ComputingRequestsRunOneAtATime) {
   EXPECT_LE(ParallelBatches(&sink), kBatches / 4);
 }
 
-// Threads of this process, from /proc/self/task.
-size_t ProcessThreads() {
-  size_t n = 0;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
-    (void)e;
-    ++n;
-  }
-  return n;
-}
+using test::ProcessThreads;
 
 // Helpers start only when a latency-bound batch wants more than are idle,
 // up to threads - 1 in all: an export whose plugin is CPU-bound (or that is

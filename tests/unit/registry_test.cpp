@@ -11,21 +11,24 @@
 #include "registry.h"
 
 // What the filter's glue (sdccache.cpp, not linked here) provides.
+static void Log(const char* fs, va_list a) {
+  vfprintf(stderr, fs, a);
+  fputc('\n', stderr);
+}
+
 extern "C" {
 int sdccache_debug_verbose = 0;
 void nbdkit_debug(const char* fs, ...) {
   va_list a;
   va_start(a, fs);
-  vfprintf(stderr, fs, a);
+  Log(fs, a);
   va_end(a);
-  fputc('\n', stderr);
 }
 void nbdkit_error(const char* fs, ...) {
   va_list a;
   va_start(a, fs);
-  vfprintf(stderr, fs, a);
+  Log(fs, a);
   va_end(a);
-  fputc('\n', stderr);
 }
 }
 

@@ -8,12 +8,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
-#include <filesystem>
 #include <future>
 #include <string>
 #include <thread>
 
 #include "await.h"
+#include "process_threads.h"
 #include "fake_sink.h"
 #include "writeback.h"
 
@@ -721,15 +721,7 @@ TEST(WriteBackTest, StopWritesEverythingOrReportsIt) {
   EXPECT_EQ(left.ranges, "[4096,+4)");
 }
 
-// Threads of this process, from /proc/self/task.
-size_t ProcessThreads() {
-  size_t n = 0;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
-    (void)e;
-    ++n;
-  }
-  return n;
-}
+using test::ProcessThreads;
 
 // An export whose last writer has left runs no thread (Registry::Leave
 // parks it); reads, flushes and counters go on, and Unpark() brings the

@@ -47,7 +47,9 @@ class Registry {
   ExportCache* Find(const std::string& name);
   // Called from .finalize of a writable connection: makes what it wrote
   // durable, and when it is the export's last connection, everything
-  // buffered (retrying up to shutdown-timeout); then detaches its context.
+  // buffered (retrying up to shutdown-timeout); then detaches its context,
+  // and if no writer is left, stops the export's threads (Get with the
+  // next writer starts them again).
   int Leave(ExportCache* cache, nbdkit_next* writer, bool wrote);
   std::vector<ExportCache*> All();
 

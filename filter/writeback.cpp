@@ -603,6 +603,9 @@ int WriteBack::FlushUntil(milliseconds limit, Trigger why) {
   int err;
   while ((err = Flush(why)) != 0 && Clock::now() < until) {
     MutexLock l(&mu_);
+    // Parked, Flush() fails at once (ENOTCONN) and nothing can change that
+    // before Unpark(): waiting for retry_at_, long past, would spin.
+    if (parked_) break;
     done_.WaitUntil(std::min(until, retry_at_));
   }
   return err;

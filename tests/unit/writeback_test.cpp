@@ -787,6 +787,11 @@ TEST(WriteBackTest, UnwrittenDataWaitsParkedForTheNextWriter) {
   EXPECT_EQ(wb.Flush(Trigger::kControl), ENOTCONN);
   EXPECT_EQ(ProcessThreads(), before) << "a flush of the parked export started threads";
   EXPECT_EQ(sink.Disk()[0], 0) << "written while parked";
+  // Retrying cannot help before Unpark(): FlushUntil gives up at once
+  // instead of spinning until its limit.
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(wb.FlushUntil(std::chrono::seconds(20), Trigger::kShutdown), ENOTCONN);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
   wb.Unpark();
   AwaitEmptyQueue(wb);  // the flusher's retry: no client flush
   EXPECT_EQ(sink.Disk()[0], 'x');

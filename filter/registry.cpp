@@ -30,13 +30,14 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   auto it = exports_.find(name);
   if (it != exports_.end()) {
     if (writer) {
-      // Throws, still parked, if the threads cannot start: this connection
-      // fails, and is not attached.
-      it->second->writeback->Unpark();
+      // Attached first, so that the flusher Unpark starts can write what a
+      // parked export still holds at once.  If the threads cannot start,
+      // this connection fails, detached again, and the export stays parked.
+      it->second->sink->Attach(writer);
       try {
-        it->second->sink->Attach(writer);
+        it->second->writeback->Unpark();
       } catch (...) {
-        if (it->second->sink->attached() == 0) it->second->writeback->Park();
+        it->second->sink->Detach(writer, /*unless_last=*/false);
         throw;
       }
     }

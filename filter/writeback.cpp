@@ -59,15 +59,17 @@ void WriteBack::JoinThreads() {
 bool WriteBack::Park() {
   {
     MutexLock l(&mu_);
-    // Data still buffered (the plugin failed the last write-back) may stay:
-    // with no writer, no plugin context is left to write it through, and
-    // the flusher that Unpark() starts retries it at once.
-    if (parked_ || stopping_ || stopped_ || !batches_.empty() || !bypass_.empty() ||
-        flushes_in_flight_ > 0)
-      return false;
+    if (parked_ || stopping_ || stopped_) return false;
+    // From here no batch or plugin flush starts (RunHere, WriteBypass and
+    // the flusher all check stopping_); a waiter meanwhile waits, and gets
+    // ENOTCONN once parked_ is set.  Those already running end: with no
+    // Sink context left they fail at once.  Data still buffered (the
+    // plugin failed the last write-back) stays: the flusher that Unpark()
+    // starts retries it.
+    stopping_ = true;
+    work_.SignalAll();
+    while (!batches_.empty() || !bypass_.empty() || flushes_in_flight_ > 0) done_.Wait();
   }
-  // Meanwhile a flush asked for runs on its caller's thread (RunHere), once
-  // stopping_ is cleared again.
   JoinThreads();
   batch_writer_.StopHelpers();
   MutexLock l(&mu_);

@@ -106,12 +106,14 @@ class WriteBack {
   Leftover Stop(std::chrono::milliseconds limit) EXCLUDES(mu_);
 
   // For an export no writer is connected to (so no Sink context either):
-  // if no batch, bypass write or Sink flush is running, stops the flusher,
-  // the plugin-flush thread and BatchWriter's helpers, and returns true.
-  // Reads (Lookup), flushes (on the caller's thread) and counters go on;
-  // what is still buffered stays, and is retried once Unpark() has started
-  // the flusher again.  Call Unpark() before the next write.  Not at the
-  // same time as Stop(), Unpark() or another Park().
+  // lets the batches, bypass writes and Sink flushes running end, and
+  // starts no new one; stops the flusher, the plugin-flush thread and
+  // BatchWriter's helpers; returns true (false if parked or stopped
+  // already).  Reads (Lookup) and counters go on; a flush that has
+  // something to write or flush fails with ENOTCONN.  What is still
+  // buffered stays, and is retried once Unpark() has started the flusher
+  // again.  Call Unpark() before the next write.  Not at the same time as
+  // Stop(), Unpark() or another Park().
   bool Park() EXCLUDES(mu_);
   // Starts the threads again after Park() (nothing if not parked); throws
   // std::system_error, still parked, if it cannot.

@@ -23,6 +23,9 @@ struct FakeContext {
   std::mutex mu;
   std::condition_variable cv;  // any change below
   int pwrites = 0;             // guarded by mu
+  int pwrite_error = 0;        // guarded by mu: pwrite fails with it if set
+  bool hold_can_fua = false;   // guarded by mu: can_fua (asked in Attach) waits while set
+  bool in_can_fua = false;     // guarded by mu
   bool hold_pwrite = false;    // guarded by mu: pwrite waits while set
   bool in_pwrite = false;      // guarded by mu
   int flushes = 0;             // guarded by mu: flush calls begun
@@ -33,13 +36,20 @@ struct FakeContext {
   int flush_error = 0;         // guarded by mu: flush fails with it if set
 
   FakeContext() {
-    ops.can_fua = [](nbdkit_next*) { return NBDKIT_FUA_NATIVE; };
+    ops.can_fua = [](nbdkit_next* n) {
+      FakeContext* c = Of(n);
+      std::unique_lock<std::mutex> l(c->mu);
+      c->in_can_fua = true;
+      c->cv.notify_all();
+      test::Await(c->cv, l, "a held can_fua's release", [&] { return !c->hold_can_fua; });
+      return NBDKIT_FUA_NATIVE;
+    };
     ops.can_zero = [](nbdkit_next*) { return NBDKIT_ZERO_NATIVE; };
     ops.can_flush = [](nbdkit_next*) { return 1; };
     ops.can_trim = [](nbdkit_next*) { return 1; };
     ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };
     ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
-    ops.pwrite = [](nbdkit_next* n, const void*, uint32_t, uint64_t, uint32_t, int*) {
+    ops.pwrite = [](nbdkit_next* n, const void*, uint32_t, uint64_t, uint32_t, int* err) {
       FakeContext* c = Of(n);
       std::unique_lock<std::mutex> l(c->mu);
       ++c->pwrites;
@@ -47,6 +57,10 @@ struct FakeContext {
       c->cv.notify_all();
       test::Await(c->cv, l, "a held pwrite's release", [&] { return !c->hold_pwrite; });
       c->in_pwrite = false;
+      if (c->pwrite_error) {
+        *err = c->pwrite_error;
+        return -1;
+      }
       return 0;
     };
     ops.flush = [](nbdkit_next* n, uint32_t, int* err) {

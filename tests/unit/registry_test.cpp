@@ -3,7 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cstdarg>
+#include <cerrno>
+#include <chrono>
 #include <cstdio>
+#include <string>
 #include <thread>
 
 #include "await.h"
@@ -77,6 +80,53 @@ TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
   EXPECT_EQ(c->sink->attached(), 0u);
   EXPECT_TRUE(c->writeback->parked()) << "no writer left, but the export's threads run";
   EXPECT_EQ(c->writeback->queued_requests(), 0u);
+  reg.Drain();
+  reg.Close();
+}
+
+uint64_t StatOf(WriteBack* wb, const std::string& key) {
+  for (const auto& [k, v] : wb->Stats())
+    if (k == key) return std::stoull(v);
+  ADD_FAILURE() << "no counter " << key;
+  return 0;
+}
+
+// The last writer leaves with data the plugin failed to take: the export
+// is parked with it.  The next writer's context is attached before the
+// flusher starts again, so the flusher's first retry writes through it
+// (started first, that retry could fail with ENOTCONN, and the data then
+// waited for the next, up to a second later).
+TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
+  Params p;
+  p.threshold = 1000;
+  p.shutdown_timeout = std::chrono::milliseconds(50);
+  Registry reg(p);
+  FakeContext a, b;
+  ExportCache* c = reg.Get("x", a.next());
+  char buf[4096] = {7};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
+  EXPECT_EQ(reg.Leave(c, a.next(), false), EIO);
+  ASSERT_TRUE(c->writeback->parked());
+  ASSERT_EQ(c->writeback->queued_requests(), 1u);
+  const uint64_t errors = StatOf(c->writeback.get(), "flush_errors");
+  b.Hold(&FakeContext::hold_can_fua, true);
+  std::thread get_b([&] { EXPECT_EQ(reg.Get("x", b.next()), c); });
+  b.WaitFor([&] { return b.in_can_fua; });  // Get is attaching b
+  EXPECT_TRUE(c->writeback->parked()) << "the flusher started before b was attached";
+  b.Hold(&FakeContext::hold_can_fua, false);
+  get_b.join();
+  test::AwaitPoll("the flusher's retry", [&] {
+    return c->writeback->queued_requests() == 0 ||
+           StatOf(c->writeback.get(), "flush_errors") > errors;
+  });
+  EXPECT_EQ(StatOf(c->writeback.get(), "flush_errors"), errors)
+      << "the retry ran before the new writer's context was attached";
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
+  EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
   reg.Drain();
   reg.Close();
 }

@@ -32,11 +32,12 @@ bool AddressOf(const std::string& path, sockaddr_un* addr) {
   std::memcpy(addr->sun_path, path.c_str(), path.size() + 1);
   return true;
 }
-}  // namespace
 
-bool ControlSocket::Check(const std::string& path) {
-  sockaddr_un addr;
-  if (!AddressOf(path, &addr)) return false;
+// Whether `path` can become the socket (see Check), with its address and
+// whether a stale socket is there to be replaced.  False after nbdkit_error.
+bool Inspect(const std::string& path, sockaddr_un* addr, bool* stale) {
+  *stale = false;
+  if (!AddressOf(path, addr)) return false;
   std::string dir;
   if (!ParentDirExists(path, &dir)) {
     nbdkit_error("sdccache: control: %s: no directory %s", path.c_str(), dir.c_str());
@@ -51,7 +52,7 @@ bool ControlSocket::Check(const std::string& path) {
       why = "exists and is not a socket";
     } else {
       int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      if (probe != -1 && connect(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0)
+      if (probe != -1 && connect(probe, reinterpret_cast<sockaddr*>(addr), sizeof *addr) == 0)
         why = "is in use by another process";
       if (probe != -1) close(probe);
     }
@@ -59,21 +60,28 @@ bool ControlSocket::Check(const std::string& path) {
       nbdkit_error("sdccache: control: %s %s", path.c_str(), why);
       return false;
     }
+    *stale = true;
   }
   return true;
+}
+}  // namespace
+
+bool ControlSocket::Check(const std::string& path) {
+  sockaddr_un addr;
+  bool stale;
+  return Inspect(path, &addr, &stale);
 }
 
 bool ControlSocket::Start() {
   sockaddr_un addr;
-  if (!Check(path_) || !AddressOf(path_, &addr)) return false;
+  bool stale;
+  if (!Inspect(path_, &addr, &stale)) return false;
   listen_fd_ = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (listen_fd_ == -1) {
     nbdkit_error("sdccache: control: socket: %s", std::strerror(errno));
     return false;
   }
-  struct stat st;
-  if (lstat(path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode))
-    unlink(path_.c_str());  // a stale socket (Check), left by a process that died
+  if (stale) unlink(path_.c_str());  // left by a process that died
   // Created 0600 from the start: no window where others can connect.
   mode_t old = umask(0177);
   int r = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
@@ -84,6 +92,7 @@ bool ControlSocket::Start() {
     listen_fd_ = -1;
     return false;
   }
+  struct stat st;
   if (stat(path_.c_str(), &st) == 0) {
     bound_dev_ = st.st_dev;
     bound_ino_ = st.st_ino;

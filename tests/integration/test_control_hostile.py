@@ -33,6 +33,23 @@ def live_socket_kept(tmp):
     print("live socket: second instance refused: %s" % err.strip().splitlines()[-1])
 
 
+def stale_socket_replaced(tmp):
+    """A socket file nobody listens on (left by an nbdkit that was killed)
+    is replaced by the new control socket."""
+    ctl = os.path.join(tmp, "stale.sock")
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(ctl)  # bound, never listening, then closed: the file stays
+    left.close()
+    sdctest.check(os.path.exists(ctl), "the stale socket file was not made")
+    with sdctest.start_server(["memory", "1M"], ["threshold=33", "control=" + ctl],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        st = sdctest.control_stats(ctl)
+        sdctest.check(st["threshold"] == "33", "control socket answered %s" % st)
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+    sdctest.check(not os.path.exists(ctl), "control socket left behind after exit")
+    print("stale socket: replaced, and removed at exit")
+
+
 def stuck_client(ctl):
     """A control client that sends commands and never reads the replies,
     until the server's send is stuck on it (its sends time out for 0.5 s)."""
@@ -170,6 +187,7 @@ def relative_paths_as_daemon(tmp):
 def main():
     tmp = sdctest.scratch_dir(prefix="sdc-ctl-hostile-")
     live_socket_kept(tmp)
+    stale_socket_replaced(tmp)
     export_names_in_counters(tmp)
     relative_paths_as_daemon(tmp)
     unread_replies(tmp)

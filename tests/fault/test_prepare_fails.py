@@ -70,7 +70,7 @@ def restart_fails(shim, fail_at):
     with sdctest.start_server(["memory", "1M"], ["threshold=1", "max-age=1h", "control=" + ctl],
                               tmpdir=tmp, env=env, extra=["-v"]) as srv:
         pid = srv.proc.pid
-        base = len(os.listdir("/proc/%d/task" % pid))
+        base = sdctest.threads_of(pid)
         first = bytes([0x40 + fail_at]) * (4 * KiB)
         h = srv.connect()
         h.pwrite(first, 0)  # buffered; written when the connection leaves
@@ -88,7 +88,7 @@ def restart_fails(shim, fail_at):
         check("sdccache: prepare: Resource temporarily unavailable" in srv.log_text(),
               "fail_at=%d: no error naming the failure in nbdkit's log" % fail_at)
         os.unlink(flag)
-        sdctest.wait_until(lambda: len(os.listdir("/proc/%d/task" % pid)) <= base, 20,
+        sdctest.wait_until(lambda: sdctest.threads_of(pid) <= base, 20,
                            "fail_at=%d: nbdkit back to %d threads after the refused connection"
                            % (fail_at, base))
         second = bytes([0x50 + fail_at]) * (4 * KiB)

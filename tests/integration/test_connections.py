@@ -205,10 +205,6 @@ def extents_past_request(tmp):
     print("block status: nothing reported past what was looked up")
 
 
-def threads_of(pid):
-    return len(os.listdir("/proc/%d/task" % pid))
-
-
 def export_stat(stats, name, key):
     """A counter of export `name` (keys carry no prefix while it is the only one)."""
     return stats.get(name + "." + key, stats.get(key))
@@ -222,7 +218,7 @@ def idle_exports(tmp):
                                                   "control=" + control],
                               tmpdir=tmp, extra=["-v"]) as srv:
         pid = srv.proc.pid
-        base = threads_of(pid)
+        base = sdctest.threads_of(pid)
         for rnd in range(2):
             for i, name in enumerate(names):
                 h = srv.connect(name)
@@ -239,11 +235,11 @@ def idle_exports(tmp):
                 h.shutdown()
                 del h
             # nbdkit's connection threads end soon after each disconnect.
-            sdctest.wait_until(lambda: threads_of(pid) <= base, 20,
+            sdctest.wait_until(lambda: sdctest.threads_of(pid) <= base, 20,
                                "nbdkit back to %d threads after round %d (has %d)"
-                               % (base, rnd, threads_of(pid)))
+                               % (base, rnd, sdctest.threads_of(pid)))
             print("round %d: %d export names written and left; nbdkit has %d threads, "
-                  "as before any connection" % (rnd, len(names), threads_of(pid)))
+                  "as before any connection" % (rnd, len(names), sdctest.threads_of(pid)))
         st = sdctest.control_stats(control)
         for i, name in enumerate(names):
             flushed = export_stat(st, name, "batches_flushed")

@@ -44,11 +44,22 @@ def track(proc, log=None):
     return proc
 
 
+def pidfile_written(path):
+    """Whether nbdkit has written its PID to `path` (-P): it accepts
+    connections from then on."""
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def threads_of(pid):
+    """How many threads process `pid` has (/proc/PID/task)."""
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
 def daemon_from_pidfile(pidfile, timeout=10):
     """The PID a backgrounded nbdkit wrote to `pidfile` (waited for),
     registered so that the cleanup at exit kills it if the test has not
     stopped it (stop_daemon)."""
-    wait_until(lambda: os.path.exists(pidfile) and os.path.getsize(pidfile) > 0, timeout,
+    wait_until(lambda: pidfile_written(pidfile), timeout,
                "the daemon's pidfile %s" % pidfile)
     with open(pidfile) as f:
         pid = int(f.read().strip())
@@ -211,7 +222,7 @@ class Server:
         statsfile = opts.get("sdccache-statsfile")
 
         def ready():
-            return (os.path.exists(self.pidfile) and os.path.getsize(self.pidfile) > 0 and
+            return (pidfile_written(self.pidfile) and
                     control_accepts(self.control) and
                     (statsfile is None or os.path.exists(statsfile)))
         deadline = time.monotonic() + start_timeout

@@ -15,6 +15,7 @@
 #include <ctime>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -126,23 +127,26 @@ TEST(BatchWriterTest, ComputingRequestsRunOneAtATime) {
 
 using test::ProcessThreads;
 
+// Writes `plan`, which must reach the sink in full.
+void WriteInFull(BatchWriter* writer, const std::vector<DirtyRange>& plan) {
+  std::vector<char> written;
+  uint64_t calls = 0;
+  EXPECT_EQ(writer->Write(plan, &written, &calls), 0);
+  EXPECT_EQ(std::count(written.begin(), written.end(), 1), static_cast<long>(plan.size()));
+}
+
 // Helpers start only when a latency-bound batch wants more than are idle,
 // up to threads - 1 in all: an export whose plugin is CPU-bound (or that is
 // never written back) costs no helper thread.
 TEST(BatchWriterTest, HelpersStartOnlyWhenALatencyBoundBatchWantsThem) {
   const size_t before = ProcessThreads();
   const std::vector<DirtyRange> plan = Plan();
-  auto write = [&](BatchWriter* writer) {
-    std::vector<char> written;
-    uint64_t calls = 0;
-    EXPECT_EQ(writer->Write(plan, &written, &calls), 0);
-    EXPECT_EQ(std::count(written.begin(), written.end(), 1), 16);
-  };
+  ASSERT_EQ(plan.size(), 16u);
   {
     TimedSink computing(false, std::chrono::microseconds(200));
     BatchWriter writer(&computing, 8, 1 << 20);
     EXPECT_EQ(ProcessThreads(), before) << "threads started with no batch";
-    for (int b = 0; b < 3; ++b) write(&writer);
+    for (int b = 0; b < 3; ++b) WriteInFull(&writer, plan);
     EXPECT_EQ(computing.TakeMax(), 1);
     EXPECT_EQ(writer.helpers_started(), 0u) << "helpers started for a CPU-bound plugin";
     EXPECT_EQ(ProcessThreads(), before);
@@ -150,7 +154,7 @@ TEST(BatchWriterTest, HelpersStartOnlyWhenALatencyBoundBatchWantsThem) {
   TimedSink waiting(true, std::chrono::microseconds(2000));
   BatchWriter writer(&waiting, 8, 1 << 20);
   for (int b = 0; b < 3; ++b) {
-    write(&writer);
+    WriteInFull(&writer, plan);
     EXPECT_EQ(writer.helpers_started(), 7u) << "after batch " << b;
     EXPECT_EQ(ProcessThreads(), before + 7) << "after batch " << b;
   }
@@ -164,11 +168,10 @@ TEST(BatchWriterTest, StoppedHelpersAreStartedAgainByTheNextBatch) {
   const std::vector<DirtyRange> plan = Plan();
   TimedSink waiting(true, std::chrono::microseconds(2000));
   BatchWriter writer(&waiting, 8, 1 << 20);
+  ASSERT_EQ(plan.size(), 16u);
   for (int round = 0; round < 2; ++round) {
-    std::vector<char> written;
-    uint64_t calls = 0;
-    ASSERT_EQ(writer.Write(plan, &written, &calls), 0) << "round " << round;
-    EXPECT_EQ(std::count(written.begin(), written.end(), 1), 16) << "round " << round;
+    SCOPED_TRACE("round " + std::to_string(round));
+    WriteInFull(&writer, plan);
     EXPECT_EQ(writer.helpers_started(), 7u) << "round " << round;
     EXPECT_EQ(ProcessThreads(), before + 7) << "round " << round;
     writer.StopHelpers();

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <stdexcept>
 #include <vector>
 
 namespace sdccache {
@@ -30,8 +31,14 @@ PluginSink::PluginSink(nbdkit_next* first, PluginGate* gate) : gate_(gate) {
 void PluginSink::Attach(nbdkit_next* next) {
   {
     // nbdkit answers a context's data calls only after it has asked the
-    // plugin what the context can do (it caches the answers per context).
+    // plugin what the context can do and how large it is (it caches the
+    // answers per context).  A context is attached in .prepare, before the
+    // handshake has asked its size, and the flusher may write through it
+    // at once (what an export left holding), so the size is asked here:
+    // a data call on a context of unknown size aborts nbdkit.
     GateHold g(gate_);
+    if (next->get_size(next) == -1)
+      throw std::runtime_error("the plugin could not tell the export's size");
     next->can_fua(next);
     next->can_zero(next);
     next->can_flush(next);

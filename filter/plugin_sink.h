@@ -62,9 +62,12 @@ class GateHold {
 class PluginSink : public Sink {
  public:
   // `first` is the context of the connection that creates the cache; its
-  // capabilities stand for the export's.  Call from .prepare.
+  // capabilities stand for the export's.  Call from .prepare.  Throws as
+  // Attach does.
   PluginSink(nbdkit_next* first, PluginGate* gate);
 
+  // Makes `next` usable for background writes; throws if the plugin cannot
+  // tell its size (nbdkit needs that before any data call).
   void Attach(nbdkit_next* next);
   // Removes `next` once no background call uses it; new calls go to other
   // contexts meanwhile.  With `unless_last`, leaves it attached (and

@@ -117,12 +117,51 @@ def older_write_never_lands(seed):
     print("older write never lands: ok")
 
 
+def next_writer_writes_what_a_left_export_held():
+    """The only writer leaves while the plugin fails its writes: the export
+    keeps the data with no writable connection left.  The next writer's
+    connection writes it at once, through a context whose handshake has not
+    yet asked the export's size (the plugin's get_size takes a while, as a
+    remote plugin's may): sdccache must ask it first, or nbdkit aborts on
+    the data call (backend_valid_range: c->exportsize <= INT64_MAX)."""
+    tmp = faultlib.tmpdir()
+    img = sdctest.make_image(tmp, SIZE)
+    trig = os.path.join(tmp, "fail-now")
+    ctl = os.path.join(tmp, "ctl.sock")
+    touch(trig)
+    plugin = [("get_size=sleep 0.5; stat -Lc %%s %s" % img) if a.startswith("get_size=") else a
+              for a in faultlib.eval_file_plugin(img)]
+    srv = Server(plugin + error_args(["pwrite"], "100%", trig),
+                 ["max-age=0", "shutdown-timeout=200ms", "control=" + ctl],
+                 under=["error"], tmpdir=tmp)
+    with srv:
+        base = sdctest.threads_of(srv.proc.pid)
+        data = random.Random(7).randbytes(4096)
+        h = srv.connect()
+        h.pwrite(data, 8192)
+        h.shutdown()
+        del h
+        # The export is left with its data and no thread of its own.
+        sdctest.wait_until(lambda: sdctest.threads_of(srv.proc.pid) <= base, 20,
+                           "nbdkit back to %d threads" % base)
+        check(counter(ctl, "queued_requests") == 1, "the data the plugin refused is not held")
+        remove(trig)
+        h = srv.connect()
+        check_same(h.pread(4096, 8192), data, "read by the next writer")
+        h.flush()
+        check_same(sdctest.disk_read(img, 8192, 4096), data, "disk after the next writer's flush")
+        h.shutdown()
+        check(srv.stop() == 0, "nbdkit exit status")
+    print("next writer writes what a left export held: ok")
+
+
 def main():
     seed = int(os.environ.get("SEED", "4242"))
     kinds = sys.argv[1:] or ["pwrite", "zero", "trim"]
     for i, kind in enumerate(kinds):
         scenario(kind, seed + i)
     older_write_never_lands(seed)
+    next_writer_writes_what_a_left_export_held()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 #pragma once
 
 #include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -34,6 +37,8 @@ struct FakeContext {
   // Guarded by mu: if set, hold_flush holds only this thread's flushes.
   std::thread::id hold_flush_of;
   int flush_error = 0;         // guarded by mu: flush fails with it if set
+  int64_t size = 1 << 30;      // guarded by mu: what get_size says (-1: it fails)
+  bool size_known = false;     // guarded by mu: get_size has answered
 
   FakeContext() {
     ops.can_fua = [](nbdkit_next* n) {
@@ -49,9 +54,22 @@ struct FakeContext {
     ops.can_trim = [](nbdkit_next*) { return 1; };
     ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };
     ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
+    // nbdkit caches the size per context; a data call on a context whose
+    // size it has not asked fails an assertion and aborts nbdkit
+    // (backend_valid_range), as pwrite does here.
+    ops.get_size = [](nbdkit_next* n) -> int64_t {
+      FakeContext* c = Of(n);
+      std::lock_guard<std::mutex> l(c->mu);
+      c->size_known = c->size != -1;
+      return c->size;
+    };
     ops.pwrite = [](nbdkit_next* n, const void*, uint32_t, uint64_t, uint32_t, int* err) {
       FakeContext* c = Of(n);
       std::unique_lock<std::mutex> l(c->mu);
+      if (!c->size_known) {
+        std::fprintf(stderr, "FakeContext: pwrite on a context whose size nbdkit never asked\n");
+        std::abort();
+      }
       ++c->pwrites;
       c->in_pwrite = true;
       c->cv.notify_all();

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <thread>
 
@@ -127,6 +128,42 @@ TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
       << "the retry ran before the new writer's context was attached";
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
   EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
+  reg.Drain();
+  reg.Close();
+}
+
+// A writer whose context cannot tell its size (the plugin's get_size
+// fails) is refused before anything is written through it: nbdkit would
+// abort on a data call of that context.  The export stays parked with what
+// it holds, and the next writer writes it.
+TEST(RegistryTest, WriterWhoseSizeIsUnknownIsRefused) {
+  Params p;
+  p.threshold = 1000;
+  p.shutdown_timeout = std::chrono::milliseconds(50);
+  Registry reg(p);
+  FakeContext a, b, d;
+  ExportCache* c = reg.Get("x", a.next());
+  char buf[4096] = {7};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
+  EXPECT_EQ(reg.Leave(c, a.next(), false), EIO);
+  ASSERT_TRUE(c->writeback->parked());
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.size = -1;
+  }
+  EXPECT_THROW(reg.Get("x", b.next()), std::runtime_error);
+  EXPECT_TRUE(c->writeback->parked());
+  EXPECT_EQ(c->writeback->queued_requests(), 1u);
+  EXPECT_EQ(reg.Get("x", d.next()), c);
+  test::AwaitPoll("d to write what the export held",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  EXPECT_EQ(d.Count(&FakeContext::pwrites), 1);
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 0);
+  EXPECT_EQ(reg.Leave(c, d.next(), false), 0);
   reg.Drain();
   reg.Close();
 }

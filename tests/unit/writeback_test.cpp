@@ -607,6 +607,42 @@ TEST(WriteBackTest, LargeWriteOverBufferedDataIsBuffered) {
   EXPECT_EQ(std::string(disk.begin() + kLarge, disk.begin() + 2 * kLarge), big);
 }
 
+// A FakeSink whose writes sleep for a while once `slow` is set, as a plugin
+// behind a network or nbdkit's delay filter does.
+class SlowingSink : public FakeSink {
+ public:
+  using FakeSink::FakeSink;
+  int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override {
+    if (slow.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    return FakeSink::Write(buf, count, offset, fua);
+  }
+  std::atomic<bool> slow{false};
+};
+
+// Large writes that went straight to a CPU-bound plugin are timed now and
+// then; once the plugin turns slow, the engine takes it for latency-bound
+// and buffers large writes again (to write them back many at a time).
+TEST(WriteBackTest, BypassWritesNoticeAPluginTurningSlow) {
+  SlowingSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000000, 1 << 30));
+  TimeAsCpuBound(wb);
+  sink.slow = true;
+  std::string big(kLarge, 'S');
+  // 12 of the last 16 probes must have waited; a probe every 32 writes at
+  // most is about 400 writes of 1 ms.
+  const uint64_t slots = kDisk / kLarge;
+  uint64_t n = 0;
+  for (; n < 2000 && !wb.plugin_latency_bound(); ++n) {
+    ASSERT_EQ(wb.Write(big.data(), kLarge, (n % slots) * kLarge, false), 0);
+    ASSERT_EQ(wb.queued_requests(), 0u) << "large write " << n << " was buffered";
+  }
+  ASSERT_TRUE(wb.plugin_latency_bound()) << n << " large writes to a slow plugin, none timed as such";
+  EXPECT_EQ(wb.counters().bypass_writes.load(), n);
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 0, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), n);
+}
+
 // Starts a bypass write of `data` (kLarge bytes) at kLarge, which the sink
 // holds until ReleaseAt(); returns once the write is in the sink.
 std::future<int> StartHeldBypassWrite(WriteBack& wb, FakeSink& sink, const std::string& data) {

@@ -92,7 +92,10 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
   if (!cache->sink->Detach(writer, /*unless_last=*/true, &detach_err)) {
     // The last connection of this export: nothing could write the buffered
     // data after it, so keep trying (the plugin may recover) for a while.
-    err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect);
+    // One disconnect is one flush in flushes_disconnect, counted above if
+    // this writer wrote.
+    err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect,
+                                       /*count=*/!wrote);
     cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
   }
   // Whichever leaving writer detaches last (several may leave at once, and

@@ -232,7 +232,7 @@ int WriteBack::Flush(Trigger why) {
   return WaitFor(last_seq_, write_gen_, true, why);
 }
 
-int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
+int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count) {
   auto satisfied = [&]() REQUIRES(mu_) {
     return flush ? flushed_seq_ >= seq && flushed_gen_ >= gen : written_seq_ >= seq;
   };
@@ -241,7 +241,8 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) {
   if (flush) {
     flush_req_seq_ = std::max(flush_req_seq_, seq);
     flush_req_gen_ = std::max(flush_req_gen_, gen);
-    counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
+    if (count)
+      counters_.by_trigger[static_cast<size_t>(why)].fetch_add(1, std::memory_order_relaxed);
   } else {
     drain_req_seq_ = std::max(drain_req_seq_, seq);
   }
@@ -600,15 +601,17 @@ void WriteBack::RecordError(int err, uint64_t attempt) {
   retry_at_ = Clock::now() + backoff_;
 }
 
-int WriteBack::FlushUntil(milliseconds limit, Trigger why) {
+int WriteBack::FlushUntil(milliseconds limit, Trigger why, bool count) {
   const auto until = Clock::now() + limit;
-  int err;
-  while ((err = Flush(why)) != 0 && Clock::now() < until) {
-    MutexLock l(&mu_);
-    // Parked, Flush() fails at once (ENOTCONN) and nothing can change that
+  MutexLock l(&mu_);
+  int err = WaitFor(last_seq_, write_gen_, true, why, count);
+  while (err != 0 && Clock::now() < until) {
+    // Parked, a flush fails at once (ENOTCONN) and nothing can change that
     // before Unpark(): waiting for retry_at_, long past, would spin.
     if (parked_) break;
     done_.WaitUntil(std::min(until, retry_at_));
+    // The same request tried again: counted once.
+    err = WaitFor(last_seq_, write_gen_, true, why, /*count=*/false);
   }
   return err;
 }

@@ -98,8 +98,10 @@ class WriteBack {
   Overlay Lookup(uint64_t offset, uint64_t length) EXCLUDES(mu_);
 
   // Flush(), retried (at the backoff pace) until it succeeds or `limit`
-  // has passed.  At least one attempt is made.
-  int FlushUntil(std::chrono::milliseconds limit, Trigger why) EXCLUDES(mu_);
+  // has passed.  At least one attempt is made.  The flush is counted once,
+  // under `why`; not at all without `count` (a caller that has counted the
+  // same request with a Flush() of its own).
+  int FlushUntil(std::chrono::milliseconds limit, Trigger why, bool count = true) EXCLUDES(mu_);
 
   // With limit > 0, makes one last FlushUntil(limit, kShutdown) if anything
   // is buffered; then stops the flusher.  Returns what is still unwritten.
@@ -160,7 +162,8 @@ class WriteBack {
   // the Sink took it, false if it is to be buffered.
   bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
-  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why) REQUIRES(mu_);
+  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true)
+      REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);

@@ -76,14 +76,20 @@ class Disconnect(threading.Thread):
 
 
 def await_disconnect_retry(srv, img, ctl, disc, what, attempts):
-    """Waits until the last disconnect has asked for `attempts` (>= 3) flushes.
+    """Waits until the last disconnect's flush has failed `attempts` times.
 
-    The disconnect asks for one flush (counted in flushes_disconnect); as the
-    last connection it asks again, and only after that one failed, a third
-    time: flushes_disconnect >= 3 proves its retry loop is running."""
-    wait_until(lambda: counter(ctl, "flushes_disconnect") >= attempts, 20,
-               "%s: the disconnect to retry (flushes_disconnect >= %d)" % (what, attempts),
-               interval=0.02)
+    The disconnect's flush is counted once in flushes_disconnect, when it
+    starts; from then on every attempt to write back (the disconnect's own
+    retries, or the flusher's, which it waits for) fails and is counted in
+    flush_errors."""
+    wait_until(lambda: counter(ctl, "flushes_disconnect") >= 1, 20,
+               "%s: the disconnect's flush (flushes_disconnect >= 1)" % what, interval=0.02)
+    errors = counter(ctl, "flush_errors")
+    wait_until(lambda: counter(ctl, "flush_errors") >= errors + attempts, 20,
+               "%s: %d failed attempts during the disconnect (flush_errors >= %d)" %
+               (what, attempts, errors + attempts), interval=0.02)
+    check(counter(ctl, "flushes_disconnect") == 1,
+          "%s: one disconnect counted as %d flushes" % (what, counter(ctl, "flushes_disconnect")))
     check(disc.is_alive(), "%s: the disconnect returned while the plugin still failed" % what)
     check(srv.proc.poll() is None, "%s: nbdkit exited while its plugin still failed:\n%s" %
           (what, srv.log_text()[-2000:]))

@@ -132,6 +132,32 @@ TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
   reg.Close();
 }
 
+// The last writer leaves with data the plugin keeps failing: its Leave
+// retries until shutdown-timeout, and that is one flush requested by a
+// disconnecting client, whether the writer wrote (Leave flushes once before
+// it knows it is the last) or not.
+TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
+  for (bool wrote : {true, false}) {
+    Params p;
+    p.threshold = 1000;
+    p.shutdown_timeout = std::chrono::milliseconds(100);
+    Registry reg(p);
+    FakeContext a;
+    ExportCache* c = reg.Get("x", a.next());
+    char buf[4096] = {7};
+    ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+    {
+      std::lock_guard<std::mutex> l(a.mu);
+      a.pwrite_error = EIO;
+    }
+    EXPECT_EQ(reg.Leave(c, a.next(), wrote), EIO);
+    EXPECT_GE(StatOf(c->writeback.get(), "flush_errors"), 3u) << "wrote=" << wrote;
+    EXPECT_EQ(StatOf(c->writeback.get(), "flushes_disconnect"), 1u) << "wrote=" << wrote;
+    reg.Drain();
+    reg.Close();
+  }
+}
+
 // A writer whose context cannot tell its size (the plugin's get_size
 // fails) is refused before anything is written through it: nbdkit would
 // abort on a data call of that context.  The export stays parked with what

@@ -290,6 +290,20 @@ TEST(WriteBackTest, FlusherSleepsWhileBackingOff) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// A disconnect's flush retried until its limit (FlushUntil) is one flush
+// requested by a disconnecting client, however often it is tried.
+TEST(WriteBackTest, FlushRetriedUntilItsLimitIsCountedOnce) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));  // retries 1-5 ms apart
+  sink.Fail(EIO);
+  ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
+  EXPECT_EQ(wb.FlushUntil(milliseconds(100), Trigger::kDisconnect), EIO);
+  EXPECT_GE(wb.counters().flush_errors.load(), 3u) << "the flush was not retried";
+  EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kDisconnect)].load(), 1u);
+  sink.Fail(0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
 TEST(WriteBackTest, FuaIsDurableBeforeReturn) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

@@ -177,6 +177,9 @@ void ControlSocket::Serve(int fd) {
     if (!WaitFor(fd, POLLIN)) return;
     ssize_t n = read(fd, in, sizeof in);
     if (n == -1 && errno == EINTR) continue;
+    // At the end of the client's input, a last line without a newline
+    // (printf pause | socat ...) is a command all the same.
+    if (n == 0 && !buf.empty()) SendAll(fd, Execute(buf));
     if (n <= 0) return;
     buf.append(in, static_cast<size_t>(n));
     size_t nl;

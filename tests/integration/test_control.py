@@ -96,6 +96,14 @@ def main():
             sdctest.wait_disk(img, off, d, 10, "write at %d after resume" % off)
         sdctest.check(stats(ctl)["paused"] == "0", "resume not shown in stats")
 
+        # A last command without a newline, at the end of the client's input.
+        for line, paused in (("pause", "1"), ("resume", "0")):
+            _, status = sdctest.control_command(ctl, line, newline=False)
+            sdctest.check(status == "ok", "control %r without a newline answered %r" %
+                          (line, status))
+            sdctest.check(stats(ctl)["paused"] == paused,
+                          "control %r without a newline not applied" % line)
+
         h.shutdown()
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
         sdctest.check(not os.path.exists(ctl), "control socket left behind after exit")

@@ -412,14 +412,18 @@ def control_accepts(sock_path):
         s.close()
 
 
-def control_command(sock_path, line, timeout=30):
+def control_command(sock_path, line, timeout=30, newline=True):
     """Sends one line to the control socket; returns (body_lines, status),
-    status being the final 'ok' or 'error ...' line."""
+    status being the final 'ok' or 'error ...' line.  Without `newline`,
+    sends the line bare and shuts down the sending side, as
+    `printf CMD | socat - UNIX-CONNECT:...` does."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect(sock_path)
-        s.sendall(line.encode() + b"\n")
+        s.sendall(line.encode() + (b"\n" if newline else b""))
+        if not newline:
+            s.shutdown(socket.SHUT_WR)
         buf = b""
         lines = []
         while True:

@@ -18,7 +18,8 @@
 //    the Sink and the Sink was flushed.  Requests made meanwhile do not wait.
 //    A FUA request is buffered, then flushed before it returns.
 //  - Bytes buffered are bounded by queue_max_bytes: a writer past it waits
-//    (never fails).  A single write larger than the bound is written through,
+//    (never fails).  A single write that does not fit in the bound with its
+//    chunk's header (Chunk::AllocationSize) is written through,
 //    after everything before it has reached the Sink (with
 //    flush_before_release, and flushed, before it returns).
 //  - A write of at least bypass_min bytes goes straight to a Sink timed as

@@ -551,6 +551,26 @@ TEST(WriteBackTest, WriteLargerThanQueueIsWrittenThroughInOrder) {
   EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
 }
 
+// The bound counts each chunk's header: a write that fits with it is
+// buffered, one that does not (a write of exactly the bound, say) is written
+// through, since buffered it could only wait for an empty queue and then
+// hold more than the bound.
+TEST(WriteBackTest, WriteThatFitsOnlyWithoutItsHeaderIsWrittenThrough) {
+  FakeSink sink(kDisk);
+  constexpr uint64_t kBound = 8192;
+  WriteBack wb(&sink, Opts(1000, kBound));
+  std::string fits(kBound - Chunk::AllocationSize(0), 'f'), whole(kBound, 'w');
+  ASSERT_EQ(wb.Write(fits.data(), fits.size(), 0, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  EXPECT_EQ(wb.counters().writethrough_requests.load(), 0u);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  ASSERT_EQ(wb.Write(whole.data(), kBound, 16384, false), 0);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
+  std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin() + 16384, disk.begin() + 16384 + kBound), whole);
+}
+
 // Runs one-byte batches until the engine has timed FakeSink's requests as
 // CPU-bound (on a loaded machine one can look like waiting now and then).
 void TimeAsCpuBound(WriteBack& wb) {

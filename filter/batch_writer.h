@@ -145,9 +145,9 @@ class BatchWriter {
   static constexpr int kWaitingOf16 = 12;
   static constexpr uint64_t kProbeEvery = 16;
   // Of WriteTimed's requests, every kProbeBypassEvery-th is timed: a probe
-  // costs two system calls, while the rest of the filter's part of a bypass
-  // write is about 50 ns (BM_Bypass64k in bench/: 197 ns a write with a
-  // probe of four system calls every 8th, 54 ns with two every 32nd).  A
+  // reads the clocks twice, four system calls, far more than the rest of
+  // the filter's part of a bypass write (BM_Bypass64k in bench/: 197 ns a
+  // write with a probe every 8th write, 66 ns with one every 32nd).  A
   // plugin turning slow is still noticed within about 400 writes.
   static constexpr uint64_t kProbeBypassEvery = 32;
   std::atomic<uint64_t> timed_writes_{0};

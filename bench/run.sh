@@ -11,7 +11,7 @@ build=${SDCCACHE_BUILD:-$root/build-bench}
 ninja -C "$build" filter/nbdkit-sdccache-filter.so bench/engine-bench >/dev/null
 export SDCCACHE_BENCH_CMD="bench/run.sh${*:+ $*}"
 /usr/bin/python3 "$root/bench/run.py" --build "$build" "$@"
-# The side benches (outlets, folios, thresholds, sizing), appended to the full run's RESULTS.md.
+# The side benches (outlets, folios, thresholds, sizing, floor), appended to the full run's RESULTS.md.
 case " $* " in
   *" --quick "*|*" --out "*) ;;
   *) /usr/bin/python3 "$root/bench/outlets.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
@@ -24,5 +24,8 @@ case " $* " in
        --out "$root/bench/RESULTS.md"
      # Target 2 with a queue that holds the working set, against the defaults.
      /usr/bin/python3 "$root/bench/sizing.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
+       --out "$root/bench/RESULTS.md"
+     # Target 1's 64 KiB check against filters that do nothing.
+     /usr/bin/python3 "$root/bench/floor.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
        --out "$root/bench/RESULTS.md" ;;
 esac

@@ -27,7 +27,7 @@ class Row:
     def __init__(self, name, backend, top):
         self.name = name          # e.g. "sdccache/slow"
         self.backend = backend    # null | memory | file | slow | remote
-        self.top = top            # None | "cache" | "sdccache"
+        self.top = top            # None | "cache" | "sdccache" (| "nofilter" | "fua-pass")
 
 
 ALL_ROWS = [
@@ -142,6 +142,13 @@ class RowServer:
             elif row.top == "sdccache":
                 top = ["--filter=" + ctx.filter_so]
                 top_args = ["control=" + self.control] + list(sdc_args)
+            elif row.top == "nofilter":  # bench/floor.py: a filter with no callbacks
+                top = ["--filter=nofilter"]
+            elif row.top == "fua-pass":  # bench/floor.py: a pwrite that only passes on
+                top = ["--filter=fua"]
+                top_args = ["fuamode=pass"]
+            elif row.top is not None:
+                raise BenchError("unknown top " + row.top)
             stats = ["--filter=stats"]
             stats_args = ["statsfile=" + self.plugin_stats, "statsappend=false"]
             if row.top == "sdccache" and not ctx.stats_under_sdccache:

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 # Target 6's repetitions: median_run (experiments.py) and how report.py
 # shows them; the hypervisor steal of fio_runs.py and report.py, and which
-# run a cell run twice keeps; the tables of thresholds.py and sizing.py.
+# run a cell run twice keeps; the tables of thresholds.py, sizing.py and
+# floor.py.
 # Runs no server.
 import os
 import sys
@@ -12,6 +13,7 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 
 import experiments  # noqa: E402
 import fio_runs  # noqa: E402
+import floor  # noqa: E402
 import report  # noqa: E402
 import sizing  # noqa: E402
 import thresholds  # noqa: E402
@@ -143,6 +145,20 @@ class SizingTable(unittest.TestCase):
         self.assertIn("2.06x file (need >= 2.0x) PASS; 0.79x memory (need >= 0.8x) MISS",
                       checks[1])
 
+
+
+class FloorTable(unittest.TestCase):
+    def test_ratios_are_of_the_medians_and_of_each_pair(self):
+        def recs(*iops):
+            return [{"iops_drain": x, "cpu_us_per_io": 28.0 + i} for i, x in enumerate(iops)]
+        names = [v for v, _ in floor.VARIANTS]
+        runs = {names[0]: recs(36000, 35000, 34000), names[1]: recs(35000, 35700, 33660),
+                names[2]: recs(35500, 34300, 34000), names[3]: recs(34000, 36000, 35000)}
+        lines = floor.table(runs)
+        self.assertEqual(len(lines), 6)
+        self.assertEqual(lines[2], "| file | 35,000 | 1.000x | 1.000, 1.000, 1.000 | 29.00 |")
+        self.assertEqual(lines[3], "| nofilter | 35,000 | 1.000x | 0.972, 1.020, 0.990 | 29.00 |")
+        self.assertEqual(lines[5], "| sdccache | 35,000 | 1.000x | 0.944, 1.029, 1.029 | 29.00 |")
 
 if __name__ == "__main__":
     unittest.main()

@@ -140,7 +140,7 @@ TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
   for (bool wrote : {true, false}) {
     Params p;
     p.threshold = 1000;
-    p.shutdown_timeout = std::chrono::milliseconds(100);
+    p.shutdown_timeout = std::chrono::milliseconds(300);  // retries 10, 20, 40... ms apart
     Registry reg(p);
     FakeContext a;
     ExportCache* c = reg.Get("x", a.next());
@@ -151,7 +151,7 @@ TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
       a.pwrite_error = EIO;
     }
     EXPECT_EQ(reg.Leave(c, a.next(), wrote), EIO);
-    EXPECT_GE(StatOf(c->writeback.get(), "flush_errors"), 3u) << "wrote=" << wrote;
+    EXPECT_GE(StatOf(c->writeback.get(), "flush_errors"), 2u) << "not retried; wrote=" << wrote;
     EXPECT_EQ(StatOf(c->writeback.get(), "flushes_disconnect"), 1u) << "wrote=" << wrote;
     reg.Drain();
     reg.Close();

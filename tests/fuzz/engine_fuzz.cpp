@@ -57,11 +57,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         for (uint64_t i = 0; i < len; ++i) payload[i] = static_cast<uint8_t>(v + i);
         const bool fua = code & 0x80;
         int err = wb.Write(payload.data(), static_cast<uint32_t>(len), off, fua);
+        // What does not fit in the bound with its chunk header is written
+        // through, and may fail; a buffered write cannot.
+        const bool through = Chunk::AllocationSize(len) > o.queue_max_bytes;
         if (err && err != EIO) Die("write failed, not by injection", op);
-        if (err && !fua && len <= o.queue_max_bytes) Die("buffered write failed", op);
+        if (err && !fua && !through) Die("buffered write failed", op);
         std::copy(payload.begin(), payload.begin() + static_cast<long>(len),
                   model.begin() + static_cast<long>(off));
-        if (err && len > o.queue_max_bytes) {
+        if (err && through) {
           // A failed write-through leaves its range undefined (as NBD says
           // of any failed write): take what the engine now returns.
           Overlay ov = wb.Lookup(off, len);

@@ -92,6 +92,20 @@ uint64_t StatOf(WriteBack* wb, const std::string& key) {
   return 0;
 }
 
+// Writer `a` (the only one) writes 4 KiB to export "x", then leaves while
+// the plugin fails every write: the export keeps the data.
+ExportCache* LeaveWithData(Registry& reg, FakeContext& a, bool wrote) {
+  ExportCache* c = reg.Get("x", a.next());
+  char buf[4096] = {7};
+  EXPECT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
+  EXPECT_EQ(reg.Leave(c, a.next(), wrote), EIO);
+  return c;
+}
+
 // The last writer leaves with data the plugin failed to take: the export
 // is parked with it.  The next writer's context is attached before the
 // flusher starts again, so the flusher's first retry writes through it
@@ -103,14 +117,7 @@ TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
   p.shutdown_timeout = std::chrono::milliseconds(50);
   Registry reg(p);
   FakeContext a, b;
-  ExportCache* c = reg.Get("x", a.next());
-  char buf[4096] = {7};
-  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
-  {
-    std::lock_guard<std::mutex> l(a.mu);
-    a.pwrite_error = EIO;
-  }
-  EXPECT_EQ(reg.Leave(c, a.next(), false), EIO);
+  ExportCache* c = LeaveWithData(reg, a, false);
   ASSERT_TRUE(c->writeback->parked());
   ASSERT_EQ(c->writeback->queued_requests(), 1u);
   const uint64_t errors = StatOf(c->writeback.get(), "flush_errors");
@@ -143,14 +150,7 @@ TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
     p.shutdown_timeout = std::chrono::milliseconds(300);  // retries 10, 20, 40... ms apart
     Registry reg(p);
     FakeContext a;
-    ExportCache* c = reg.Get("x", a.next());
-    char buf[4096] = {7};
-    ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
-    {
-      std::lock_guard<std::mutex> l(a.mu);
-      a.pwrite_error = EIO;
-    }
-    EXPECT_EQ(reg.Leave(c, a.next(), wrote), EIO);
+    ExportCache* c = LeaveWithData(reg, a, wrote);
     EXPECT_GE(StatOf(c->writeback.get(), "flush_errors"), 2u) << "not retried; wrote=" << wrote;
     EXPECT_EQ(StatOf(c->writeback.get(), "flushes_disconnect"), 1u) << "wrote=" << wrote;
     reg.Drain();
@@ -168,14 +168,7 @@ TEST(RegistryTest, WriterWhoseSizeIsUnknownIsRefused) {
   p.shutdown_timeout = std::chrono::milliseconds(50);
   Registry reg(p);
   FakeContext a, b, d;
-  ExportCache* c = reg.Get("x", a.next());
-  char buf[4096] = {7};
-  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
-  {
-    std::lock_guard<std::mutex> l(a.mu);
-    a.pwrite_error = EIO;
-  }
-  EXPECT_EQ(reg.Leave(c, a.next(), false), EIO);
+  ExportCache* c = LeaveWithData(reg, a, false);
   ASSERT_TRUE(c->writeback->parked());
   {
     std::lock_guard<std::mutex> l(b.mu);

@@ -29,6 +29,7 @@ PluginSink::PluginSink(nbdkit_next* first, PluginGate* gate) : gate_(gate) {
 }
 
 void PluginSink::Attach(nbdkit_next* next) {
+  int64_t size;
   {
     // nbdkit answers a context's data calls only after it has asked the
     // plugin what the context can do and how large it is (it caches the
@@ -37,8 +38,8 @@ void PluginSink::Attach(nbdkit_next* next) {
     // at once (what an export left holding), so the size is asked here:
     // a data call on a context of unknown size aborts nbdkit.
     GateHold g(gate_);
-    if (next->get_size(next) == -1)
-      throw std::runtime_error("the plugin could not tell the export's size");
+    size = next->get_size(next);
+    if (size == -1) throw std::runtime_error("the plugin could not tell the export's size");
     next->can_fua(next);
     next->can_zero(next);
     next->can_flush(next);
@@ -46,7 +47,7 @@ void PluginSink::Attach(nbdkit_next* next) {
     next->can_multi_conn(next);
   }
   std::lock_guard<std::mutex> l(mu_);
-  contexts_.push_back(Slot{next});
+  contexts_.push_back(Slot{next, static_cast<uint64_t>(size)});
 }
 
 PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
@@ -131,6 +132,7 @@ PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which)
   if (c == nullptr || (write && c->leaving)) return;
   ++c->in_flight;
   next_ = c->next;
+  size_ = c->size;
   written_at_start_ = c->written;
 }
 
@@ -160,6 +162,7 @@ int PluginSink::Write(const void* buf, uint32_t count, uint64_t offset, bool fua
     Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
+    if (!lease.Holds(offset, count)) return ENOSPC;
     GateHold g(gate_);
     if (next->pwrite(next, buf, count, offset, flags, &err) == -1) return err ? err : EIO;
   }
@@ -185,6 +188,7 @@ int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
     Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
+    if (!lease.Holds(offset, count)) return ENOSPC;
     GateHold g(gate_);
     if (next->zero(next, count, offset, flags, &err) == -1) return err ? err : EIO;
   }
@@ -199,6 +203,7 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
     Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
+    if (!lease.Holds(offset, count)) return ENOSPC;
     GateHold g(gate_);
     if (next->trim(next, count, offset, flags, &err) == -1) return err ? err : EIO;
   }

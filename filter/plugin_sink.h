@@ -67,7 +67,9 @@ class PluginSink : public Sink {
   PluginSink(nbdkit_next* first, PluginGate* gate);
 
   // Makes `next` usable for background writes; throws if the plugin cannot
-  // tell its size (nbdkit needs that before any data call).
+  // tell its size (nbdkit needs that before any data call).  A write, zero
+  // or trim past that size (buffered before the plugin's size shrank) fails
+  // with ENOSPC instead of reaching nbdkit, which would abort.
   void Attach(nbdkit_next* next);
   // Removes `next` once no background call uses it; new calls go to other
   // contexts meanwhile.  With `unless_last`, leaves it attached (and
@@ -102,17 +104,22 @@ class PluginSink : public Sink {
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
     nbdkit_next* get() const { return next_; }
+    // Whether [offset, offset + count) lies within the context's size:
+    // nbdkit aborts on a data call past it.
+    bool Holds(uint64_t offset, uint32_t count) const { return offset + count <= size_; }
     // After a successful flush: the writes done before it began are covered.
     void Flushed();
 
    private:
     PluginSink* sink_;
     nbdkit_next* next_;
+    uint64_t size_ = 0;
     bool write_;
     uint64_t written_at_start_ = 0;
   };
   struct Slot {
     nbdkit_next* next;
+    uint64_t size;         // what its get_size said when attached
     int in_flight = 0;     // calls using it now
     uint64_t written = 0;  // write calls finished through it
     uint64_t flushed = 0;  // of those, how many a flush through it covers

@@ -129,7 +129,9 @@ def next_writer_writes_what_a_left_export_held():
     trig = os.path.join(tmp, "fail-now")
     ctl = os.path.join(tmp, "ctl.sock")
     touch(trig)
-    plugin = [("get_size=sleep 0.5; stat -Lc %%s %s" % img) if a.startswith("get_size=") else a
+    # Longer than the retry backoff (at most 1 s): the flusher's first retry
+    # comes while the handshake still waits for the size.
+    plugin = [("get_size=sleep 1.5; stat -Lc %%s %s" % img) if a.startswith("get_size=") else a
               for a in faultlib.eval_file_plugin(img)]
     srv = Server(plugin + error_args(["pwrite"], "100%", trig),
                  ["max-age=0", "shutdown-timeout=200ms", "control=" + ctl],
@@ -155,6 +157,52 @@ def next_writer_writes_what_a_left_export_held():
     print("next writer writes what a left export held: ok")
 
 
+def data_past_a_shrunk_size_waits():
+    """As above, but the plugin's size shrinks below the held data before
+    the next writer connects (an image truncated meanwhile): nbdkit would
+    abort on a write past the new end.  The data stays, the writer's flush
+    fails with ENOSPC, and a writer that sees the old size again writes it."""
+    tmp = faultlib.tmpdir()
+    size = 8 << 20
+    img = sdctest.make_image(tmp, size)
+    sizef, trig = os.path.join(tmp, "size"), os.path.join(tmp, "fail-now")
+    ctl = os.path.join(tmp, "ctl.sock")
+    write_file(sizef, str(size).encode())
+    touch(trig)
+    plugin = [("get_size=cat %s" % sizef) if a.startswith("get_size=") else a
+              for a in faultlib.eval_file_plugin(img)]
+    srv = Server(plugin + error_args(["pwrite"], "100%", trig),
+                 ["max-age=0", "shutdown-timeout=200ms", "control=" + ctl],
+                 under=["error"], tmpdir=tmp)
+    with srv:
+        base = sdctest.threads_of(srv.proc.pid)
+        data = random.Random(8).randbytes(4096)
+        h = srv.connect()
+        h.pwrite(data, 7 << 20)
+        h.shutdown()
+        del h
+        sdctest.wait_until(lambda: sdctest.threads_of(srv.proc.pid) <= base, 20,
+                           "nbdkit back to %d threads" % base)
+        write_file(sizef, str(4 << 20).encode())
+        remove(trig)
+        errors = counter(ctl, "flush_errors")
+        h = srv.connect()
+        check(h.get_size() == 4 << 20, "the plugin's new size is not served")
+        wait_counter(ctl, "flush_errors", errors + 1)  # the retry through the small context
+        check(srv.proc.poll() is None, "nbdkit died:\n" + srv.log_text()[-1500:])
+        expect_errno(h.flush, errno.ENOSPC, "flush of data past the shrunk size")
+        check(counter(ctl, "queued_requests") == 1, "the data past the new end was dropped")
+        h.shutdown()
+        del h
+        write_file(sizef, str(size).encode())
+        h = srv.connect()
+        h.flush()
+        check_same(sdctest.disk_read(img, 7 << 20, 4096), data, "disk once the size is back")
+        h.shutdown()
+        check(srv.stop() == 0, "nbdkit exit status")
+    print("data past a shrunk size waits: ok")
+
+
 def main():
     seed = int(os.environ.get("SEED", "4242"))
     kinds = sys.argv[1:] or ["pwrite", "zero", "trim"]
@@ -162,6 +210,7 @@ def main():
         scenario(kind, seed + i)
     older_write_never_lands(seed)
     next_writer_writes_what_a_left_export_held()
+    data_past_a_shrunk_size_waits()
 
 
 if __name__ == "__main__":

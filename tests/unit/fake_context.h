@@ -55,19 +55,24 @@ struct FakeContext {
     ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };
     ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
     // nbdkit caches the size per context; a data call on a context whose
-    // size it has not asked fails an assertion and aborts nbdkit
-    // (backend_valid_range), as pwrite does here.
+    // size it has not asked, or past that size, fails an assertion and
+    // aborts nbdkit (backend_valid_range), as pwrite does here.
     ops.get_size = [](nbdkit_next* n) -> int64_t {
       FakeContext* c = Of(n);
       std::lock_guard<std::mutex> l(c->mu);
       c->size_known = c->size != -1;
       return c->size;
     };
-    ops.pwrite = [](nbdkit_next* n, const void*, uint32_t, uint64_t, uint32_t, int* err) {
+    ops.pwrite = [](nbdkit_next* n, const void*, uint32_t count, uint64_t offset, uint32_t,
+                    int* err) {
       FakeContext* c = Of(n);
       std::unique_lock<std::mutex> l(c->mu);
       if (!c->size_known) {
         std::fprintf(stderr, "FakeContext: pwrite on a context whose size nbdkit never asked\n");
+        std::abort();
+      }
+      if (offset + count > static_cast<uint64_t>(c->size)) {
+        std::fprintf(stderr, "FakeContext: pwrite past the context's size (nbdkit asserts)\n");
         std::abort();
       }
       ++c->pwrites;

@@ -49,9 +49,10 @@ ModelRun RunModel(uint64_t seed, uint64_t ops) {
       data[0] = static_cast<uint8_t>(i);
       const bool fua = rng() % 50 == 0;
       int err = wb.Write(data.data(), static_cast<uint32_t>(len), off, fua);
-      // Only a FUA write or a write-through (larger than the queue) may
-      // fail, with the injected errno.  A buffered write stays buffered.
-      const bool through = len > o.queue_max_bytes;
+      // Only a FUA write or a write-through (not fitting in the queue with
+      // its header) may fail, with the injected errno.  A buffered write
+      // stays buffered.
+      const bool through = Chunk::AllocationSize(len) > o.queue_max_bytes;
       if (err != 0 && !((fua || through) && err == EIO)) ADD_FAILURE() << "write failed: " << err;
       std::copy(data.begin(), data.begin() + static_cast<long>(len), model.begin() + static_cast<long>(off));
       if (err != 0 && through) {

@@ -187,5 +187,38 @@ TEST(RegistryTest, WriterWhoseSizeIsUnknownIsRefused) {
   reg.Close();
 }
 
+// The plugin's size shrank below data the export holds (the image was
+// truncated while the data waited for a writer): writing it through the
+// next writer's context would abort nbdkit.  The write fails with ENOSPC
+// instead and the data stays; a writer whose context is large enough again
+// writes it.
+TEST(RegistryTest, DataPastAShrunkSizeStaysBuffered) {
+  Params p;
+  p.threshold = 1000;
+  p.shutdown_timeout = std::chrono::milliseconds(50);
+  Registry reg(p);
+  FakeContext a, b, d;
+  ExportCache* c = LeaveWithData(reg, a, false);  // 4 KiB at offset 0
+  const uint64_t errors = StatOf(c->writeback.get(), "flush_errors");
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.size = 2048;
+  }
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  test::AwaitPoll("the flusher's retry through b",
+                  [&] { return StatOf(c->writeback.get(), "flush_errors") > errors; });
+  EXPECT_EQ(c->writeback->queued_requests(), 1u);
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 0);
+  EXPECT_EQ(c->writeback->Flush(Trigger::kClient), ENOSPC);
+  EXPECT_EQ(reg.Leave(c, b.next(), false), ENOSPC);
+  EXPECT_EQ(reg.Get("x", d.next()), c);
+  test::AwaitPoll("d to write what the export held",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  EXPECT_EQ(d.Count(&FakeContext::pwrites), 1);
+  EXPECT_EQ(reg.Leave(c, d.next(), false), 0);
+  reg.Drain();
+  reg.Close();
+}
+
 }  // namespace
 }  // namespace sdccache

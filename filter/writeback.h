@@ -163,8 +163,7 @@ class WriteBack {
   // the Sink took it, false if it is to be buffered.
   bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
-  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true)
-      REQUIRES(mu_);
+  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);

@@ -117,6 +117,30 @@ def older_write_never_lands(seed):
     print("older write never lands: ok")
 
 
+def left_with_data(tmp, img, get_size, data, offset):
+    """nbdkit over `img` (the eval plugin, `get_size` its size command, the
+    error filter failing every pwrite while a trigger file exists); its only
+    writer writes `data` at `offset` and leaves, so the export keeps the
+    data with no writable connection and no thread of its own.  Returns the
+    server, its control socket and the trigger file."""
+    trig, ctl = os.path.join(tmp, "fail-now"), os.path.join(tmp, "ctl.sock")
+    touch(trig)
+    plugin = [("get_size=" + get_size) if a.startswith("get_size=") else a
+              for a in faultlib.eval_file_plugin(img)]
+    srv = Server(plugin + error_args(["pwrite"], "100%", trig),
+                 ["max-age=0", "shutdown-timeout=200ms", "control=" + ctl],
+                 under=["error"], tmpdir=tmp)
+    base = sdctest.threads_of(srv.proc.pid)
+    h = srv.connect()
+    h.pwrite(data, offset)
+    h.shutdown()
+    del h
+    sdctest.wait_until(lambda: sdctest.threads_of(srv.proc.pid) <= base, 20,
+                       "nbdkit back to %d threads" % base)
+    check(counter(ctl, "queued_requests") == 1, "the data the plugin refused is not held")
+    return srv, ctl, trig
+
+
 def next_writer_writes_what_a_left_export_held():
     """The only writer leaves while the plugin fails its writes: the export
     keeps the data with no writable connection left.  The next writer's
@@ -126,27 +150,11 @@ def next_writer_writes_what_a_left_export_held():
     the data call (backend_valid_range: c->exportsize <= INT64_MAX)."""
     tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
-    trig = os.path.join(tmp, "fail-now")
-    ctl = os.path.join(tmp, "ctl.sock")
-    touch(trig)
+    data = random.Random(7).randbytes(4096)
     # Longer than the retry backoff (at most 1 s): the flusher's first retry
     # comes while the handshake still waits for the size.
-    plugin = [("get_size=sleep 1.5; stat -Lc %%s %s" % img) if a.startswith("get_size=") else a
-              for a in faultlib.eval_file_plugin(img)]
-    srv = Server(plugin + error_args(["pwrite"], "100%", trig),
-                 ["max-age=0", "shutdown-timeout=200ms", "control=" + ctl],
-                 under=["error"], tmpdir=tmp)
+    srv, _, trig = left_with_data(tmp, img, "sleep 1.5; stat -Lc %s " + img, data, 8192)
     with srv:
-        base = sdctest.threads_of(srv.proc.pid)
-        data = random.Random(7).randbytes(4096)
-        h = srv.connect()
-        h.pwrite(data, 8192)
-        h.shutdown()
-        del h
-        # The export is left with its data and no thread of its own.
-        sdctest.wait_until(lambda: sdctest.threads_of(srv.proc.pid) <= base, 20,
-                           "nbdkit back to %d threads" % base)
-        check(counter(ctl, "queued_requests") == 1, "the data the plugin refused is not held")
         remove(trig)
         h = srv.connect()
         check_same(h.pread(4096, 8192), data, "read by the next writer")
@@ -165,24 +173,11 @@ def data_past_a_shrunk_size_waits():
     tmp = faultlib.tmpdir()
     size = 8 << 20
     img = sdctest.make_image(tmp, size)
-    sizef, trig = os.path.join(tmp, "size"), os.path.join(tmp, "fail-now")
-    ctl = os.path.join(tmp, "ctl.sock")
+    sizef = os.path.join(tmp, "size")
     write_file(sizef, str(size).encode())
-    touch(trig)
-    plugin = [("get_size=cat %s" % sizef) if a.startswith("get_size=") else a
-              for a in faultlib.eval_file_plugin(img)]
-    srv = Server(plugin + error_args(["pwrite"], "100%", trig),
-                 ["max-age=0", "shutdown-timeout=200ms", "control=" + ctl],
-                 under=["error"], tmpdir=tmp)
+    data = random.Random(8).randbytes(4096)
+    srv, ctl, trig = left_with_data(tmp, img, "cat " + sizef, data, 7 << 20)
     with srv:
-        base = sdctest.threads_of(srv.proc.pid)
-        data = random.Random(8).randbytes(4096)
-        h = srv.connect()
-        h.pwrite(data, 7 << 20)
-        h.shutdown()
-        del h
-        sdctest.wait_until(lambda: sdctest.threads_of(srv.proc.pid) <= base, 20,
-                           "nbdkit back to %d threads" % base)
         write_file(sizef, str(4 << 20).encode())
         remove(trig)
         errors = counter(ctl, "flush_errors")

@@ -106,16 +106,37 @@ ExportCache* LeaveWithData(Registry& reg, FakeContext& a, bool wrote) {
   return c;
 }
 
+// Registry parameters for the tests whose only writer leaves with data:
+// the threshold out of reach, a short shutdown-timeout.
+Params LeavingParams(std::chrono::milliseconds shutdown_timeout) {
+  Params p;
+  p.threshold = 1000;
+  p.shutdown_timeout = shutdown_timeout;
+  return p;
+}
+
+void SetSize(FakeContext& ctx, int64_t size) {
+  std::lock_guard<std::mutex> l(ctx.mu);
+  ctx.size = size;
+}
+
+// Writer `d` connects to export "x", which holds one request from
+// LeaveWithData, writes it through its context, and leaves.
+void NextWriterWritesIt(Registry& reg, ExportCache* c, FakeContext& d) {
+  EXPECT_EQ(reg.Get("x", d.next()), c);
+  test::AwaitPoll("d to write what the export held",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  EXPECT_EQ(d.Count(&FakeContext::pwrites), 1);
+  EXPECT_EQ(reg.Leave(c, d.next(), false), 0);
+}
+
 // The last writer leaves with data the plugin failed to take: the export
 // is parked with it.  The next writer's context is attached before the
 // flusher starts again, so the flusher's first retry writes through it
 // (started first, that retry could fail with ENOTCONN, and the data then
 // waited for the next, up to a second later).
 TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
-  Params p;
-  p.threshold = 1000;
-  p.shutdown_timeout = std::chrono::milliseconds(50);
-  Registry reg(p);
+  Registry reg(LeavingParams(std::chrono::milliseconds(50)));
   FakeContext a, b;
   ExportCache* c = LeaveWithData(reg, a, false);
   ASSERT_TRUE(c->writeback->parked());
@@ -145,10 +166,7 @@ TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
 // it knows it is the last) or not.
 TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
   for (bool wrote : {true, false}) {
-    Params p;
-    p.threshold = 1000;
-    p.shutdown_timeout = std::chrono::milliseconds(300);  // retries 10, 20, 40... ms apart
-    Registry reg(p);
+    Registry reg(LeavingParams(std::chrono::milliseconds(300)));  // retries 10, 20, 40... ms apart
     FakeContext a;
     ExportCache* c = LeaveWithData(reg, a, wrote);
     EXPECT_GE(StatOf(c->writeback.get(), "flush_errors"), 2u) << "not retried; wrote=" << wrote;
@@ -163,26 +181,16 @@ TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
 // abort on a data call of that context.  The export stays parked with what
 // it holds, and the next writer writes it.
 TEST(RegistryTest, WriterWhoseSizeIsUnknownIsRefused) {
-  Params p;
-  p.threshold = 1000;
-  p.shutdown_timeout = std::chrono::milliseconds(50);
-  Registry reg(p);
+  Registry reg(LeavingParams(std::chrono::milliseconds(50)));
   FakeContext a, b, d;
   ExportCache* c = LeaveWithData(reg, a, false);
   ASSERT_TRUE(c->writeback->parked());
-  {
-    std::lock_guard<std::mutex> l(b.mu);
-    b.size = -1;
-  }
+  SetSize(b, -1);
   EXPECT_THROW(reg.Get("x", b.next()), std::runtime_error);
   EXPECT_TRUE(c->writeback->parked());
   EXPECT_EQ(c->writeback->queued_requests(), 1u);
-  EXPECT_EQ(reg.Get("x", d.next()), c);
-  test::AwaitPoll("d to write what the export held",
-                  [&] { return c->writeback->queued_requests() == 0; });
-  EXPECT_EQ(d.Count(&FakeContext::pwrites), 1);
+  NextWriterWritesIt(reg, c, d);
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 0);
-  EXPECT_EQ(reg.Leave(c, d.next(), false), 0);
   reg.Drain();
   reg.Close();
 }
@@ -193,17 +201,11 @@ TEST(RegistryTest, WriterWhoseSizeIsUnknownIsRefused) {
 // instead and the data stays; a writer whose context is large enough again
 // writes it.
 TEST(RegistryTest, DataPastAShrunkSizeStaysBuffered) {
-  Params p;
-  p.threshold = 1000;
-  p.shutdown_timeout = std::chrono::milliseconds(50);
-  Registry reg(p);
+  Registry reg(LeavingParams(std::chrono::milliseconds(50)));
   FakeContext a, b, d;
   ExportCache* c = LeaveWithData(reg, a, false);  // 4 KiB at offset 0
   const uint64_t errors = StatOf(c->writeback.get(), "flush_errors");
-  {
-    std::lock_guard<std::mutex> l(b.mu);
-    b.size = 2048;
-  }
+  SetSize(b, 2048);
   ASSERT_EQ(reg.Get("x", b.next()), c);
   test::AwaitPoll("the flusher's retry through b",
                   [&] { return StatOf(c->writeback.get(), "flush_errors") > errors; });
@@ -211,11 +213,7 @@ TEST(RegistryTest, DataPastAShrunkSizeStaysBuffered) {
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 0);
   EXPECT_EQ(c->writeback->Flush(Trigger::kClient), ENOSPC);
   EXPECT_EQ(reg.Leave(c, b.next(), false), ENOSPC);
-  EXPECT_EQ(reg.Get("x", d.next()), c);
-  test::AwaitPoll("d to write what the export held",
-                  [&] { return c->writeback->queued_requests() == 0; });
-  EXPECT_EQ(d.Count(&FakeContext::pwrites), 1);
-  EXPECT_EQ(reg.Leave(c, d.next(), false), 0);
+  NextWriterWritesIt(reg, c, d);
   reg.Drain();
   reg.Close();
 }

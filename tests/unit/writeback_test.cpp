@@ -672,7 +672,8 @@ TEST(WriteBackTest, BypassWritesNoticeAPluginTurningSlow) {
     ASSERT_EQ(wb.Write(big.data(), kLarge, (n % slots) * kLarge, false), 0);
     ASSERT_EQ(wb.queued_requests(), 0u) << "large write " << n << " was buffered";
   }
-  ASSERT_TRUE(wb.plugin_latency_bound()) << n << " large writes to a slow plugin, none timed as such";
+  ASSERT_TRUE(wb.plugin_latency_bound())
+      << n << " large writes to a slow plugin, none timed as such";
   EXPECT_EQ(wb.counters().bypass_writes.load(), n);
   ASSERT_EQ(wb.Write(big.data(), kLarge, 0, false), 0);
   EXPECT_EQ(wb.queued_requests(), 1u);

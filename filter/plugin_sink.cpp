@@ -155,18 +155,25 @@ PluginSink::Lease::~Lease() {
 
 int PluginSink::FuaFallback(bool fua) { return fua && can_fua_ == NBDKIT_FUA_NONE ? Flush() : 0; }
 
-int PluginSink::Write(const void* buf, uint32_t count, uint64_t offset, bool fua) {
-  int err = 0;
-  const uint32_t flags = fua && can_fua_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0;
+template <typename Call>
+int PluginSink::DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool fua, Call call) {
+  if (fua && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
   {
+    int err = 0;
     Lease lease(this, /*write=*/true);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     if (!lease.Holds(offset, count)) return ENOSPC;
     GateHold g(gate_);
-    if (next->pwrite(next, buf, count, offset, flags, &err) == -1) return err ? err : EIO;
+    if (call(next, flags, &err) == -1) return err ? err : EIO;
   }
   return FuaFallback(fua);
+}
+
+int PluginSink::Write(const void* buf, uint32_t count, uint64_t offset, bool fua) {
+  return DataCall(offset, count, 0, fua, [&](nbdkit_next* next, uint32_t flags, int* err) {
+    return next->pwrite(next, buf, count, offset, flags, err);
+  });
 }
 
 int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
@@ -181,33 +188,17 @@ int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
     }
     return fua ? Flush() : 0;
   }
-  int err = 0;
-  uint32_t flags = may_trim ? NBDKIT_FLAG_MAY_TRIM : 0;
-  if (fua && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
-  {
-    Lease lease(this, /*write=*/true);
-    nbdkit_next* next = lease.get();
-    if (next == nullptr) return ENOTCONN;
-    if (!lease.Holds(offset, count)) return ENOSPC;
-    GateHold g(gate_);
-    if (next->zero(next, count, offset, flags, &err) == -1) return err ? err : EIO;
-  }
-  return FuaFallback(fua);
+  return DataCall(offset, count, may_trim ? NBDKIT_FLAG_MAY_TRIM : 0, fua,
+                  [&](nbdkit_next* next, uint32_t flags, int* err) {
+                    return next->zero(next, count, offset, flags, err);
+                  });
 }
 
 int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
   if (!can_trim_) return fua ? Flush() : 0;
-  int err = 0;
-  const uint32_t flags = fua && can_fua_ != NBDKIT_FUA_NONE ? NBDKIT_FLAG_FUA : 0;
-  {
-    Lease lease(this, /*write=*/true);
-    nbdkit_next* next = lease.get();
-    if (next == nullptr) return ENOTCONN;
-    if (!lease.Holds(offset, count)) return ENOSPC;
-    GateHold g(gate_);
-    if (next->trim(next, count, offset, flags, &err) == -1) return err ? err : EIO;
-  }
-  return FuaFallback(fua);
+  return DataCall(offset, count, 0, fua, [&](nbdkit_next* next, uint32_t flags, int* err) {
+    return next->trim(next, count, offset, flags, err);
+  });
 }
 
 int PluginSink::FlushOne(nbdkit_next* which) {

@@ -128,6 +128,12 @@ class PluginSink : public Sink {
   Slot* FindLocked(nbdkit_next* next);
   Slot* PickLocked();  // the oldest context not leaving, else the oldest
   bool OthersStayLocked(nbdkit_next* next);
+  // A write, zero or trim of [offset, offset + count) through a leased
+  // context: call(next, flags, &err), with FUA added to `flags` when the
+  // plugin takes it (else a flush follows: FuaFallback).  ENOTCONN with no
+  // context, ENOSPC past the context's size.
+  template <typename Call>
+  int DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool fua, Call call);
   // Flushes `which`, or (null) the context PickLocked gives.
   int FlushOne(nbdkit_next* which);
   int FuaFallback(bool fua);

@@ -109,11 +109,10 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   // A write that cannot fit in the bound with its chunk's header could be
   // buffered only alone, once the queue is empty (which steady writers can
   // put off for ever), and would then hold more than the bound.
-  if (Chunk::AllocationSize(count) > opts_.queue_max_bytes)
-    return WriteThrough(buf, count, offset, fua);
+  const size_t need = Chunk::AllocationSize(count);
+  if (need > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
   if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
     return 0;
-  const size_t need = Chunk::AllocationSize(count);
   void* pooled = account_.Reserve(need, [this] { WakeForRoom(); }, count);
   Chunk* c = Chunk::Create(buf, count, &account_, pooled);
   if (c == nullptr) {

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -49,6 +50,12 @@ def make_image(path, size, piece=1 << 20):
             f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
+
+
+def median_of(recs, key):
+    """The median of key(record) over a side bench's records (0 if none)."""
+    vals = [key(r) for r in recs]
+    return statistics.median(vals) if vals else 0.0
 
 
 def side_bench_args(description, reps):

@@ -17,11 +17,11 @@ writes all of it at the flush.
     /usr/bin/python3 bench/sizing.py --filter build-bench/filter/nbdkit-sdccache-filter.so
 """
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fio_runs import make_image, measure_cell, side_bench_args, side_bench_ctx  # noqa: E402
+from fio_runs import (make_image, measure_cell, median_of, side_bench_args,  # noqa: E402
+                      side_bench_ctx)
 from servers import ROWS_BY_NAME  # noqa: E402
 
 SIZE = 256 << 20
@@ -58,11 +58,6 @@ def main():
                     "Runs (IOPS incl. drain): %s.\n"
                     % (a.reps, a.runtime, " ".join(SIZED), "\n".join(lines), "\n".join(checks),
                        per_run))
-
-
-def median_of(recs, key):
-    vals = [key(r) for r in recs]
-    return statistics.median(vals) if vals else 0.0
 
 
 def table(runs):

@@ -11,43 +11,43 @@ namespace sdccache {
 // nbdkit rejects data requests over 32 MiB.
 static constexpr uint32_t kNbdkitMaxRequest = 32u << 20;
 
-PluginSink::PluginSink(nbdkit_next* first, PluginGate* gate) : gate_(gate) {
-  {
-    GateHold g(gate_);
-    can_fua_ = first->can_fua(first);
-    can_zero_ = first->can_zero(first);
-    can_flush_ = first->can_flush(first) == 1;
-    can_trim_ = first->can_trim(first) == 1;
-    multi_conn_ = first->can_multi_conn(first) == 1;
-    uint32_t minimum = 0, preferred = 0, maximum = 0;
-    max_write_ = kNbdkitMaxRequest;
-    if (first->block_size(first, &minimum, &preferred, &maximum) == 0 && maximum > 0 &&
-        maximum != 0xffffffff)
-      max_write_ = std::min(max_write_, maximum);
-  }
-  Attach(first);
+PluginSink::Answers PluginSink::Ask(nbdkit_next* next, PluginGate* gate) {
+  // A context is attached in .prepare, before the handshake has asked its
+  // size, and the flusher may write through it at once (what an export
+  // left holding), so everything nbdkit checks a data call against is
+  // asked here: a data call on a context of unknown size aborts nbdkit.
+  GateHold g(gate);
+  const int64_t size = next->get_size(next);
+  if (size == -1) throw std::runtime_error("the plugin could not tell the export's size");
+  Answers a{};
+  a.size = static_cast<uint64_t>(size);
+  a.can_fua = next->can_fua(next);
+  a.can_zero = next->can_zero(next);
+  a.can_flush = next->can_flush(next) == 1;
+  a.can_trim = next->can_trim(next) == 1;
+  a.multi_conn = next->can_multi_conn(next) == 1;
+  uint32_t minimum = 0, preferred = 0, maximum = 0;
+  a.max_write = kNbdkitMaxRequest;
+  if (next->block_size(next, &minimum, &preferred, &maximum) == 0 && maximum > 0 &&
+      maximum != 0xffffffff)
+    a.max_write = std::min(a.max_write, maximum);
+  return a;
 }
 
-void PluginSink::Attach(nbdkit_next* next) {
-  int64_t size;
-  {
-    // nbdkit answers a context's data calls only after it has asked the
-    // plugin what the context can do and how large it is (it caches the
-    // answers per context).  A context is attached in .prepare, before the
-    // handshake has asked its size, and the flusher may write through it
-    // at once (what an export left holding), so the size is asked here:
-    // a data call on a context of unknown size aborts nbdkit.
-    GateHold g(gate_);
-    size = next->get_size(next);
-    if (size == -1) throw std::runtime_error("the plugin could not tell the export's size");
-    next->can_fua(next);
-    next->can_zero(next);
-    next->can_flush(next);
-    next->can_trim(next);
-    next->can_multi_conn(next);
-  }
+PluginSink::PluginSink(nbdkit_next* first, const Answers& answers, PluginGate* gate)
+    : gate_(gate),
+      can_fua_(answers.can_fua),
+      can_zero_(answers.can_zero),
+      can_flush_(answers.can_flush),
+      can_trim_(answers.can_trim),
+      multi_conn_(answers.multi_conn),
+      max_write_(answers.max_write) {
+  Attach(first, answers);
+}
+
+void PluginSink::Attach(nbdkit_next* next, const Answers& answers) {
   std::lock_guard<std::mutex> l(mu_);
-  contexts_.push_back(Slot{next, static_cast<uint64_t>(size)});
+  contexts_.push_back(Slot{next, answers.size});
 }
 
 PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {

@@ -61,16 +61,31 @@ class GateHold {
 
 class PluginSink : public Sink {
  public:
-  // `first` is the context of the connection that creates the cache; its
-  // capabilities stand for the export's.  Call from .prepare.  Throws as
-  // Attach does.
-  PluginSink(nbdkit_next* first, PluginGate* gate);
+  // What a context's plugin said about it.  nbdkit answers a context's data
+  // calls only after it has asked the plugin what the context can do and
+  // how large it is (it caches the answers per context).
+  struct Answers {
+    uint64_t size;
+    int can_fua, can_zero;
+    bool can_flush, can_trim, multi_conn;
+    uint32_t max_write;  // the largest request the sink makes
+  };
+  // Asks `next`'s plugin (through `gate`); throws if it cannot tell its
+  // size.  Call it before taking a lock other connections wait on: for a
+  // remote plugin each answer may be a network round trip.
+  static Answers Ask(nbdkit_next* next, PluginGate* gate);
 
-  // Makes `next` usable for background writes; throws if the plugin cannot
-  // tell its size (nbdkit needs that before any data call).  A write, zero
-  // or trim past that size (buffered before the plugin's size shrank) fails
-  // with ENOSPC instead of reaching nbdkit, which would abort.
-  void Attach(nbdkit_next* next);
+  // `first` is the context of the connection that creates the cache; its
+  // answers stand for the export's.  Call from .prepare.
+  PluginSink(nbdkit_next* first, const Answers& answers, PluginGate* gate);
+  PluginSink(nbdkit_next* first, PluginGate* gate) : PluginSink(first, Ask(first, gate), gate) {}
+
+  // Makes `next`, whose plugin gave `answers`, usable for background
+  // writes.  A write, zero or trim past its size (buffered before the
+  // plugin's size shrank) fails with ENOSPC instead of reaching nbdkit,
+  // which would abort.
+  void Attach(nbdkit_next* next, const Answers& answers);
+  void Attach(nbdkit_next* next) { Attach(next, Ask(next, gate_)); }
   // Removes `next` once no background call uses it; new calls go to other
   // contexts meanwhile.  With `unless_last`, leaves it attached (and
   // returns false) if no other context stays: the caller must first write
@@ -139,9 +154,9 @@ class PluginSink : public Sink {
   int FuaFallback(bool fua);
 
   PluginGate* const gate_;
-  int can_fua_, can_zero_;
-  bool can_flush_, can_trim_, multi_conn_;
-  uint32_t max_write_;
+  const int can_fua_, can_zero_;
+  const bool can_flush_, can_trim_, multi_conn_;
+  const uint32_t max_write_;
 
   std::mutex mu_;
   std::condition_variable idle_;

@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "statsfile.h"
 
@@ -26,6 +27,11 @@ static void OnBatch(void* opaque, Trigger why, uint64_t requests, uint64_t bytes
 }
 
 ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
+  // Asked before taking mu_: with a remote plugin (nbd, ssh, curl) each
+  // answer may be a network round trip, and every connection's open and
+  // close, the stats and the export description wait on mu_.
+  std::optional<PluginSink::Answers> answers;
+  if (writer) answers = PluginSink::Ask(writer, &gate_);
   std::lock_guard<std::mutex> lock(mu_);
   auto it = exports_.find(name);
   if (it != exports_.end()) {
@@ -33,7 +39,7 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
       // Attached first, so that the flusher Unpark starts can write what a
       // parked export still holds at once.  If the threads cannot start,
       // this connection fails, detached again, and the export stays parked.
-      it->second->sink->Attach(writer);
+      it->second->sink->Attach(writer, *answers);
       try {
         it->second->writeback->Unpark();
       } catch (...) {
@@ -47,7 +53,7 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
 
   auto cache = std::make_unique<ExportCache>();
   cache->name = name;
-  cache->sink = std::make_unique<PluginSink>(writer, &gate_);
+  cache->sink = std::make_unique<PluginSink>(writer, *answers, &gate_);
   WriteBackOptions opts;
   opts.threshold = threshold_override_ ? threshold_override_ : params_.threshold;
   opts.queue_max_bytes = params_.queue_max_size;

@@ -27,7 +27,7 @@ struct FakeContext {
   std::condition_variable cv;  // any change below
   int pwrites = 0;             // guarded by mu
   int pwrite_error = 0;        // guarded by mu: pwrite fails with it if set
-  bool hold_can_fua = false;   // guarded by mu: can_fua (asked in Attach) waits while set
+  bool hold_can_fua = false;   // guarded by mu: can_fua (PluginSink::Ask) waits while set
   bool in_can_fua = false;     // guarded by mu
   bool hold_pwrite = false;    // guarded by mu: pwrite waits while set
   bool in_pwrite = false;      // guarded by mu

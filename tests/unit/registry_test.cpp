@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <future>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -144,7 +145,7 @@ TEST(RegistryTest, NextWriterWritesWhatAParkedExportHolds) {
   const uint64_t errors = StatOf(c->writeback.get(), "flush_errors");
   b.Hold(&FakeContext::hold_can_fua, true);
   std::thread get_b([&] { EXPECT_EQ(reg.Get("x", b.next()), c); });
-  b.WaitFor([&] { return b.in_can_fua; });  // Get is attaching b
+  b.WaitFor([&] { return b.in_can_fua; });  // Get is asking b's plugin
   EXPECT_TRUE(c->writeback->parked()) << "the flusher started before b was attached";
   b.Hold(&FakeContext::hold_can_fua, false);
   get_b.join();
@@ -214,6 +215,36 @@ TEST(RegistryTest, DataPastAShrunkSizeStaysBuffered) {
   EXPECT_EQ(c->writeback->Flush(Trigger::kClient), ENOSPC);
   EXPECT_EQ(reg.Leave(c, b.next(), false), ENOSPC);
   NextWriterWritesIt(reg, c, d);
+  reg.Drain();
+  reg.Close();
+}
+
+// A writer's plugin is asked its size and capabilities before the registry's
+// lock is taken: for a remote plugin each answer may be a network round
+// trip, and meanwhile other connections open and close, and the stats are
+// read, under that lock.
+TEST(RegistryTest, AskingAWritersPluginHoldsUpNoOtherConnection) {
+  Params p;
+  Registry reg(p);
+  FakeContext a, b, d;
+  ExportCache* x = reg.Get("x", a.next());
+  b.Hold(&FakeContext::hold_can_fua, true);
+  std::thread get_b([&] { EXPECT_EQ(reg.Get("x", b.next()), x); });
+  b.WaitFor([&] { return b.in_can_fua; });
+  auto others = std::async(std::launch::async, [&] {
+    reg.Stats();
+    ExportCache* y = reg.Get("y", d.next());
+    EXPECT_EQ(reg.Leave(y, d.next(), false), 0);
+    return reg.Find("x") == x;
+  });
+  const bool done = others.wait_for(std::chrono::seconds(5)) == std::future_status::ready;
+  b.Hold(&FakeContext::hold_can_fua, false);
+  get_b.join();
+  EXPECT_TRUE(done) << "other connections waited while b's plugin was asked";
+  EXPECT_TRUE(others.get());
+  EXPECT_EQ(x->sink->attached(), 2u);
+  EXPECT_EQ(reg.Leave(x, b.next(), false), 0);
+  EXPECT_EQ(reg.Leave(x, a.next(), false), 0);
   reg.Drain();
   reg.Close();
 }

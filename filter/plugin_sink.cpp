@@ -23,6 +23,7 @@ PluginSink::Answers PluginSink::Ask(nbdkit_next* next, PluginGate* gate) {
   a.size = static_cast<uint64_t>(size);
   a.can_fua = next->can_fua(next);
   a.can_zero = next->can_zero(next);
+  a.can_fast_zero = next->can_fast_zero(next) == 1;
   a.can_flush = next->can_flush(next) == 1;
   a.can_trim = next->can_trim(next) == 1;
   a.multi_conn = next->can_multi_conn(next) == 1;
@@ -38,6 +39,7 @@ PluginSink::PluginSink(nbdkit_next* first, const Answers& answers, PluginGate* g
     : gate_(gate),
       can_fua_(answers.can_fua),
       can_zero_(answers.can_zero),
+      can_fast_zero_(answers.can_fast_zero),
       can_flush_(answers.can_flush),
       can_trim_(answers.can_trim),
       multi_conn_(answers.multi_conn),

@@ -67,7 +67,7 @@ class PluginSink : public Sink {
   struct Answers {
     uint64_t size;
     int can_fua, can_zero;
-    bool can_flush, can_trim, multi_conn;
+    bool can_fast_zero, can_flush, can_trim, multi_conn;
     uint32_t max_write;  // the largest request the sink makes
   };
   // Asks `next`'s plugin (through `gate`); throws if it cannot tell its
@@ -106,6 +106,11 @@ class PluginSink : public Sink {
   uint64_t losses() override;
 
   bool multi_conn() const { return multi_conn_; }
+  // What the plugin says of fast zeroes (the filter says the same).  A fast
+  // zero is buffered only if the plugin zeroes natively; nbdkit fails it
+  // with ENOTSUP when the plugin's zeroes are emulated by writes.
+  bool can_fast_zero() const { return can_fast_zero_; }
+  bool zeroes_natively() const { return can_zero_ == NBDKIT_ZERO_NATIVE; }
   uint32_t max_write() const { return max_write_; }
 
  private:
@@ -155,7 +160,7 @@ class PluginSink : public Sink {
 
   PluginGate* const gate_;
   const int can_fua_, can_zero_;
-  const bool can_flush_, can_trim_, multi_conn_;
+  const bool can_fast_zero_, can_flush_, can_trim_, multi_conn_;
   const uint32_t max_write_;
 
   std::mutex mu_;

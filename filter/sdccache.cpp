@@ -393,10 +393,13 @@ static int sdccache_can_zero(nbdkit_next* next, void* handle) {
   return NBDKIT_ZERO_NATIVE;
 }
 
-// Buffering a zero is always fast.
+// As the plugin says: a client asks for a fast zero to learn whether
+// zeroing costs less than writing, and a buffered zero is written back as
+// the plugin zeroes (by writes, if it cannot zero natively).
 static int sdccache_can_fast_zero(nbdkit_next* next, void* handle) {
-  if (!static_cast<Handle*>(handle)->writer) return next->can_fast_zero(next);
-  return 1;
+  auto* h = static_cast<Handle*>(handle);
+  if (!h->writer) return next->can_fast_zero(next);
+  return h->cache.load()->sink->can_fast_zero() ? 1 : 0;
 }
 
 static int sdccache_can_extents(nbdkit_next* next, void* handle) {
@@ -448,6 +451,13 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("zero", err, [&] {
+    // A fast zero the plugin would turn into writes fails at once, as
+    // nbdkit fails it without the filter (an expected answer, not logged);
+    // it is not buffered.
+    if ((flags & NBDKIT_FLAG_FAST_ZERO) && !h->cache.load()->sink->zeroes_natively()) {
+      *err = ENOTSUP;
+      return -1;
+    }
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
                                      flags & NBDKIT_FLAG_FUA))

@@ -50,6 +50,7 @@ struct FakeContext {
       return NBDKIT_FUA_NATIVE;
     };
     ops.can_zero = [](nbdkit_next*) { return NBDKIT_ZERO_NATIVE; };
+    ops.can_fast_zero = [](nbdkit_next*) { return 1; };
     ops.can_flush = [](nbdkit_next*) { return 1; };
     ops.can_trim = [](nbdkit_next*) { return 1; };
     ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };

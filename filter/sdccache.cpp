@@ -351,14 +351,20 @@ static int sdccache_prepare(nbdkit_next* next, void* handle, int readonly) {
   });
 }
 
+// Always returns 0: the client has gone, so a failure (logged) has no one
+// to reach, and a failing .finalize makes nbdkit skip the .finalize of
+// every layer below (a multi-conn filter there then aborts nbdkit at exit).
+// What could not be written stays buffered (and is retried, or reported
+// at exit).
 static int sdccache_finalize(nbdkit_next*, void* handle) {
   auto* h = static_cast<Handle*>(handle);
   if (!h->writer) return 0;
   int err = 0;
-  return Guarded("finalize", &err, [&] {
+  Guarded("finalize", &err, [&] {
     if (int e = LeaveExport(h)) return Fail("writing buffered data on disconnect", e, &err);
     return 0;
   });
+  return 0;
 }
 
 static const char* sdccache_export_description(nbdkit_next* next, void* handle) {

@@ -124,7 +124,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   std::vector<Worker*> helpers;
   size_t start = 0;
   bool listed = false;
-  if (waiting && job.error.load() == 0 && left > 1) {
+  if (waiting && !job.given_up.load() && left > 1) {
     std::lock_guard<std::mutex> l(idle_mu_);
     const size_t n = std::min(idle_.size(), left - 1);
     helpers.assign(idle_.end() - static_cast<std::ptrdiff_t>(n), idle_.end());
@@ -155,7 +155,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
 BatchWriter::Job* BatchWriter::JoinWanting() {
   while (!wanting_.empty()) {
     Job* job = wanting_.front();
-    if (job->error.load() == 0 && job->next_op.load() < job->ops.size()) {
+    if (!job->given_up.load() && job->next_op.load() < job->ops.size()) {
       job->pending.fetch_add(1);
       return job;
     }
@@ -259,7 +259,7 @@ void BatchWriter::WorkerLoop(Worker* self) {
 }
 
 void BatchWriter::RunOps(Job* job) {
-  while (job->error.load(std::memory_order_relaxed) == 0) {
+  while (!job->given_up.load(std::memory_order_relaxed)) {
     const size_t i = job->next_op.fetch_add(1);
     if (i >= job->ops.size()) return;
     RunOne(job, i);
@@ -271,8 +271,10 @@ void BatchWriter::RunOne(Job* job, size_t i) {
   if (int err = RunOp(job, op)) {
     int expected = 0;
     job->error.compare_exchange_strong(expected, err);
+    if (job->failed_in_a_row.fetch_add(1) + 1 >= kGiveUpAfter) job->given_up.store(true);
     return;
   }
+  job->failed_in_a_row.store(0, std::memory_order_relaxed);
   for (size_t k = op.first; k < op.last; ++k) (*job->written)[k] = 1;
 }
 

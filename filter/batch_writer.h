@@ -43,8 +43,12 @@ class BatchWriter {
   BatchWriter(const BatchWriter&) = delete;
   BatchWriter& operator=(const BatchWriter&) = delete;
 
-  // Writes `plan`.  Returns 0, or the first errno (requests not yet started
-  // are then skipped).  (*written)[i] says whether plan[i] reached the Sink.
+  // Writes `plan`.  Returns 0, or the first errno.  A request that fails
+  // does not stop the others: a range the plugin refuses for good (one
+  // past a shrunk size, say) must not hold back every range after it.
+  // Only kGiveUpAfter failures in a row (the plugin is down) skip the
+  // requests not yet started.  (*written)[i] says whether plan[i] reached
+  // the Sink.
   int Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
             uint64_t* plugin_writes);
 
@@ -75,7 +79,9 @@ class BatchWriter {
     std::vector<Op> ops;
     std::vector<char>* written = nullptr;
     std::atomic<size_t> next_op{0};
-    std::atomic<int> error{0};
+    std::atomic<int> error{0};  // the first
+    std::atomic<unsigned> failed_in_a_row{0};
+    std::atomic<bool> given_up{false};  // kGiveUpAfter failures in a row
     std::atomic<uint64_t> calls{0};
     // Threads not yet done with it: its caller and each helper.  Helpers
     // join only while it is in wanting_, so it never rises from 0.
@@ -112,10 +118,13 @@ class BatchWriter {
   // the job's other threads do their share.
   void StartHelpers(Job* job, size_t n);
   // Under idle_mu_: the oldest job in wanting_ that has ops left, joined
-  // (its pending counted); or null.  Drops exhausted or failed jobs it
+  // (its pending counted); or null.  Drops exhausted or given-up jobs it
   // passes over.
   Job* JoinWanting();
-  void RunOps(Job* job);  // takes the job's ops until none is left
+  // Failures in a row after which a batch's remaining requests are skipped.
+  static constexpr unsigned kGiveUpAfter = 8;
+  // Takes the job's ops until none is left (or it is given up).
+  void RunOps(Job* job);
   void RunOne(Job* job, size_t i);  // op i, recording success or the first error
   int RunOp(Job* job, const Op& op);
   // A thread's clocks, for timing one plugin request.  Time off the CPU,

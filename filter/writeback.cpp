@@ -450,7 +450,18 @@ void WriteBack::RunBatch(Trigger why) {
   const uint64_t losses_before = flush_after ? sink_->losses() : 0;
   std::vector<DirtyRange> plan = PlanBatch(b);
   int err = batch_writer_.Write(plan, &written, &plugin_writes);
-  if (err == 0 && flush_after) err = FlushSinceLosses(losses_before);
+  // Whether the ranges written are in the plugin for every context to see:
+  // at once with multi-conn, else once a flush has reached the contexts
+  // that carried them.  A batch that failed in part is flushed too, so
+  // that what it wrote can be retired: kept and written again in full,
+  // a batch of many ranges with a plugin failing now and then would
+  // almost never get through.
+  bool written_durable = !flush_after;
+  if (flush_after && (err == 0 || std::find(written.begin(), written.end(), 1) != written.end())) {
+    const int flush_err = FlushSinceLosses(losses_before);
+    written_durable = flush_err == 0;
+    if (err == 0) err = flush_err;
+  }
   mu_.Lock();
   const uint64_t us = static_cast<uint64_t>(duration_cast<microseconds>(Clock::now() - start).count());
   counters_.plugin_writes.fetch_add(plugin_writes, std::memory_order_relaxed);
@@ -473,14 +484,25 @@ void WriteBack::RunBatch(Trigger why) {
     counters_.bytes_flushed.fetch_add(bytes, std::memory_order_relaxed);
     counters_.RecordBatchLatency(us);
   } else {
-    // Ranges written before the failure are in the plugin (and visible to
-    // every context when it is multi-conn): retire them, so that a plugin
-    // failing now and then still makes progress.  Keep the rest: the
-    // failed batch is older than anything buffered since, and shares no
-    // byte with the other batches running.
-    if (!flush_after)
+    // Ranges written are in the plugin (and, see above, visible to every
+    // context): retire them, so that a plugin failing now and then, or
+    // refusing one range for good, still makes progress.  Keep the rest:
+    // the failed batch is older than anything buffered since, and shares
+    // no byte with the other batches running.
+    if (written_durable) {
+      uint64_t retired_bytes = 0;
       for (size_t i = 0; i < plan.size(); ++i)
-        if (written[i]) b.map.Erase(plan[i].offset);
+        if (written[i]) {
+          retired_bytes += plan[i].length;
+          b.map.Erase(plan[i].offset);
+        }
+      // Each range kept stands for at least one of the batch's requests
+      // (those that overlapped were merged); count what is left as that.
+      const uint64_t kept = std::min<uint64_t>(b.requests, b.map.size());
+      counters_.requests_flushed.fetch_add(b.requests - kept, std::memory_order_relaxed);
+      counters_.bytes_flushed.fetch_add(retired_bytes, std::memory_order_relaxed);
+      b.requests = kept;
+    }
     const bool was_empty = active_.empty();
     active_.InsertUnder(std::move(b.map));
     active_requests_ += b.requests;

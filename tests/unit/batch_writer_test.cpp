@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -113,6 +114,23 @@ int ParallelBatches(TimedSink* sink) {
     if (sink->TakeMax() > 1) ++parallel;
   }
   return parallel;
+}
+
+// A plugin that fails every request (it is down): a batch stops after a
+// few failures in a row instead of trying each of its requests.
+TEST(BatchWriterTest, ABatchGivesUpAfterFailuresInARow) {
+  class Down : public WritesOnly {
+   public:
+    int Write(const void*, uint32_t, uint64_t, bool) override { return EIO; }
+  } sink;
+  BatchWriter writer(&sink, 1, 1 << 20);
+  const std::vector<DirtyRange> plan = Plan();  // 16 requests
+  std::vector<char> written;
+  uint64_t calls = 0;
+  EXPECT_EQ(writer.Write(plan, &written, &calls), EIO);
+  EXPECT_GE(calls, 2u) << "stopped at the first failure";
+  EXPECT_LT(calls, plan.size()) << "tried every request of a plugin that is down";
+  EXPECT_EQ(std::count(written.begin(), written.end(), 1), 0);
 }
 
 TEST(BatchWriterTest, WaitingRequestsRunInParallel) {

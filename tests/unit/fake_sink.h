@@ -34,6 +34,7 @@ class FakeSink : public Sink {
           [&] { return !held_ && !(hold_at_set_ && offset == hold_at_); });
     if (int e = Injected(fail_)) return e;
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
+    if (fail_at_err_ && offset == fail_at_) return fail_at_err_;
     std::memcpy(disk_.data() + offset, buf, count);
     ++writes_;
     cv_.notify_all();
@@ -165,6 +166,12 @@ class FakeSink : public Sink {
     fail_from_ = offset;
     fail_from_err_ = err;
   }
+  // Writes that start at `offset` fail with err (0: none).
+  void FailAt(uint64_t offset, int err) {
+    std::lock_guard<std::mutex> l(mu_);
+    fail_at_ = offset;
+    fail_at_err_ = err;
+  }
   void Fail(int err) {
     std::lock_guard<std::mutex> l(mu_);
     fail_ = err;
@@ -212,6 +219,8 @@ class FakeSink : public Sink {
   int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
   uint64_t fail_next_ = 0, injected_ = 0, fail_from_ = 0;
   int fail_from_err_ = 0;
+  uint64_t fail_at_ = 0;
+  int fail_at_err_ = 0;
   // REQUIRES: mu_ held.  The error this call must return, or 0.
   int Injected(int always) {
     if (always) return always;

@@ -200,6 +200,39 @@ TEST(WriteBackTest, FailedBatchRetiresTheRangesItWrote) {
   EXPECT_EQ(sink.Disk()[65536], 'h');
 }
 
+// A range the plugin refuses for good (past a size that shrank, or not
+// aligned as a filter below demands) fails every batch it is in.  It must
+// not hold back the ranges after it, nor (without multi-conn, where a
+// batch's writes are kept until a flush covers them) the ones it was
+// written with: those are written, flushed and retired, and only the
+// refused range stays buffered.
+TEST(WriteBackTest, ARangeThePluginRefusesHoldsBackNoOther) {
+  for (bool flush_before_release : {false, true}) {
+    SCOPED_TRACE(flush_before_release ? "without multi-conn" : "multi-conn");
+    FakeSink sink(kDisk);
+    WriteBackOptions o = Opts(1000);
+    o.retry_min = o.retry_max = std::chrono::seconds(60);  // only Flush() retries
+    o.write_threads = 1;  // requests in offset order: the refused one first
+    o.flush_before_release = flush_before_release;
+    WriteBack wb(&sink, o);
+    sink.FailAt(0, EINVAL);
+    ASSERT_EQ(wb.Write("bad", 3, 0, false), 0);
+    constexpr int kGood = 20;  // more than BatchWriter's failures in a row
+    for (int i = 1; i <= kGood; ++i) ASSERT_EQ(wb.Write("good", 4, i * 8192, false), 0);
+    EXPECT_EQ(wb.Flush(Trigger::kClient), EINVAL);
+    EXPECT_EQ(wb.queued_requests(), 1u) << "ranges other than the refused one stayed buffered";
+    EXPECT_EQ(StatOf(wb, "requests_flushed"), static_cast<uint64_t>(kGood));
+    std::vector<uint8_t> disk = sink.Disk();
+    for (int i = 1; i <= kGood; ++i)
+      EXPECT_EQ(std::string(disk.begin() + i * 8192, disk.begin() + i * 8192 + 4), "good") << i;
+    EXPECT_EQ(wb.Flush(Trigger::kClient), EINVAL) << "the refused range is still unwritten";
+    EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "bad");
+    sink.FailAt(0, 0);
+    ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+    EXPECT_EQ(sink.Disk()[0], 'b');
+  }
+}
+
 TEST(WriteBackTest, FailedPluginFlushIsReported) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

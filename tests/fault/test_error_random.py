@@ -1,6 +1,11 @@
-# Random plugin write failures (30%) under a model-checked random workload:
-# only flush/FUA may fail; after the failures stop, nothing is lost.
+# Random plugin write failures under a model-checked random workload: only
+# flush/FUA may fail; after the failures stop, nothing is lost.  And a plugin
+# that is not multi-conn, failing now and then, still takes a large batch.
+import errno
 import os
+import random
+
+import nbd
 
 import faultlib
 import sdctest
@@ -54,11 +59,51 @@ def run(seed, threshold, count, rate="30%"):
         check("could not be written" not in srv.log_text(), "shutdown reported lost data")
 
 
+def many_ranges_without_multi_conn(seed):
+    """A plugin that is not multi-conn, failing 2% of writes, and a batch of
+    2000 separate ranges: a batch then almost never gets through without a
+    failure, so what each attempt wrote must be flushed and retired, not
+    written again in full (with that, no flush ever succeeded)."""
+    size = 32 << 20
+    tmp = faultlib.tmpdir()
+    img = sdctest.make_image(tmp, size)
+    ctl = os.path.join(tmp, "ctl.sock")
+    srv = Server(["file", img, "multi-conn-mode=disable"] + error_args(["pwrite"], "2%"),
+                 ["threshold=1048576", "max-age=0", "control=" + ctl],
+                 under=["multi-conn", "error"], tmpdir=tmp)
+    with srv:
+        h = srv.connect()
+        check(not h.can_multi_conn(), "the plugin stack is multi-conn: the test tests nothing")
+        model = Model(size)
+        rng = random.Random(seed)
+        for i in range(2000):
+            data = rng.randbytes(4096)
+            h.pwrite(data, i * 8192)
+            model.write(i * 8192, data)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                h.flush()
+                break
+            except nbd.Error as e:
+                check(e.errnum == errno.EIO, "flush failed with %s, want EIO" % e)
+                check(tries < 50, "no flush succeeded in %d tries: %s" % (tries, stats(ctl)))
+        st = stats(ctl)
+        print("2000 ranges, not multi-conn, 2%% failures: flushed after %d tries, "
+              "flush_errors=%s" % (tries, st["flush_errors"]))
+        check(int(st["flush_errors"]) > 0, "no plugin write failed: the test tested nothing")
+        check_same(read_file(img), model.read(0, size), "disk after the flush")
+        h.shutdown()
+        check(srv.stop() == 0, "nbdkit exit status")
+
+
 def main():
     seed = int(os.environ.get("SEED", "7"))
     run(seed, threshold=4, count=3000)
     run(seed + 1, threshold=1, count=1500)
     run(seed + 2, threshold=2, count=2000, rate="5%")
+    many_ranges_without_multi_conn(seed)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ PluginSink::Answers PluginSink::Ask(nbdkit_next* next, PluginGate* gate) {
   a.multi_conn = next->can_multi_conn(next) == 1;
   uint32_t minimum = 0, preferred = 0, maximum = 0;
   a.max_write = kNbdkitMaxRequest;
-  if (next->block_size(next, &minimum, &preferred, &maximum) == 0 && maximum > 0 &&
-      maximum != 0xffffffff)
-    a.max_write = std::min(a.max_write, maximum);
+  a.min_block = 1;
+  if (next->block_size(next, &minimum, &preferred, &maximum) == 0) {
+    if (maximum > 0 && maximum != 0xffffffff) a.max_write = std::min(a.max_write, maximum);
+    if (minimum > 1) a.min_block = minimum;
+  }
   return a;
 }
 
@@ -43,7 +45,8 @@ PluginSink::PluginSink(nbdkit_next* first, const Answers& answers, PluginGate* g
       can_flush_(answers.can_flush),
       can_trim_(answers.can_trim),
       multi_conn_(answers.multi_conn),
-      max_write_(answers.max_write) {
+      max_write_(answers.max_write),
+      min_block_(answers.min_block) {
   Attach(first, answers);
 }
 

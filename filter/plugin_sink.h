@@ -69,6 +69,7 @@ class PluginSink : public Sink {
     int can_fua, can_zero;
     bool can_fast_zero, can_flush, can_trim, multi_conn;
     uint32_t max_write;  // the largest request the sink makes
+    uint32_t min_block;  // the plugin's minimum block size (1: none)
   };
   // Asks `next`'s plugin (through `gate`); throws if it cannot tell its
   // size.  Call it before taking a lock other connections wait on: for a
@@ -112,6 +113,14 @@ class PluginSink : public Sink {
   bool can_fast_zero() const { return can_fast_zero_; }
   bool zeroes_natively() const { return can_zero_ == NBDKIT_ZERO_NATIVE; }
   uint32_t max_write() const { return max_write_; }
+  // Whether [offset, offset + count) is aligned to the plugin's minimum
+  // block size.  A plugin may refuse a request that is not; refused in the
+  // background, after the client's request was acknowledged, the data
+  // could never be written, so the filter refuses it up front.
+  bool Aligned(uint64_t offset, uint32_t count) const {
+    return offset % min_block_ == 0 && count % min_block_ == 0;
+  }
+  uint32_t min_block() const { return min_block_; }
 
  private:
   // A borrowed context, returned to the pool when the Lease ends.
@@ -161,7 +170,7 @@ class PluginSink : public Sink {
   PluginGate* const gate_;
   const int can_fua_, can_zero_;
   const bool can_fast_zero_, can_flush_, can_trim_, multi_conn_;
-  const uint32_t max_write_;
+  const uint32_t max_write_, min_block_;
 
   std::mutex mu_;
   std::condition_variable idle_;

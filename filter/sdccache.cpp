@@ -138,6 +138,18 @@ int Fail(const char* what, int e, int* err) {
   return -1;
 }
 
+// Whether a write, zero or trim meets the plugin's minimum block size (see
+// PluginSink::Aligned); if not, fails it with EINVAL, as the plugin may.
+bool Aligned(Handle* h, const char* what, uint64_t offset, uint32_t count, int* err) {
+  const PluginSink& sink = *h->cache.load(std::memory_order_relaxed)->sink;
+  if (sink.Aligned(offset, count)) return true;
+  nbdkit_error("sdccache: %s: offset %llu or count %u is not a multiple of the plugin's "
+               "minimum block size %u",
+               what, static_cast<unsigned long long>(offset), count, sink.min_block());
+  *err = EINVAL;
+  return false;
+}
+
 }  // namespace
 
 static void sdccache_load() { g = new Globals(); }
@@ -446,6 +458,7 @@ static int sdccache_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t
                            uint64_t offset, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("pwrite", err, [&] {
+    if (!Aligned(h, "pwrite", offset, count, err)) return -1;
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Write(buf, count, offset, flags & NBDKIT_FLAG_FUA))
       return Fail("pwrite", e, err);
@@ -457,6 +470,7 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("zero", err, [&] {
+    if (!Aligned(h, "zero", offset, count, err)) return -1;
     // A fast zero the plugin would turn into writes fails at once, as
     // nbdkit fails it without the filter (an expected answer, not logged);
     // it is not buffered.
@@ -476,6 +490,7 @@ static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   return Guarded("trim", err, [&] {
+    if (!Aligned(h, "trim", offset, count, err)) return -1;
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Trim(count, offset, flags & NBDKIT_FLAG_FUA))
       return Fail("trim", e, err);

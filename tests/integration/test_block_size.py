@@ -1,0 +1,56 @@
+# A plugin's minimum block size: a write, zero or trim it does not divide
+# is refused with EINVAL at once, as the plugin may refuse it.  Buffered
+# and refused only in the background, after it was acknowledged, it could
+# never be written, and every later flush would fail.
+import errno
+
+import nbd
+import sdctest
+
+MIN = 4096
+SIZE = 1 << 20
+
+
+def expect_einval(what, fn):
+    try:
+        fn()
+    except nbd.Error as e:
+        sdctest.check(e.errnum == errno.EINVAL and "command failed" in str(e),
+                      "%s failed with %s, not the server's EINVAL" % (what, e))
+        return
+    sdctest.fail("%s, not aligned to the minimum block size %d, was accepted" % (what, MIN))
+
+
+def main():
+    tmp = sdctest.scratch_dir(prefix="sdc-blocksize-")
+    # nbdkit's blocksize-policy filter makes the memory plugin advertise a
+    # minimum of 4096 and refuse what does not meet it.
+    with sdctest.start_server(["memory", str(SIZE), "blocksize-minimum=%d" % MIN,
+                               "blocksize-error-policy=error"],
+                              ["threshold=1000", "max-age=1h"], under=["blocksize-policy"],
+                              tmpdir=tmp) as srv:
+        h = srv.connect()
+        h.set_strict_mode(0)  # libnbd would refuse misaligned requests itself
+        sdctest.check(h.get_block_size(nbd.SIZE_MINIMUM) == MIN,
+                      "minimum block size %d advertised, want %d" %
+                      (h.get_block_size(nbd.SIZE_MINIMUM), MIN))
+        expect_einval("a 512-byte write", lambda: h.pwrite(b"\x01" * 512, 0))
+        expect_einval("a write at offset 512", lambda: h.pwrite(b"\x02" * MIN, 512))
+        expect_einval("a 512-byte zero", lambda: h.zero(512, MIN))
+        expect_einval("a 512-byte trim", lambda: h.trim(512, 2 * MIN))
+        data = b"\x03" * (2 * MIN)
+        h.pwrite(data, 4 * MIN)
+        h.zero(MIN, 8 * MIN)
+        h.flush()  # fails if anything refused was buffered
+        sdctest.check(h.pread(2 * MIN, 4 * MIN) == data, "aligned write not read back")
+        sdctest.check(h.pread(MIN, 0) == bytes(MIN), "a refused write was applied")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        log = srv.log_text()
+        sdctest.check("could not be written" not in log, "data lost at exit:\n" + log[-2000:])
+        sdctest.check("minimum block size 4096" in log, "the refusal was not logged:\n" + log)
+    print("misaligned write, zero, trim refused with EINVAL; aligned ones flushed")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 #include "plugin_sink.h"
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <stdexcept>
 #include <vector>
@@ -32,7 +33,8 @@ PluginSink::Answers PluginSink::Ask(nbdkit_next* next, PluginGate* gate) {
   a.min_block = 1;
   if (next->block_size(next, &minimum, &preferred, &maximum) == 0) {
     if (maximum > 0 && maximum != 0xffffffff) a.max_write = std::min(a.max_write, maximum);
-    if (minimum > 1) a.min_block = minimum;
+    // A power of 2, as NBD requires (nbdkit checks a plugin's).
+    if (minimum > 1 && std::has_single_bit(minimum)) a.min_block = minimum;
   }
   return a;
 }

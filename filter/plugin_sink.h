@@ -118,7 +118,7 @@ class PluginSink : public Sink {
   // background, after the client's request was acknowledged, the data
   // could never be written, so the filter refuses it up front.
   bool Aligned(uint64_t offset, uint32_t count) const {
-    return offset % min_block_ == 0 && count % min_block_ == 0;
+    return ((offset | count) & (min_block_ - 1)) == 0;  // min_block_ is a power of 2
   }
   uint32_t min_block() const { return min_block_; }
 

@@ -5,6 +5,7 @@
 #include <bit>
 #include <cerrno>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace sdccache {
@@ -53,6 +54,24 @@ PluginSink::PluginSink(nbdkit_next* first, const Answers& answers, PluginGate* g
 }
 
 void PluginSink::Attach(nbdkit_next* next, const Answers& answers) {
+  // Background calls use any attached context as the first one's answers
+  // allow, and nbdkit aborts on a FUA, zero, trim or flush call to a
+  // context whose plugin said it cannot do it.
+  const char* lacks = nullptr;
+  if (can_fua_ != NBDKIT_FUA_NONE && answers.can_fua == NBDKIT_FUA_NONE)
+    lacks = "FUA";
+  else if (can_zero_ != NBDKIT_ZERO_NONE && answers.can_zero == NBDKIT_ZERO_NONE)
+    lacks = "zero";
+  else if (can_trim_ && !answers.can_trim)
+    lacks = "trim";
+  else if (can_flush_ && !answers.can_flush)
+    lacks = "flush";
+  else if (multi_conn_ && !answers.multi_conn)
+    lacks = "multi-conn";
+  if (lacks)
+    throw std::runtime_error(std::string("the plugin says this connection cannot ") + lacks +
+                             ", which the first connection to the export could; the filter "
+                             "writes any connection's data through any of them");
   std::lock_guard<std::mutex> l(mu_);
   contexts_.push_back(Slot{next, answers.size});
 }

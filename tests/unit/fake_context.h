@@ -23,6 +23,7 @@ namespace test {
 struct FakeContext {
   nbdkit_next ops{};
   int multi_conn = 1;  // what can_multi_conn says
+  int trim = 1;        // what can_trim says
   std::mutex mu;
   std::condition_variable cv;  // any change below
   int pwrites = 0;             // guarded by mu
@@ -52,7 +53,7 @@ struct FakeContext {
     ops.can_zero = [](nbdkit_next*) { return NBDKIT_ZERO_NATIVE; };
     ops.can_fast_zero = [](nbdkit_next*) { return 1; };
     ops.can_flush = [](nbdkit_next*) { return 1; };
-    ops.can_trim = [](nbdkit_next*) { return 1; };
+    ops.can_trim = [](nbdkit_next* n) { return Of(n)->trim; };
     ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };
     ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
     // nbdkit caches the size per context; a data call on a context whose

@@ -10,6 +10,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <thread>
 #include <type_traits>
 
@@ -62,6 +63,23 @@ TEST_F(PluginSinkTest, WritesUseTheOldestContext) {
   EXPECT_FALSE(sink->Detach(b.next(), /*unless_last=*/true));
   EXPECT_TRUE(sink->Detach(b.next(), /*unless_last=*/false));
   EXPECT_EQ(Write(), ENOTCONN);
+}
+
+// A context whose plugin says it cannot do what the first one could (here
+// trim) is refused: a background trim through it would make nbdkit abort.
+// One that can do more is taken.
+TEST_F(PluginSinkTest, AContextThatCannotDoWhatTheFirstCouldIsRefused) {
+  Open(/*multi_conn=*/true);
+  FakeContext weak, strong;
+  weak.trim = 0;
+  EXPECT_THROW(sink->Attach(weak.next()), std::runtime_error);
+  EXPECT_EQ(sink->attached(), 2u);
+  FakeContext not_multi;
+  not_multi.multi_conn = 0;
+  EXPECT_THROW(sink->Attach(not_multi.next()), std::runtime_error);
+  sink->Attach(strong.next());
+  EXPECT_EQ(sink->attached(), 3u);
+  EXPECT_TRUE(sink->Detach(strong.next(), /*unless_last=*/true));
 }
 
 // Without multi-conn, a plugin flush covers only the writes made through

@@ -490,18 +490,19 @@ void WriteBack::RunBatch(Trigger why) {
     // the failed batch is older than anything buffered since, and shares
     // no byte with the other batches running.
     if (written_durable) {
-      uint64_t retired_bytes = 0;
+      uint64_t retired = 0, retired_bytes = 0;
       for (size_t i = 0; i < plan.size(); ++i)
         if (written[i]) {
+          ++retired;
           retired_bytes += plan[i].length;
           b.map.Erase(plan[i].offset);
         }
-      // Each range kept stands for at least one of the batch's requests
-      // (those that overlapped were merged); count what is left as that.
-      const uint64_t kept = std::min<uint64_t>(b.requests, b.map.size());
-      counters_.requests_flushed.fetch_add(b.requests - kept, std::memory_order_relaxed);
+      // Each range stands for at least one of the batch's requests (those
+      // that overlapped were merged), and which ones is not kept: count one
+      // per range retired, so that what stays is never under-counted.
+      counters_.requests_flushed.fetch_add(retired, std::memory_order_relaxed);
       counters_.bytes_flushed.fetch_add(retired_bytes, std::memory_order_relaxed);
-      b.requests = kept;
+      b.requests -= retired;
     }
     const bool was_empty = active_.empty();
     active_.InsertUnder(std::move(b.map));

@@ -233,6 +233,48 @@ TEST(WriteBackTest, ARangeThePluginRefusesHoldsBackNoOther) {
   }
 }
 
+// A batch that wrote nothing retires nothing, and counts no request as
+// flushed, though overlapping requests were merged into fewer ranges: what
+// stays queued (and what exit would report lost) is every request.
+TEST(WriteBackTest, WhollyFailedBatchCountsNoRequestFlushed) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.retry_min = o.retry_max = std::chrono::seconds(60);  // only Flush() retries
+  WriteBack wb(&sink, o);
+  sink.Fail(EIO);
+  for (int i = 0; i < 10; ++i) ASSERT_EQ(wb.Write("same", 4, 0, false), 0);
+  ASSERT_EQ(wb.Write("other", 5, 8192, false), 0);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  EXPECT_EQ(StatOf(wb, "requests_flushed"), 0u) << "nothing reached the plugin";
+  EXPECT_EQ(wb.queued_requests(), 11u);
+  sink.Fail(0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
+// Without multi-conn, ranges a partly failed batch wrote leave the buffer
+// only once a plugin flush has covered them: before that, another
+// connection reading through its own context may not see them.
+TEST(WriteBackTest, PartlyFailedBatchRetiresOnlyAfterAFlush) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.retry_min = o.retry_max = std::chrono::seconds(60);  // only Flush() retries
+  o.flush_before_release = true;
+  WriteBack wb(&sink, o);
+  sink.FailAt(0, EIO);
+  sink.FailFlush(EIO);
+  ASSERT_EQ(wb.Write("bad", 3, 0, false), 0);
+  for (int i = 1; i <= 5; ++i) ASSERT_EQ(wb.Write("good", 4, i * 8192, false), 0);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  EXPECT_EQ(wb.queued_requests(), 6u) << "ranges retired though no flush covered them";
+  sink.FailFlush(0);
+  const uint64_t flushes = sink.flushes();
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);  // "bad" still fails
+  EXPECT_GT(sink.flushes(), flushes) << "retired without a plugin flush";
+  EXPECT_EQ(wb.queued_requests(), 1u);
+  sink.FailAt(0, 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
 TEST(WriteBackTest, FailedPluginFlushIsReported) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

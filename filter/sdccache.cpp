@@ -143,9 +143,10 @@ int Fail(const char* what, int e, int* err) {
 bool Aligned(Handle* h, const char* what, uint64_t offset, uint32_t count, int* err) {
   const PluginSink& sink = *h->cache.load(std::memory_order_relaxed)->sink;
   if (sink.Aligned(offset, count)) return true;
-  nbdkit_error("sdccache: %s: offset %llu or count %u is not a multiple of the plugin's "
-               "minimum block size %u",
-               what, static_cast<unsigned long long>(offset), count, sink.min_block());
+  nbdkit_error(
+      "sdccache: %s: offset %llu or count %u is not a multiple of the plugin's "
+      "minimum block size %u",
+      what, static_cast<unsigned long long>(offset), count, sink.min_block());
   *err = EINVAL;
   return false;
 }

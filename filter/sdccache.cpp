@@ -55,6 +55,9 @@ WriteBack* WriteBackOf(Handle* h) {
   return h->cache.load(std::memory_order_relaxed)->writeback.get();
 }
 
+// The plugin contexts of a writable connection's export (see WriteBackOf).
+PluginSink* SinkOf(Handle* h) { return h->cache.load(std::memory_order_relaxed)->sink.get(); }
+
 // The export's cache, or null if no writable connection has created it yet.
 // A read-only connection can open before the first writable one: it must
 // find the cache as soon as there is one, or it reads past the overlay and
@@ -141,7 +144,7 @@ int Fail(const char* what, int e, int* err) {
 // Whether a write, zero or trim meets the plugin's minimum block size (see
 // PluginSink::Aligned); if not, fails it with EINVAL, as the plugin may.
 bool Aligned(Handle* h, const char* what, uint64_t offset, uint32_t count, int* err) {
-  const PluginSink& sink = *h->cache.load(std::memory_order_relaxed)->sink;
+  const PluginSink& sink = *SinkOf(h);
   if (sink.Aligned(offset, count)) return true;
   nbdkit_error(
       "sdccache: %s: offset %llu or count %u is not a multiple of the plugin's "
@@ -418,7 +421,7 @@ static int sdccache_can_zero(nbdkit_next* next, void* handle) {
 static int sdccache_can_fast_zero(nbdkit_next* next, void* handle) {
   auto* h = static_cast<Handle*>(handle);
   if (!h->writer) return next->can_fast_zero(next);
-  return h->cache.load()->sink->can_fast_zero() ? 1 : 0;
+  return SinkOf(h)->can_fast_zero() ? 1 : 0;
 }
 
 static int sdccache_can_extents(nbdkit_next* next, void* handle) {
@@ -431,7 +434,7 @@ static int sdccache_can_multi_conn(nbdkit_next* next, void* handle) {
   if (!h->writer) return next->can_multi_conn(next);
   // One overlay serves every connection, but plugin data reaches other
   // contexts coherently only if the plugin says so.
-  return h->cache.load()->sink->multi_conn() ? 1 : 0;
+  return SinkOf(h)->multi_conn() ? 1 : 0;
 }
 
 static int sdccache_pread(nbdkit_next* next, void* handle, void* buf, uint32_t count,
@@ -475,7 +478,7 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
     // A fast zero the plugin would turn into writes fails at once, as
     // nbdkit fails it without the filter (an expected answer, not logged);
     // it is not buffered.
-    if ((flags & NBDKIT_FLAG_FAST_ZERO) && !h->cache.load()->sink->zeroes_natively()) {
+    if ((flags & NBDKIT_FLAG_FAST_ZERO) && !SinkOf(h)->zeroes_natively()) {
       *err = ENOTSUP;
       return -1;
     }

@@ -40,17 +40,6 @@ def error_args(kinds, rate, trigger_file=None, err="EIO"):
     return args
 
 
-def expect_errno(fn, want, what):
-    """Calls fn(); it must fail with nbd.Error whose errno is `want`."""
-    try:
-        fn()
-    except nbd.Error as e:
-        check(e.errnum == want, "%s failed with %s, want %s" %
-              (what, e, errno.errorcode[want]))
-        return e
-    fail("%s succeeded; it must fail with %s" % (what, errno.errorcode[want]))
-
-
 def eval_file_plugin(image, thread_model=None, lock_dir=None, marker=None,
                      call_log=None, flush_error_file=None, hold="0", cache=False):
     """Arguments for `nbdkit eval` serving `image` with dd.

@@ -8,9 +8,8 @@ import nbd
 
 import faultlib
 import sdctest
-from sdctest import Model, Server, check
-from faultlib import (check_same, stats, eval_file_plugin, expect_errno, read_file, remove,
-                      touch)
+from sdctest import Model, Server, check, expect_errno
+from faultlib import check_same, stats, eval_file_plugin, read_file, remove, touch
 
 SIZE = 1 << 20
 

@@ -9,9 +9,9 @@ import nbd
 
 import faultlib
 import sdctest
-from sdctest import Model, Server, check
-from faultlib import (check_same, counter, error_args, expect_errno, read_file, remove,
-                      touch, wait_counter, write_file)
+from sdctest import Model, Server, check, expect_errno
+from faultlib import (check_same, counter, error_args, read_file, remove, touch,
+                      wait_counter, write_file)
 
 SIZE = 4 << 20
 

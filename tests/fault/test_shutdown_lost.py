@@ -17,8 +17,8 @@ import time
 
 import faultlib
 import sdctest
-from sdctest import Server, check, wait_until
-from faultlib import error_args, expect_errno, read_file
+from sdctest import Server, check, expect_errno, wait_until
+from faultlib import error_args, read_file
 
 SIZE = 4 << 20
 TIMEOUT_S = 2

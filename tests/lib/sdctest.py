@@ -6,6 +6,7 @@ exited within its bound.  Tests wait for conditions (socket present, process
 exited, file content changed) with explicit deadlines, never bare sleeps.
 """
 import atexit
+import errno
 import os
 import random
 import shutil
@@ -166,6 +167,17 @@ def fail(msg):
 def check(cond, msg):
     if not cond:
         fail(msg)
+
+
+def expect_errno(fn, want, what):
+    """Calls fn(); it must fail with nbd.Error whose errno is `want`."""
+    try:
+        fn()
+    except nbd.Error as e:
+        check(e.errnum == want, "%s failed with %s, want %s" %
+              (what, e, errno.errorcode[want]))
+        return e
+    fail("%s succeeded; it must fail with %s" % (what, errno.errorcode[want]))
 
 
 def wait_until(pred, timeout, what, interval=0.01):

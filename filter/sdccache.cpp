@@ -56,7 +56,9 @@ WriteBack* WriteBackOf(Handle* h) {
 }
 
 // The plugin contexts of a writable connection's export (see WriteBackOf).
-PluginSink* SinkOf(Handle* h) { return h->cache.load(std::memory_order_relaxed)->sink.get(); }
+PluginSink* SinkOf(Handle* h) {
+  return h->cache.load(std::memory_order_relaxed)->sink.get();
+}
 
 // The export's cache, or null if no writable connection has created it yet.
 // A read-only connection can open before the first writable one: it must

@@ -497,9 +497,13 @@ void WriteBack::RunBatch(Trigger why) {
           retired_bytes += plan[i].length;
           b.map.Erase(plan[i].offset);
         }
-      // Each range stands for at least one of the batch's requests (those
-      // that overlapped were merged), and which ones is not kept: count one
-      // per range retired, so that what stays is never under-counted.
+      // Which requests a range holds is not kept: requests that overlapped
+      // were merged into one range, and one request split by later ones
+      // left several.  Count one request per range retired, but leave at
+      // least one per range kept (or all the batch's requests, if fewer),
+      // so that what stays is never under-counted nor the count wraps.
+      const uint64_t kept_ranges = plan.size() - retired;
+      retired = std::min(retired, b.requests - std::min(b.requests, kept_ranges));
       counters_.requests_flushed.fetch_add(retired, std::memory_order_relaxed);
       counters_.bytes_flushed.fetch_add(retired_bytes, std::memory_order_relaxed);
       b.requests -= retired;

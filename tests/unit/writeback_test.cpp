@@ -251,6 +251,29 @@ TEST(WriteBackTest, WhollyFailedBatchCountsNoRequestFlushed) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// One request split by later ones into several ranges: retiring all but
+// one of them must not count more requests than the batch had (the count
+// wrapped below zero, and requests_flushed went past the requests made).
+TEST(WriteBackTest, PartlyFailedBatchOfSplitRequestsCountsNoMoreThanItHad) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.retry_min = o.retry_max = std::chrono::seconds(60);  // only Flush() retries
+  WriteBack wb(&sink, o);
+  sink.FailAt(0, EINVAL);
+  ASSERT_EQ(wb.Write("bad", 3, 0, false), 0);
+  const std::string d(20480, 'D');
+  ASSERT_EQ(wb.Write(d.data(), d.size(), 8192, false), 0);
+  ASSERT_EQ(wb.Zero(4096, 12288, false, false), 0);  // splits the write
+  ASSERT_EQ(wb.Zero(4096, 20480, false, false), 0);  // and again: 6 ranges of 4 requests
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EINVAL);
+  EXPECT_EQ(wb.queued_requests(), 1u) << "only \"bad\" is left";
+  EXPECT_EQ(StatOf(wb, "requests_flushed"), 3u);
+  sink.FailAt(0, 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(StatOf(wb, "requests_flushed"), 4u);
+}
+
 // Without multi-conn, ranges a partly failed batch wrote leave the buffer
 // only once a plugin flush has covered them: before that, another
 // connection reading through its own context may not see them.

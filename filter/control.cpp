@@ -69,7 +69,22 @@ bool Inspect(const std::string& path, sockaddr_un* addr, bool* stale) {
 bool ControlSocket::Check(const std::string& path) {
   sockaddr_un addr;
   bool stale;
-  return Inspect(path, &addr, &stale);
+  if (!Inspect(path, &addr, &stale)) return false;
+  if (stale) return true;
+  // A directory where no socket can be made (read-only, /proc) is caught
+  // here too: the socket is bound once, and removed again.
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  mode_t old = umask(0177);
+  int r = fd == -1 ? -1 : bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  umask(old);
+  const int e = errno;
+  if (fd != -1) close(fd);
+  if (r == -1) {
+    nbdkit_error("sdccache: control: %s: %s", path.c_str(), std::strerror(e));
+    return false;
+  }
+  unlink(path.c_str());
+  return true;
 }
 
 bool ControlSocket::Start() {

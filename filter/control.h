@@ -24,7 +24,8 @@ class ControlSocket {
   ~ControlSocket() { Stop(); }
 
   // Whether the (absolute) path can become the socket: its directory
-  // exists, and it is not a file nor a socket another process listens on.
+  // exists, a socket can be made there, and it is not a file nor a socket
+  // another process listens on.
   // False after nbdkit_error.  Start() checks again.
   static bool Check(const std::string& path);
   bool Start();  // false after nbdkit_error

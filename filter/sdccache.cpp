@@ -255,19 +255,7 @@ static int sdccache_get_ready(int thread_model) {
   int err = 0;
   return Guarded("get_ready", &err, [&] {
     if (!g->params.control.empty() && !ControlSocket::Check(g->params.control)) return -1;
-    if (!g->params.statsfile.empty()) {
-      const std::string& path = g->params.statsfile;
-      std::string dir;
-      if (!ParentDirExists(path, &dir)) {
-        nbdkit_error("sdccache-statsfile: %s: no directory %s", path.c_str(), dir.c_str());
-        return -1;
-      }
-      struct stat st;
-      if (stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
-        nbdkit_error("sdccache-statsfile: %s is a directory", path.c_str());
-        return -1;
-      }
-    }
+    if (!g->params.statsfile.empty() && !StatsFile::Check(g->params.statsfile)) return -1;
     return 0;
   });
 }

@@ -5,19 +5,86 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <string_view>
+
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <nbdkit-filter.h>
 
+#include "params.h"
 #include "registry.h"
 
 namespace sdccache {
 
 static constexpr std::chrono::milliseconds kMinInterval{50};
 
+// What RenderText or RenderJson start with: the key of the first counter,
+// "threshold" (prefixed with an export's name when there are several).
+static bool LooksLikeStats(std::string_view head) {
+  if (head.empty()) return true;
+  const bool json = head.starts_with("{\"");
+  if (json) head.remove_prefix(2);
+  const size_t end = head.find(json ? "\": " : ": ");
+  if (end == std::string_view::npos) return false;
+  const std::string_view key = head.substr(0, end);
+  return key.ends_with("threshold") && key.find_first_of("\n\"{") == std::string_view::npos;
+}
+
+// Makes PATH.tmp, new: a file or symlink of that name (left by a crash,
+// or planted in a shared directory) is removed, never written through.
+static int CreateTemp(const std::string& tmp) {
+  for (int attempt = 0;; ++attempt) {
+    int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd != -1 || errno != EEXIST || attempt == 1) return fd;
+    if (unlink(tmp.c_str()) == -1 && errno != ENOENT) return -1;
+  }
+}
+
+bool StatsFile::Check(const std::string& path) {
+  std::string dir;
+  if (!ParentDirExists(path, &dir)) {
+    nbdkit_error("sdccache-statsfile: %s: no directory %s", path.c_str(), dir.c_str());
+    return false;
+  }
+  struct stat st;
+  if (stat(path.c_str(), &st) == 0) {
+    const char* why = nullptr;
+    if (S_ISDIR(st.st_mode)) {
+      why = "is a directory";
+    } else if (!S_ISREG(st.st_mode)) {
+      why = "exists and is not a regular file";
+    } else {
+      int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+      char head[256];
+      ssize_t n = fd == -1 ? -1 : read(fd, head, sizeof head);
+      if (fd != -1) close(fd);
+      if (n == -1) {
+        nbdkit_error("sdccache-statsfile: %s: %s", path.c_str(), std::strerror(errno));
+        return false;
+      }
+      if (!LooksLikeStats(std::string_view(head, static_cast<size_t>(n))))
+        why = "exists and is not a stats file (it is not replaced)";
+    }
+    if (why != nullptr) {
+      nbdkit_error("sdccache-statsfile: %s %s", path.c_str(), why);
+      return false;
+    }
+  }
+  const std::string tmp = path + ".tmp";
+  int fd = CreateTemp(tmp);
+  if (fd == -1) {
+    nbdkit_error("sdccache-statsfile: %s: %s", tmp.c_str(), std::strerror(errno));
+    return false;
+  }
+  close(fd);
+  unlink(tmp.c_str());
+  return true;
+}
+
 bool StatsFile::Start() {
-  if (!WriteNow()) return false;
+  if (!Check(path_) || !WriteNow()) return false;
   thread_ = std::thread([this] { Loop(); });
   return true;
 }
@@ -47,7 +114,7 @@ bool StatsFile::WriteNow() {
   std::string text = json_ ? RenderJson(list) : RenderText(list);
   if (text == last_) return true;
   const std::string tmp = path_ + ".tmp";
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  int fd = CreateTemp(tmp);
   if (fd == -1) {
     nbdkit_error("sdccache: sdccache-statsfile: %s: %s", tmp.c_str(), std::strerror(errno));
     return false;

@@ -1,6 +1,7 @@
 // StatsFile: keeps `statsfile=PATH` current while nbdkit runs.
 //
-// A background thread rewrites the file atomically (temp file + rename)
+// A background thread rewrites the file atomically (PATH.tmp, made afresh
+// each time, never through a symlink left there, and renamed over PATH)
 // after each batch (Kick), at least once a second while the counters
 // change, and once more at Stop().
 #pragma once
@@ -20,7 +21,14 @@ class StatsFile {
       : path_(std::move(path)), json_(json), registry_(registry) {}
   ~StatsFile() { Stop(); }
 
-  bool Start();  // writes the file once; false (after nbdkit_error) if it cannot
+  // Whether `path` may become the stats file: its directory exists, a file
+  // can be made there, and nothing is there but an earlier stats file (or
+  // an empty file).  Anything else, such as the disk image named by
+  // mistake or the control socket, is never replaced.  False after
+  // nbdkit_error naming the problem.
+  static bool Check(const std::string& path);
+
+  bool Start();  // checks, then writes the file once; false (after nbdkit_error) if it cannot
   void Kick();  // cheap; from the flusher thread
   void Stop();  // writes a final copy
   // Writes the file now; false (errno set) if it could not.

@@ -48,6 +48,11 @@ def run(param):
     return sdctest.run_nbdkit(["null", "1M", param], timeout=5, foreground=after_fork)
 
 
+def run_stats(path, fmt):
+    return sdctest.run_nbdkit(["null", "1M", "sdccache-statsfile=" + path,
+                               "sdccache-statsformat=" + fmt], timeout=5)
+
+
 # Under ASan (the sanitizer run sets SDCCACHE_ASAN_RT), an nbdkit that has
 # logged an errno message deadlocks at exit in libp11-kit's destructor
 # (tests/sanitizer/nbdkit): skip the refusals made in .after_fork there.
@@ -84,12 +89,57 @@ def main():
     with open(notes, "rb") as f:
         sdctest.check(f.read() == b"keep me", "control= replaced a regular file")
 
+    # sdccache-statsfile= naming a file that is not an earlier stats file
+    # (the disk image, by mistake): refused, and the file left as it was.
+    # So is the control socket's path, made first.
+    p = run("sdccache-statsfile=" + notes)
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and "not a stats file" in err,
+                  "sdccache-statsfile= over a regular file: exit %d: %r" % (p.returncode, err))
+    with open(notes, "rb") as f:
+        sdctest.check(f.read() == b"keep me", "sdccache-statsfile= replaced a regular file")
+    same = os.path.join(tmp, "both")
+    p = sdctest.run_nbdkit(["null", "1M", "control=" + same, "sdccache-statsfile=" + same],
+                           timeout=5, foreground=True)
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and "sdccache-statsfile" in err and
+                  "not a regular file" in err,
+                  "the same path for control= and sdccache-statsfile=: exit %d: %r" %
+                  (p.returncode, err))
+    sdctest.check(not os.path.exists(same), "the control socket was left behind")
+    # An earlier stats file, in either format, or an empty file, is replaced.
+    stats = os.path.join(tmp, "st")
+    open(stats, "wb").close()
+    for fmt in ("text", "json", "text"):
+        p = run_stats(stats, fmt)
+        sdctest.check(p.returncode == 0, "an earlier stats file (now %s) refused: %r" %
+                      (fmt, p.stderr.decode(errors="replace")))
+        with open(stats, "rb") as f:
+            head = f.read(20)
+        sdctest.check(head.startswith(b"{" if fmt == "json" else b"threshold: "),
+                      "the stats file was not written as %s: %r" % (fmt, head))
+    # A symlink planted at PATH.tmp (in a shared directory) is replaced, not
+    # written through.
+    victim = os.path.join(tmp, "victim")
+    with open(victim, "wb") as f:
+        f.write(b"precious")
+    os.symlink(victim, stats + ".tmp")
+    p = run_stats(stats, "text")
+    sdctest.check(p.returncode == 0, "a symlink at PATH.tmp: exit %d: %r" %
+                  (p.returncode, p.stderr.decode(errors="replace")))
+    with open(victim, "rb") as f:
+        sdctest.check(f.read() == b"precious", "the stats file was written through a symlink")
+    print("stats file: a regular file and the control socket's path refused, an earlier "
+          "stats file replaced, a symlink at PATH.tmp not followed")
+
     # In the background (no -f, no --run) the usual path mistakes are still
     # reported on stderr with a failing exit status: they are checked
     # before nbdkit forks (an error in .after_fork would reach only syslog,
     # after the starting process had exited 0).
     for param in ("control=" + notes, "sdccache-statsfile=/nonexistent-dir/x.stats",
-                  "control=/nonexistent-dir/ctl.sock", "sdccache-statsfile=" + tmp):
+                  "control=/nonexistent-dir/ctl.sock", "sdccache-statsfile=" + tmp,
+                  # A directory where no file can be made.
+                  "sdccache-statsfile=/proc/sdccache.stats", "control=/proc/sdccache.sock"):
         run_dir = sdctest.scratch_dir(prefix="sdc-badparams-")
         pidfile = os.path.join(run_dir, "nbdkit.pid")
         cmd = [sdctest.NBDKIT, "-U", os.path.join(run_dir, "nbd.sock"), "-P", pidfile,

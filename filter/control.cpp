@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <system_error>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -123,8 +125,11 @@ bool ControlSocket::Start() {
 void ControlSocket::Stop() {
   if (thread_.joinable()) {
     char c = 'x';
-    (void)!write(stop_pipe_[1], &c, 1);
+    (void)!write(stop_pipe_[1], &c, 1);  // stays readable: wakes every client too
     thread_.join();
+    // A client running a command (a flush) ends once it has answered.
+    std::unique_lock<std::mutex> lock(clients_mu_);
+    clients_cv_.wait(lock, [this] { return clients_ == 0; });
   }
   for (int* fd : {&listen_fd_, &stop_pipe_[0], &stop_pipe_[1]}) {
     if (*fd != -1) close(*fd);
@@ -138,7 +143,12 @@ void ControlSocket::Stop() {
   bound_ino_ = 0;
 }
 
+// Each client has a thread of its own, so that one that is slow (a long
+// flush, a client that stops reading) holds up no other.
 void ControlSocket::Loop() {
+  // Named for top -H, gdb, and the thread-failure test's shim, which
+  // leaves the client threads started here out of its count.
+  pthread_setname_np(pthread_self(), "sdccache-ctl");
   while (true) {
     pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
     if (poll(fds, 2, -1) == -1) {
@@ -146,11 +156,30 @@ void ControlSocket::Loop() {
       return;
     }
     if (fds[1].revents) return;
-    if (fds[0].revents & POLLIN) {
-      int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd == -1) continue;
-      Serve(fd);
+    if (!(fds[0].revents & POLLIN)) continue;
+    int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd == -1) continue;
+    {
+      std::lock_guard<std::mutex> lock(clients_mu_);
+      if (clients_ >= kMaxClients) {
+        static const char kBusy[] = "error too many control clients\n";
+        (void)!send(fd, kBusy, sizeof kBusy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+        close(fd);
+        continue;
+      }
+      ++clients_;
+    }
+    try {
+      std::thread([this, fd] {
+        Serve(fd);
+        close(fd);
+        std::lock_guard<std::mutex> lock(clients_mu_);
+        if (--clients_ == 0) clients_cv_.notify_all();
+      }).detach();
+    } catch (const std::system_error&) {  // no thread: this client is not served
       close(fd);
+      std::lock_guard<std::mutex> lock(clients_mu_);
+      if (--clients_ == 0) clients_cv_.notify_all();
     }
   }
 }
@@ -167,9 +196,9 @@ bool ControlSocket::WaitFor(int fd, short events) {
   }
 }
 
-// Clients are served one at a time, so none may hold the thread for long:
-// one that sends nothing, or stops reading its replies, for kClientIdleMs
-// is dropped (and shutdown, through the stop pipe, never waits for one).
+// A client that sends nothing, or stops reading its replies, for
+// kClientIdleMs is dropped, so that idle clients do not use up
+// kMaxClients (and shutdown, through the stop pipe, never waits for one).
 bool ControlSocket::SendAll(int fd, const std::string& reply) {
   for (size_t done = 0; done < reply.size();) {
     const ssize_t n =
@@ -199,11 +228,12 @@ void ControlSocket::Serve(int fd) {
     buf.append(in, static_cast<size_t>(n));
     size_t nl;
     while ((nl = buf.find('\n')) != std::string::npos) {
+      if (nl > kMaxLine) break;
       std::string reply = Execute(buf.substr(0, nl));
       buf.erase(0, nl + 1);
       if (!SendAll(fd, reply)) return;
     }
-    if (buf.size() > kMaxLine) {
+    if (buf.find('\n') != std::string::npos || buf.size() > kMaxLine) {
       SendAll(fd, "error line too long\n");
       return;
     }
@@ -212,7 +242,10 @@ void ControlSocket::Serve(int fd) {
 
 std::string ControlSocket::Execute(const std::string& raw) {
   std::string line = raw;
-  while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+  while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t'))
+    line.pop_back();
+  line.erase(0, line.find_first_not_of(" \t"));
+  if (line.empty()) return "error empty command (try help)\n";
   if (line == "flush") {
     int err = registry_->FlushAll(Trigger::kControl);
     return err ? "error " + std::string(std::strerror(err)) + "\n" : "ok\n";
@@ -229,9 +262,10 @@ std::string ControlSocket::Execute(const std::string& raw) {
   if (line == "help")
     return "commands: flush, stats, pause, resume, threshold N (1-" +
            std::to_string(kMaxThreshold) + ")\nok\n";
-  if (line == "threshold" || line.rfind("threshold ", 0) == 0) {
+  if (line == "threshold" || line.rfind("threshold ", 0) == 0 ||
+      line.rfind("threshold\t", 0) == 0) {
     std::string arg = line.substr(9);
-    arg.erase(0, arg.find_first_not_of(' '));
+    arg.erase(0, arg.find_first_not_of(" \t"));
     if (arg.empty()) return "error usage: threshold N\n";
     if (arg.find_first_not_of("0123456789") != std::string::npos) {
       std::string shown;

@@ -10,6 +10,8 @@
 
 #include <sys/types.h>
 
+#include <condition_variable>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -35,6 +37,9 @@ class ControlSocket {
   std::string Execute(const std::string& line);
 
   static constexpr int kClientIdleMs = 10000;
+  // Clients served at once; more are answered "error too many control
+  // clients" and disconnected.
+  static constexpr int kMaxClients = 16;
 
  private:
   void Loop();
@@ -48,7 +53,10 @@ class ControlSocket {
   int stop_pipe_[2] = {-1, -1};
   dev_t bound_dev_ = 0;  // the socket file this process bound (ino 0: none)
   ino_t bound_ino_ = 0;
-  std::thread thread_;
+  std::thread thread_;  // accepts; each client has a detached thread
+  std::mutex clients_mu_;
+  std::condition_variable clients_cv_;
+  int clients_ = 0;  // client threads running; guarded by clients_mu_
 };
 
 }  // namespace sdccache

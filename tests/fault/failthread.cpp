@@ -2,9 +2,10 @@
 // $SDCCACHE_FAIL_FLAG exists, the $SDCCACHE_FAIL_AT'th pthread_create
 // called off nbdkit's main thread (counted from when the flag appeared)
 // fails with EAGAIN; with "N+", the N'th and every one after it.  nbdkit's
-// main thread starts the connection threads; the first threads a
-// connection thread starts are the filter's, when .prepare creates the
-// export's cache, and write-back helpers come after.
+// main thread starts the connection threads; the control socket's thread
+// (named sdccache-ctl) starts its client threads: neither is counted.
+// The first threads a connection thread starts are the filter's, when
+// .prepare creates the export's cache, and write-back helpers come after.
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -22,7 +23,12 @@ extern "C" __attribute__((visibility("default"))) int pthread_create(
   auto* real = reinterpret_cast<CreateFn*>(dlsym(RTLD_NEXT, "pthread_create"));
   const char* flag = std::getenv("SDCCACHE_FAIL_FLAG");
   const char* at = std::getenv("SDCCACHE_FAIL_AT");
-  if (flag && at && gettid() != getpid() && access(flag, F_OK) == 0) {
+  // Nor the control socket's client threads, which its own thread starts
+  // whenever a client (the test's readiness probe) connects.
+  char name[16] = "";
+  pthread_getname_np(pthread_self(), name, sizeof name);
+  if (flag && at && gettid() != getpid() && std::strcmp(name, "sdccache-ctl") != 0 &&
+      access(flag, F_OK) == 0) {
     const int n = ++counted, want = std::atoi(at);
     if (n == want || (n > want && std::strchr(at, '+') != nullptr)) return EAGAIN;
   }

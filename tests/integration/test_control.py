@@ -7,7 +7,8 @@ import sdctest
 BLOCK = 4096
 # Each refused line, and what its error must say.
 BAD = {
-    "bogus": "unknown command", "thresholdx": "unknown command", "": "unknown command",
+    "bogus": "unknown command", "thresholdx": "unknown command", "": "empty command",
+    " \t ": "empty command", "threshold " + "9" * 300: "line too long",
     "flush now": "unknown command", "FLUSH": "unknown command",
     "threshold": "usage: threshold N", "threshold abc": "not a number",
     "threshold -1": "not a number", "threshold 3x": "not a number",
@@ -69,6 +70,8 @@ def main():
         # just zeros).
         ok(ctl, "threshold 000000000000000000005")
         sdctest.check(stats(ctl)["threshold"] == "5", "threshold 0...05 not applied")
+        ok(ctl, "\tthreshold\t 4 \t")
+        sdctest.check(stats(ctl)["threshold"] == "4", "threshold<TAB>4 not applied")
         ok(ctl, "threshold 3")
         sdctest.check(stats(ctl)["threshold"] == "3", "threshold 3 not applied")
         blocks = [((1 << 20) + i * 65536, bytes([0x40 + i]) * BLOCK) for i in range(3)]
@@ -109,5 +112,27 @@ def main():
         sdctest.check(not os.path.exists(ctl), "control socket left behind after exit")
 
 
+def documented_socat(tmp):
+    """The documented command, `echo flush | socat -t 600 - UNIX-CONNECT:...`,
+    prints the answer of a flush that takes longer than socat's default
+    0.5 s wait after the end of its input (without -t it printed nothing)."""
+    img = sdctest.make_image(tmp, 1 << 20)
+    ctl = os.path.join(tmp, "slow.sock")
+    with sdctest.start_server(["file", img], ["delay-write=1", "threshold=1000", "max-age=1h",
+                                              "control=" + ctl], under=["delay"],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        h = srv.connect()
+        h.pwrite(b"\x77" * BLOCK, 0)
+        p = sdctest.run_command(["socat", "-t", "600", "-", "UNIX-CONNECT:" + ctl],
+                                input=b"flush\n", timeout=30)
+        sdctest.check(p.stdout == b"ok\n", "socat -t 600 printed %r" % p.stdout)
+        sdctest.check(sdctest.disk_read(img, 0, BLOCK) == b"\x77" * BLOCK,
+                      "the control flush answered before the data was in the file")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("echo flush | socat -t 600 ...: %r after a 1 s plugin write" % p.stdout)
+
+
 if __name__ == "__main__":
     main()
+    documented_socat(sdctest.scratch_dir(prefix="sdc-control-"))

@@ -97,18 +97,53 @@ def unread_replies(tmp):
         sdctest.check(srv.stop() == 0, "nbdkit exit status")
 
 
+MAX_CLIENTS = 16  # ControlSocket::kMaxClients
+
+
 def idle_client(tmp):
-    """A client that connects and sends nothing is dropped after IDLE_S."""
+    """Clients that connect and send nothing hold up no other client (they
+    were served one at a time: 10 s each), and are dropped after IDLE_S.
+    Past MAX_CLIENTS at once, a client is told so and disconnected."""
     ctl = os.path.join(tmp, "idle.sock")
     with sdctest.start_server(["memory", "1M"], ["control=" + ctl],
                               tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
-        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        idle.connect(ctl)
+        idle = []
+        for _ in range(4):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(ctl)
+            idle.append(c)
+        t0 = time.monotonic()
         lines, status = sdctest.control_command(ctl, "help", timeout=IDLE_S + 10)
-        sdctest.check(status == "ok", "help beside an idle client: %r" % status)
-        idle.settimeout(10)
-        sdctest.check(idle.recv(1) == b"", "the idle client was not dropped")
-        idle.close()
+        took = time.monotonic() - t0
+        sdctest.check(status == "ok", "help beside idle clients: %r" % status)
+        sdctest.check(took < IDLE_S / 2, "help waited %.1fs behind 4 idle clients" % took)
+        print("help beside 4 idle control clients: answered in %.3fs" % took)
+        while len(idle) < MAX_CLIENTS:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(ctl)
+            idle.append(c)
+        # The server counts a client once it has accepted it: wait for the
+        # refusal, which comes only once all MAX_CLIENTS are counted.
+        answers = []
+
+        def refused():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.settimeout(5)
+                try:
+                    c.connect(ctl)
+                except BlockingIOError:  # the listen backlog is full: not accepted yet
+                    return False
+                c.sendall(b"help\n")
+                answers.append(c.recv(4096))
+            return answers[-1].startswith(b"error too many control clients")
+        sdctest.wait_until(refused, 5, "a client past %d to be refused" % MAX_CLIENTS)
+        print("client %d: %r" % (MAX_CLIENTS + 1, answers[-1]))
+        for c in idle:
+            c.settimeout(IDLE_S + 5)
+            sdctest.check(c.recv(1) == b"", "an idle client was not dropped")
+            c.close()
+        lines, status = sdctest.control_command(ctl, "help", timeout=10)
+        sdctest.check(status == "ok", "help once the idle clients were dropped: %r" % status)
         sdctest.check(srv.stop() == 0, "nbdkit exit status")
 
 

@@ -465,11 +465,12 @@ def wait_disk(path, offset, data, timeout, what):
     wait_until(lambda: disk_read(path, offset, len(data)) == data, timeout, what)
 
 
-def run_command(cmd, timeout=30, check_rc=True):
-    """Runs a client command with a bound; returns CompletedProcess."""
+def run_command(cmd, timeout=30, check_rc=True, input=None):
+    """Runs a client command with a bound (and `input` on its stdin);
+    returns CompletedProcess."""
     try:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=timeout)
+                           timeout=timeout, input=input)
     except subprocess.TimeoutExpired:
         fail("%s did not finish within %ds" % (" ".join(cmd), timeout))
     if check_rc and p.returncode != 0:

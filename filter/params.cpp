@@ -18,9 +18,10 @@ bool ParentDirExists(const std::string& path, std::string* dir) {
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {
   size_t i = 0;
   uint64_t n = 0;
+  bool huge = false;  // more digits than fit: too long, not malformed
   while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) {
-    if (n > std::numeric_limits<uint64_t>::max() / 10 - 10) return false;
-    n = n * 10 + static_cast<uint64_t>(text[i] - '0');
+    if (n > std::numeric_limits<uint64_t>::max() / 10 - 10) huge = true;
+    if (!huge) n = n * 10 + static_cast<uint64_t>(text[i] - '0');
     ++i;
   }
   if (i == 0) return false;
@@ -37,7 +38,10 @@ bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {
   else
     return false;
   // Only so that the product fits; the caller refuses more than kMaxDuration.
-  if (n > (uint64_t{1} << 53) / scale) return false;
+  if (huge || n > (uint64_t{1} << 53) / scale) {
+    *out = std::chrono::milliseconds::max();
+    return true;
+  }
   *out = std::chrono::milliseconds(static_cast<int64_t>(n * scale));
   return true;
 }

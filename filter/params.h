@@ -31,7 +31,9 @@ inline constexpr std::chrono::milliseconds kMaxDuration{100ll * 365 * 24 * 3600 
 bool ParentDirExists(const std::string& path, std::string* dir);
 
 // Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
-// false on anything else (negative, empty, unknown unit, overflow).
+// false on anything else (negative, empty, unknown unit); a number too
+// large to hold gives milliseconds::max(), for the caller to refuse as
+// too long.
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out);
 
 }  // namespace sdccache

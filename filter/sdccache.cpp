@@ -567,7 +567,9 @@ static struct nbdkit_filter filter = {};
 
 static struct nbdkit_filter* MakeFilter() {
   filter.name = "sdccache";
-  filter.longname = "nbdkit sdccache write-back filter";
+  // nbdkit --version shows nbdkit's version for every filter (a filter
+  // must be built for the nbdkit that loads it); --help shows this.
+  filter.longname = "nbdkit sdccache write-back filter " SDCCACHE_VERSION;
   filter.description =
       "Buffers writes in memory and writes them to the plugin in background batches.";
   filter.load = sdccache_load;

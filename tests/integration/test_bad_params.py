@@ -1,5 +1,6 @@
 # Bad parameters: nbdkit refuses to start, fast, naming the parameter.
 import os
+import re
 
 import sdctest
 
@@ -20,6 +21,8 @@ CASES = [
     # Past ~292 years, steady_clock deadlines overflowed: "never" became "at once".
     ("max-age", "3000000h"),
     ("shutdown-timeout", "3000000h"),
+    ("max-age", "99999999999999999999"),
+    ("shutdown-timeout", "99999999999999999999999999ms"),
     # A path it cannot write: refused at startup, not an error every second.
     ("sdccache-statsfile", "/nonexistent-dir/x.stats"),
     ("sdccache-statsformat", "xml"),
@@ -59,7 +62,19 @@ def run_stats(path, fmt):
 ASAN = bool(os.environ.get("SDCCACHE_ASAN_RT"))
 
 
+def version_in_help():
+    """--help names the filter's version (--version can only show nbdkit's)."""
+    with open(os.path.join(os.environ["SDCCACHE_SOURCE_ROOT"], "meson.build")) as f:
+        version = re.search(r"version\s*:\s*'([^']+)'", f.read()).group(1)
+    p = sdctest.run_command([sdctest.NBDKIT, "--filter=" + sdctest.FILTER, "null", "--help"],
+                            timeout=5)
+    line = "(nbdkit sdccache write-back filter %s)" % version
+    sdctest.check(line in p.stdout.decode(errors="replace"), "--help lacks %r" % line)
+    print("--help: %s" % line)
+
+
 def main():
+    version_in_help()
     for key, value in CASES:
         if ASAN and key == "sdccache-statsfile":
             continue
@@ -68,6 +83,9 @@ def main():
         sdctest.check(p.returncode != 0, "%s=%s accepted (exit 0)" % (key, value))
         sdctest.check(key in err, "%s=%s: stderr does not name the parameter: %r" %
                       (key, value, err))
+        if key in ("max-age", "shutdown-timeout") and value.startswith(("3000000", "9999999")):
+            sdctest.check("too long" in err, "%s=%s: not said to be too long: %r" %
+                          (key, value, err))
         print("%s=%s -> exit %d: %s" % (key, value, p.returncode, err.strip().splitlines()[-1]))
     for key, value in GOOD:
         p = run("%s=%s" % (key, value))

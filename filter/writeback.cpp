@@ -109,7 +109,7 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   // A write that cannot fit in the bound with its chunk's header could be
   // buffered only alone, once the queue is empty (which steady writers can
   // put off for ever), and would then hold more than the bound.
-  const size_t need = Chunk::AllocationSize(count);
+  const uint64_t need = WriteCharge(count);
   if (need > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
   if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
     return 0;
@@ -128,6 +128,7 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
 }
 
 int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
+  if (count != 0) account_.Reserve(kRangeCharge, [this] { WakeForRoom(); });
   DirtyRange r;
   r.offset = offset;
   r.length = count;
@@ -137,6 +138,7 @@ int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
 }
 
 int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
+  if (count != 0) account_.Reserve(kRangeCharge, [this] { WakeForRoom(); });
   DirtyRange r;
   r.offset = offset;
   r.length = count;
@@ -160,6 +162,7 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   const bool was_half = HalfFull();
   active_.Insert(std::move(r));
   ++active_requests_;
+  active_charge_ += kRangeCharge;  // reserved by the caller
   counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
   if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0) ||
@@ -419,9 +422,11 @@ void WriteBack::RunBatch(Trigger why) {
   b.map = std::move(active_);
   active_ = DirtyMap();
   b.requests = active_requests_;
+  b.charge = active_charge_;
   b.min_seq = active_min_seq_;
   b.since = active_since_;
   active_requests_ = 0;
+  active_charge_ = 0;
   batch_data_bytes_ += b.map.data_bytes();
   const uint64_t gen_before = write_gen_;
   const uint64_t attempt = ++attempts_started_;
@@ -468,8 +473,10 @@ void WriteBack::RunBatch(Trigger why) {
   batch_data_bytes_ -= b.map.data_bytes();
 
   DirtyMap retired;  // freed after the lock is dropped: reads must not wait for that
+  uint64_t uncharge = 0;
   if (err == 0) {
     retired = std::move(b.map);
+    uncharge = b.charge;
     batches_.erase(it);
     ++retiring_;
     ++write_gen_;
@@ -511,6 +518,7 @@ void WriteBack::RunBatch(Trigger why) {
     const bool was_empty = active_.empty();
     active_.InsertUnder(std::move(b.map));
     active_requests_ += b.requests;
+    active_charge_ += b.charge;  // all of it, until the rest is written too
     if (was_empty || b.min_seq < active_min_seq_) active_min_seq_ = b.min_seq;
     if (was_empty || b.since < active_since_) active_since_ = b.since;
     batches_.erase(it);
@@ -523,6 +531,7 @@ void WriteBack::RunBatch(Trigger why) {
   mu_.Unlock();
   retired.clear();
   plan.clear();
+  if (uncharge != 0) account_.Release(uncharge);  // before retiring_ ends: see Stats()
   mu_.Lock();
   last_work_ = Clock::now();
   if (err == 0 && --retiring_ == 0) done_.SignalAll();
@@ -705,9 +714,16 @@ void WriteBack::SetBatchHook(BatchHook hook, void* opaque) {
 }
 
 uint64_t WriteBack::MemoryBytesLocked() const {
-  uint64_t n = account_.used() + active_.index_bytes();
-  for (const Batch& b : batches_) n += b.map.index_bytes();
-  return n;
+  // The charges for index entries stand in for index_bytes(): count the
+  // real thing instead.  A charge is in account_ before it is in
+  // active_charge_, and leaves it after.
+  uint64_t charges = active_charge_, index = active_.index_bytes();
+  for (const Batch& b : batches_) {
+    charges += b.charge;
+    index += b.map.index_bytes();
+  }
+  const uint64_t used = account_.used();
+  return (used > charges ? used - charges : 0) + index;
 }
 
 uint64_t WriteBack::QueuedRequestsLocked() const {

@@ -19,7 +19,7 @@
 //    A FUA request is buffered, then flushed before it returns.
 //  - Bytes buffered are bounded by queue_max_bytes: a writer past it waits
 //    (never fails).  A single write that does not fit in the bound with its
-//    chunk's header (Chunk::AllocationSize) is written through,
+//    chunk's header and index entry (WriteCharge) is written through,
 //    after everything before it has reached the Sink (with
 //    flush_before_release, and flushed, before it returns).
 //  - A write of at least bypass_min bytes goes straight to a Sink timed as
@@ -80,6 +80,16 @@ struct Leftover {
 
 class WriteBack {
  public:
+  // Each buffered request charges the queue-max-size budget this much
+  // beside its data, for the index entry it adds (about 100 bytes), so
+  // that a stream of zeroes, trims or tiny writes is bounded too.  Kept
+  // per batch, and released when the batch's ranges are written.
+  static constexpr uint64_t kRangeCharge = 128;
+  // What buffering a write of `count` bytes charges: its chunk, with its
+  // header, and its index entry.  A write for which this exceeds
+  // queue_max_bytes is written through.
+  static uint64_t WriteCharge(uint64_t count) { return Chunk::AllocationSize(count) + kRangeCharge; }
+
   // Starts the flusher and the plugin-flush thread (BatchWriter starts its
   // helpers when needed); throws std::system_error, with none left
   // running, if it cannot.
@@ -179,6 +189,7 @@ class WriteBack {
     // thread alone may also read it without mu_ (PlanBatch).
     DirtyMap map;
     uint64_t requests = 0;
+    uint64_t charge = 0;  // kRangeCharge per request, charged to account_
     uint64_t min_seq = 0;  // its oldest request
     Clock::time_point since;  // when that request came
   };
@@ -242,6 +253,7 @@ class WriteBack {
   // fio's 64 KiB writes).
   std::vector<std::pair<uint64_t, uint64_t>> bypass_ GUARDED_BY(mu_);
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
+  uint64_t active_charge_ GUARDED_BY(mu_) = 0;  // kRangeCharge x requests in active_
   uint64_t active_min_seq_ GUARDED_BY(mu_) = 0;  // oldest request in active_
   uint64_t batch_data_bytes_ GUARDED_BY(mu_) = 0;  // data bytes in batches_
   Clock::time_point active_since_ GUARDED_BY(mu_);  // when it came

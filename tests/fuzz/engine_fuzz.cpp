@@ -59,7 +59,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         int err = wb.Write(payload.data(), static_cast<uint32_t>(len), off, fua);
         // What does not fit in the bound with its chunk header is written
         // through, and may fail; a buffered write cannot.
-        const bool through = Chunk::AllocationSize(len) > o.queue_max_bytes;
+        const bool through = WriteBack::WriteCharge(len) > o.queue_max_bytes;
         if (err && err != EIO) Die("write failed, not by injection", op);
         if (err && !fua && !through) Die("buffered write failed", op);
         std::copy(payload.begin(), payload.begin() + static_cast<long>(len),

@@ -38,4 +38,33 @@ void AwaitPoll(const char* what, Pred pred) {
   }
 }
 
+// Aborts, naming `what`, unless it is destroyed within kPatience: for a
+// call of the code under test that would block for ever (a writer waiting
+// for room that is never given back).
+class Watchdog {
+ public:
+  explicit Watchdog(const char* what)
+      : what_(what), thread_([this] {
+          std::unique_lock<std::mutex> l(mu_);
+          if (!cv_.wait_for(l, kPatience, [this] { return done_; })) GiveUp(what_);
+        }) {}
+  ~Watchdog() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+ private:
+  const char* const what_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;  // last: starts once the members it uses exist
+};
+
 }  // namespace sdccache::test

@@ -52,7 +52,7 @@ ModelRun RunModel(uint64_t seed, uint64_t ops) {
       // Only a FUA write or a write-through (not fitting in the queue with
       // its header) may fail, with the injected errno.  A buffered write
       // stays buffered.
-      const bool through = Chunk::AllocationSize(len) > o.queue_max_bytes;
+      const bool through = WriteBack::WriteCharge(len) > o.queue_max_bytes;
       if (err != 0 && !((fua || through) && err == EIO)) ADD_FAILURE() << "write failed: " << err;
       std::copy(data.begin(), data.begin() + static_cast<long>(len), model.begin() + static_cast<long>(off));
       if (err != 0 && through) {

@@ -1,6 +1,7 @@
 // WriteBack against FakeSink: triggers, epochs, errors, backpressure.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -593,7 +594,7 @@ TEST(WriteBackTest, ZeroAndTrimReachThePluginInOrder) {
 
 TEST(WriteBackTest, BackpressureWakesWriters) {
   FakeSink sink(kDisk);
-  const uint64_t limit = 3 * Chunk::AllocationSize(4096);
+  const uint64_t limit = 3 * WriteBack::WriteCharge(4096);
   WriteBack wb(&sink, Opts(1000, limit));
   wb.Pause();  // no threshold or half-queue batch: only a waiting writer starts one
   std::string block(4096, 'p');
@@ -620,11 +621,35 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4 * 4096), std::string(4 * 4096, 'p'));
 }
 
+// Zeroes and trims carry no data, but each adds an index entry: they are
+// bounded by queue_max_bytes too (200,000 one-byte zeroes held 19 MB of
+// index under a 64 KiB bound, and no writer ever waited).
+TEST(WriteBackTest, ZeroesAndTrimsAreBoundedByTheQueue) {
+  FakeSink sink(kDisk);
+  constexpr uint64_t kLimit = 64 * 1024;
+  WriteBack wb(&sink, Opts(1048576, kLimit));
+  uint64_t peak = 0;
+  test::Watchdog watchdog("20,000 zeroes and trims through a 64 KiB queue");
+  for (uint64_t i = 0; i < 20000; ++i) {
+    if (i % 2 == 0)
+      ASSERT_EQ(wb.Zero(1, i * 4, false, false), 0);
+    else
+      ASSERT_EQ(wb.Trim(1, i * 4, false), 0);
+    if (i % 64 == 0) peak = std::max(peak, wb.memory_bytes());
+  }
+  EXPECT_LE(peak, 2 * kLimit) << "index entries unbounded";
+  EXPECT_GT(StatOf(wb, "backpressure_waits"), 0u);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(StatOf(wb, "requests_flushed"), 20000u);
+  EXPECT_EQ(wb.memory_bytes(), 0u) << "charges not given back";
+}
+
 // Half of queue_max_bytes in buffered data starts a batch whatever the
 // request count, so writers do not reach the bound before write-back begins.
 TEST(WriteBackTest, HalfTheQueueStartsABatchBelowThreshold) {
   FakeSink sink(kDisk);
-  const uint64_t limit = 8 * Chunk::AllocationSize(4096);  // half: over 4 blocks of data
+  const uint64_t limit = 8 * WriteBack::WriteCharge(4096);  // half: over 4 blocks of data
   WriteBack wb(&sink, Opts(1000, limit));
   std::string block(4096, 'h');
   for (int i = 0; i < 4; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 8192, false), 0);
@@ -657,7 +682,7 @@ TEST(WriteBackTest, WriteThatFitsOnlyWithoutItsHeaderIsWrittenThrough) {
   FakeSink sink(kDisk);
   constexpr uint64_t kBound = 8192;
   WriteBack wb(&sink, Opts(1000, kBound));
-  std::string fits(kBound - Chunk::AllocationSize(0), 'f'), whole(kBound, 'w');
+  std::string fits(kBound - WriteBack::WriteCharge(0), 'f'), whole(kBound, 'w');
   wb.Pause();  // else the half-queue trigger may write `fits` back at once
   ASSERT_EQ(wb.Write(fits.data(), fits.size(), 0, false), 0);
   EXPECT_EQ(wb.queued_requests(), 1u);

@@ -117,14 +117,19 @@ void MemoryAccount::Drain() {
   for (void* b : to_free) std::free(b);
 }
 
-void* MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait,
-                             uint64_t pool_payload) {
+bool MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait,
+                            uint64_t pool_payload, void** pooled,
+                            const std::function<bool()>& give_up) {
   using Clock = std::chrono::steady_clock;
   std::unique_lock<std::mutex> lock(mu_);
   Clock::time_point start{};
   bool waited = false;
-  while (used_.load(std::memory_order_relaxed) != 0 &&
-         used_.load(std::memory_order_relaxed) + bytes > limit_) {
+  auto fits = [&] {
+    const uint64_t used = used_.load(std::memory_order_relaxed);
+    return used == 0 || used + bytes <= limit_;
+  };
+  bool gave_up = false;
+  while (!fits()) {
     if (!waited) {
       waited = true;
       start = Clock::now();
@@ -134,21 +139,31 @@ void* MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wai
     on_wait();
     lock.lock();
     // Re-check after on_wait: the flusher may already have freed room.
-    if (used_.load(std::memory_order_relaxed) == 0 ||
-        used_.load(std::memory_order_relaxed) + bytes <= limit_)
-      break;
-    room_.wait(lock);
+    if (fits()) break;
+    if (!give_up) {
+      room_.wait(lock);
+      continue;
+    }
+    if (room_.wait_for(lock, kGiveUpPoll, fits)) break;
+    lock.unlock();
+    gave_up = give_up();
+    lock.lock();
+    if (gave_up) break;
   }
-  used_.fetch_add(bytes, std::memory_order_relaxed);
   const void* next = nullptr;
-  void* mem = pool_payload ? TakeLocked(pool_payload, &next) : nullptr;
+  void* mem = nullptr;
+  if (!gave_up) {
+    used_.fetch_add(bytes, std::memory_order_relaxed);
+    mem = pool_payload ? TakeLocked(pool_payload, &next) : nullptr;
+  }
   lock.unlock();
+  if (pooled != nullptr) *pooled = mem;
   Prefetch(next, pool_payload);
   if (waited) {
     auto spent = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start);
     wait_ns_.fetch_add(static_cast<uint64_t>(spent.count()), std::memory_order_relaxed);
   }
-  return mem;
+  return !gave_up;
 }
 
 void MemoryAccount::Release(uint64_t bytes) {

@@ -39,8 +39,12 @@ class MemoryAccount {
   // wait it calls `on_wait` (with no lock held) so the caller can start a
   // write-back that will free room.  With pool_payload set, also takes a
   // pooled buffer for a chunk of that payload size in the same step
-  // (returned, or nullptr when there is none).
-  void* Reserve(uint64_t bytes, const std::function<void()>& on_wait, uint64_t pool_payload = 0);
+  // (*pooled, or nullptr when there is none).  While it waits it asks
+  // give_up(), if set, every kGiveUpPoll (with no lock held); if that says
+  // true it returns false, having charged nothing.
+  bool Reserve(uint64_t bytes, const std::function<void()>& on_wait, uint64_t pool_payload = 0,
+               void** pooled = nullptr, const std::function<bool()>& give_up = nullptr);
+  static constexpr std::chrono::milliseconds kGiveUpPoll{100};
   void Release(uint64_t bytes);
 
   // Pool of freed buffers of `bytes` (a Chunk::AllocationSize); Reserve()

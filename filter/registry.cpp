@@ -68,6 +68,10 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   // Other connections read through their own contexts: without multi-conn
   // consistency, only a plugin flush makes our writes visible to them.
   opts.flush_before_release = !cache->sink->multi_conn();
+  // A writer waiting for room (on its request thread) gives up once nbdkit
+  // is shutting down or its client has gone: nbdkit_nanosleep then fails
+  // at once, and logs which.
+  opts.writer_gone = [] { return nbdkit_nanosleep(0, 0) == -1; };
   cache->writeback = std::make_unique<WriteBack>(cache->sink.get(), opts);
   cache->writeback->SetBatchHook(OnBatch, stats_file_);
   if (paused_) cache->writeback->Pause();

@@ -113,7 +113,9 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   if (need > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
   if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
     return 0;
-  void* pooled = account_.Reserve(need, [this] { WakeForRoom(); }, count);
+  void* pooled = nullptr;
+  if (!account_.Reserve(need, [this] { WakeForRoom(); }, count, &pooled, opts_.writer_gone))
+    return ESHUTDOWN;
   Chunk* c = Chunk::Create(buf, count, &account_, pooled);
   if (c == nullptr) {
     account_.Release(need);
@@ -128,7 +130,9 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
 }
 
 int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
-  if (count != 0) account_.Reserve(kRangeCharge, [this] { WakeForRoom(); });
+  if (count != 0 && !account_.Reserve(kRangeCharge, [this] { WakeForRoom(); }, 0, nullptr,
+                                      opts_.writer_gone))
+    return ESHUTDOWN;
   DirtyRange r;
   r.offset = offset;
   r.length = count;
@@ -138,7 +142,9 @@ int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
 }
 
 int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
-  if (count != 0) account_.Reserve(kRangeCharge, [this] { WakeForRoom(); });
+  if (count != 0 && !account_.Reserve(kRangeCharge, [this] { WakeForRoom(); }, 0, nullptr,
+                                      opts_.writer_gone))
+    return ESHUTDOWN;
   DirtyRange r;
   r.offset = offset;
   r.length = count;

@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <list>
 #include <string>
 #include <thread>
@@ -68,6 +69,13 @@ struct WriteBackOptions {
   uint32_t bypass_min = 64 * 1024;
   std::chrono::milliseconds retry_min{10};
   std::chrono::milliseconds retry_max{1000};
+  // Asked on a writer's thread while it waits for room (every
+  // MemoryAccount::kGiveUpPoll): true ends the wait, and the request fails
+  // with ESHUTDOWN, unbuffered and never acknowledged.  The filter says
+  // whether nbdkit is shutting down or the client has gone: a plugin that
+  // keeps failing would otherwise hold those writers, and nbdkit's exit,
+  // for ever.  Unset: writers wait until there is room.
+  std::function<bool()> writer_gone;
 };
 
 // What Stop() could not write.

@@ -15,6 +15,8 @@ import re
 import signal
 import time
 
+import nbd
+
 import faultlib
 import sdctest
 from sdctest import Server, check, expect_errno, wait_until
@@ -25,13 +27,13 @@ TIMEOUT_S = 2
 SLACK_S = 6  # scheduling slack on a loaded 2-core machine
 
 
-def start(tmp, img):
+def start(tmp, img, extra=()):
     # nbdkit's multi-conn filter below: when a .finalize fails, nbdkit 1.32
     # skips the .finalize of the layers below it, and this filter then
     # aborts nbdkit at exit (its connection group was never left).
     return Server(["file", img] + error_args(["pwrite"], "100%"),
                   ["threshold=3", "shutdown-timeout=%ds" % TIMEOUT_S,
-                   "sdccache-statsfile=" + os.path.join(tmp, "stats")],
+                   "sdccache-statsfile=" + os.path.join(tmp, "stats")] + list(extra),
                   under=["multi-conn", "error"], tmpdir=tmp)
 
 
@@ -147,10 +149,68 @@ def sigterm_then_disconnect(rng):
         check_lost(srv, img, tmp, ranges)
 
 
+def sigterm_with_writers_waiting():
+    """SIGTERM while writers wait for room in a full queue that the failing
+    plugin never empties: those writers give up (their requests fail,
+    never acknowledged), nbdkit closes the connection, and exits after the
+    retry window, reporting what it acknowledged as lost.  The writers
+    waited for ever, and so did nbdkit."""
+    tmp = faultlib.tmpdir()
+    img = sdctest.make_image(tmp, SIZE)
+    with start(tmp, img, ["queue-max-size=64K"]) as srv:
+        h = srv.connect()
+        cookies = []
+        for i in range(40):  # 160 KiB: about 15 fit in 64K, the rest wait for room
+            cookies.append(h.aio_pwrite(bytes([1 + i]) * 4096, i * 100000))
+        stats = os.path.join(tmp, "stats")
+        wait_until(lambda: int((sdctest.read_stats_file(stats) or {}).get(
+            "backpressure_waits", 0)) > 0, 10, "writers to wait for room")
+        srv.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        # nbdkit 1.32 drops the connection once its requests have ended.
+        ended = None
+        try:
+            while h.aio_in_flight() > 0 and time.monotonic() < t0 + 10:
+                h.poll(100)
+            if h.aio_in_flight() == 0:
+                ended = "all answered"
+        except nbd.Error as e:
+            ended = "connection closed (%s)" % e
+        took = time.monotonic() - t0
+        check(ended is not None, "%d writes still waiting %.1fs after SIGTERM" %
+              (h.aio_in_flight(), took))
+        acked = 0
+        for cookie in cookies:
+            try:
+                acked += bool(h.aio_command_completed(cookie))
+            except nbd.Error:  # gave up (ESHUTDOWN), or its answer was cut off
+                pass
+        print("SIGTERM with writers waiting for room: %s after %.2fs; %d acknowledged" %
+              (ended, took, acked))
+        del h
+        wait_exit(srv, "nbdkit to exit after SIGTERM")
+        total = time.monotonic() - t0
+        srv.stop()
+        log = srv.log_text()
+        check(srv.proc.returncode == 0 and "Assertion" not in log,
+              "nbdkit exit status %d:\n%s" % (srv.proc.returncode, log[-3000:]))
+        check(total <= TIMEOUT_S + SLACK_S, "nbdkit took %.2fs to exit" % total)
+        m = re.search(r"export '': (\d+) requests, (\d+) bytes could not be written", log)
+        check(m is not None, "no 'could not be written' line in the log:\n" + log[-3000:])
+        # Each write is at its own offset: the filter lists each it
+        # acknowledged (one whose answer was cut off too), and none that gave up.
+        lost = int(m.group(1))
+        check(acked <= lost < len(cookies) and int(m.group(2)) == lost * 4096,
+              "%d acknowledged, %s requests of %s bytes lost" % (acked, m.group(1), m.group(2)))
+        check(read_file(img) == bytes(SIZE), "a write reached the failing plugin")
+        print("  nbdkit exited %.2fs after SIGTERM; %d requests reported lost" % (total, lost))
+
+
 def main():
     rng = random.Random(int(os.environ.get("SEED", "31")))
     disconnect_then_sigterm(rng)
     sigterm_then_disconnect(rng)
+    sigterm_with_writers_waiting()
 
 
 if __name__ == "__main__":

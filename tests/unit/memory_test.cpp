@@ -66,7 +66,8 @@ INSTANTIATE_TEST_SUITE_P(QueuedRequests, MemoryTest, ::testing::Values(1, 1000, 
 // A chunk charged to `account`, as WriteBack::Write makes it.
 Chunk* NewChunk(MemoryAccount* account, size_t size) {
   std::string payload(size, 'p');
-  void* pooled = account->Reserve(Chunk::AllocationSize(size), [] {}, size);
+  void* pooled = nullptr;
+  account->Reserve(Chunk::AllocationSize(size), [] {}, size, &pooled);
   return Chunk::Create(payload.data(), size, account, pooled);
 }
 

@@ -35,6 +35,7 @@ void nbdkit_error(const char* fs, ...) {
   Log(fs, a);
   va_end(a);
 }
+int nbdkit_nanosleep(unsigned, unsigned) { return 0; }  // nbdkit never shuts down here
 }
 
 namespace sdccache {

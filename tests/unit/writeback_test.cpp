@@ -645,6 +645,37 @@ TEST(WriteBackTest, ZeroesAndTrimsAreBoundedByTheQueue) {
   EXPECT_EQ(wb.memory_bytes(), 0u) << "charges not given back";
 }
 
+// A writer waiting for room that the plugin, failing, never makes gives up
+// once writer_gone says so (nbdkit shutting down, the client gone), with
+// ESHUTDOWN and nothing buffered: nbdkit's exit waited for it for ever.
+TEST(WriteBackTest, AWriterWaitingForRoomGivesUpWhenGone) {
+  FakeSink sink(kDisk);
+  std::atomic<bool> gone{false};
+  WriteBackOptions o = Opts(1000, 2 * WriteBack::WriteCharge(4096));
+  o.writer_gone = [&] { return gone.load(); };
+  WriteBack wb(&sink, o);
+  sink.Fail(EIO);
+  const std::string block(4096, 'g');
+  test::Watchdog watchdog("writers waiting for room to give up");  // else they never return
+  ASSERT_EQ(wb.Write(block.data(), 4096, 0, false), 0);
+  ASSERT_EQ(wb.Write(block.data(), 4096, 4096, false), 0);
+  auto write = std::async(std::launch::async,
+                          [&] { return wb.Write(block.data(), 4096, 8192, false); });
+  auto zero = std::async(std::launch::async, [&] { return wb.Zero(4096, 12288, false, false); });
+  test::AwaitPoll("both to wait for room", [&] { return StatOf(wb, "backpressure_waits") >= 2; });
+  EXPECT_EQ(write.wait_for(milliseconds(300)), std::future_status::timeout)
+      << "gave up while writer_gone said no";
+  gone = true;
+  ASSERT_EQ(write.wait_for(test::kPatience), std::future_status::ready);
+  ASSERT_EQ(zero.wait_for(test::kPatience), std::future_status::ready);
+  EXPECT_EQ(write.get(), ESHUTDOWN);
+  EXPECT_EQ(zero.get(), ESHUTDOWN);
+  EXPECT_EQ(wb.queued_requests(), 2u) << "a request that gave up was buffered";
+  sink.Fail(0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.Disk()[8192], 0) << "the write that gave up reached the plugin";
+}
+
 // Half of queue_max_bytes in buffered data starts a batch whatever the
 // request count, so writers do not reach the bound before write-back begins.
 TEST(WriteBackTest, HalfTheQueueStartsABatchBelowThreshold) {

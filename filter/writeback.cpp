@@ -114,8 +114,7 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
     return 0;
   void* pooled = nullptr;
-  if (!account_.Reserve(need, [this] { WakeForRoom(); }, count, &pooled, opts_.writer_gone))
-    return ESHUTDOWN;
+  if (!ReserveRoom(need, count, &pooled)) return ESHUTDOWN;
   Chunk* c = Chunk::Create(buf, count, &account_, pooled);
   if (c == nullptr) {
     account_.Release(need);
@@ -129,10 +128,13 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   return Buffer(std::move(r), fua);
 }
 
+bool WriteBack::ReserveRoom(uint64_t bytes, uint64_t pool_payload, void** pooled) {
+  return account_.Reserve(
+      bytes, [this] { WakeForRoom(); }, pool_payload, pooled, opts_.writer_gone);
+}
+
 int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
-  if (count != 0 && !account_.Reserve(kRangeCharge, [this] { WakeForRoom(); }, 0, nullptr,
-                                      opts_.writer_gone))
-    return ESHUTDOWN;
+  if (count != 0 && !ReserveRoom(kRangeCharge)) return ESHUTDOWN;
   DirtyRange r;
   r.offset = offset;
   r.length = count;
@@ -142,9 +144,7 @@ int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
 }
 
 int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
-  if (count != 0 && !account_.Reserve(kRangeCharge, [this] { WakeForRoom(); }, 0, nullptr,
-                                      opts_.writer_gone))
-    return ESHUTDOWN;
+  if (count != 0 && !ReserveRoom(kRangeCharge)) return ESHUTDOWN;
   DirtyRange r;
   r.offset = offset;
   r.length = count;

@@ -96,7 +96,9 @@ class WriteBack {
   // What buffering a write of `count` bytes charges: its chunk, with its
   // header, and its index entry.  A write for which this exceeds
   // queue_max_bytes is written through.
-  static uint64_t WriteCharge(uint64_t count) { return Chunk::AllocationSize(count) + kRangeCharge; }
+  static uint64_t WriteCharge(uint64_t count) {
+    return Chunk::AllocationSize(count) + kRangeCharge;
+  }
 
   // Starts the flusher and the plugin-flush thread (BatchWriter starts its
   // helpers when needed); throws std::system_error, with none left
@@ -175,6 +177,10 @@ class WriteBack {
   // Ends them (a plugin flush they started finishes first) and joins them;
   // leaves stopping_ and flush_thread_stop_ set.
   void JoinThreads() EXCLUDES(mu_);
+  // Charges `bytes` to account_, waiting for room (and starting write-back
+  // to make it); false if opts_.writer_gone ended the wait.
+  bool ReserveRoom(uint64_t bytes, uint64_t pool_payload = 0, void** pooled = nullptr)
+      EXCLUDES(mu_);
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   // Sends a write straight to the Sink if it may (see the .cpp); true if
@@ -197,7 +203,7 @@ class WriteBack {
     // thread alone may also read it without mu_ (PlanBatch).
     DirtyMap map;
     uint64_t requests = 0;
-    uint64_t charge = 0;  // kRangeCharge per request, charged to account_
+    uint64_t charge = 0;   // kRangeCharge per request, charged to account_
     uint64_t min_seq = 0;  // its oldest request
     Clock::time_point since;  // when that request came
   };
@@ -261,7 +267,7 @@ class WriteBack {
   // fio's 64 KiB writes).
   std::vector<std::pair<uint64_t, uint64_t>> bypass_ GUARDED_BY(mu_);
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
-  uint64_t active_charge_ GUARDED_BY(mu_) = 0;  // kRangeCharge x requests in active_
+  uint64_t active_charge_ GUARDED_BY(mu_) = 0;   // kRangeCharge x requests in active_
   uint64_t active_min_seq_ GUARDED_BY(mu_) = 0;  // oldest request in active_
   uint64_t batch_data_bytes_ GUARDED_BY(mu_) = 0;  // data bytes in batches_
   Clock::time_point active_since_ GUARDED_BY(mu_);  // when it came

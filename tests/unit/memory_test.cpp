@@ -67,7 +67,8 @@ INSTANTIATE_TEST_SUITE_P(QueuedRequests, MemoryTest, ::testing::Values(1, 1000, 
 Chunk* NewChunk(MemoryAccount* account, size_t size) {
   std::string payload(size, 'p');
   void* pooled = nullptr;
-  account->Reserve(Chunk::AllocationSize(size), [] {}, size, &pooled);
+  account->Reserve(
+      Chunk::AllocationSize(size), [] {}, size, &pooled);
   return Chunk::Create(payload.data(), size, account, pooled);
 }
 

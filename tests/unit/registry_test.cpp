@@ -35,7 +35,10 @@ void nbdkit_error(const char* fs, ...) {
   Log(fs, a);
   va_end(a);
 }
-int nbdkit_nanosleep(unsigned, unsigned) { return 0; }  // nbdkit never shuts down here
+// nbdkit never shuts down here.
+int nbdkit_nanosleep(unsigned, unsigned) {
+  return 0;
+}
 }
 
 namespace sdccache {

@@ -659,8 +659,8 @@ TEST(WriteBackTest, AWriterWaitingForRoomGivesUpWhenGone) {
   test::Watchdog watchdog("writers waiting for room to give up");  // else they never return
   ASSERT_EQ(wb.Write(block.data(), 4096, 0, false), 0);
   ASSERT_EQ(wb.Write(block.data(), 4096, 4096, false), 0);
-  auto write = std::async(std::launch::async,
-                          [&] { return wb.Write(block.data(), 4096, 8192, false); });
+  auto write =
+      std::async(std::launch::async, [&] { return wb.Write(block.data(), 4096, 8192, false); });
   auto zero = std::async(std::launch::async, [&] { return wb.Zero(4096, 12288, false, false); });
   test::AwaitPoll("both to wait for room", [&] { return StatOf(wb, "backpressure_waits") >= 2; });
   EXPECT_EQ(write.wait_for(milliseconds(300)), std::future_status::timeout)

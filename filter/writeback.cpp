@@ -168,7 +168,7 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   const bool was_half = HalfFull();
   active_.Insert(std::move(r));
   ++active_requests_;
-  active_charge_ += kRangeCharge;  // reserved by the caller
+  range_charges_ += kRangeCharge;  // reserved by the caller
   counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
   if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0) ||
@@ -329,6 +329,7 @@ void WriteBack::UpdateWrittenSeq() {
 
 void WriteBack::WakeForRoom() {
   MutexLock l(&mu_);
+  ReconcileChargesLocked();  // overwrites may have charged for entries they merged into
   pressure_ = true;
   work_.Signal();
 }
@@ -428,11 +429,9 @@ void WriteBack::RunBatch(Trigger why) {
   b.map = std::move(active_);
   active_ = DirtyMap();
   b.requests = active_requests_;
-  b.charge = active_charge_;
   b.min_seq = active_min_seq_;
   b.since = active_since_;
   active_requests_ = 0;
-  active_charge_ = 0;
   batch_data_bytes_ += b.map.data_bytes();
   const uint64_t gen_before = write_gen_;
   const uint64_t attempt = ++attempts_started_;
@@ -479,10 +478,8 @@ void WriteBack::RunBatch(Trigger why) {
   batch_data_bytes_ -= b.map.data_bytes();
 
   DirtyMap retired;  // freed after the lock is dropped: reads must not wait for that
-  uint64_t uncharge = 0;
   if (err == 0) {
     retired = std::move(b.map);
-    uncharge = b.charge;
     batches_.erase(it);
     ++retiring_;
     ++write_gen_;
@@ -524,12 +521,12 @@ void WriteBack::RunBatch(Trigger why) {
     const bool was_empty = active_.empty();
     active_.InsertUnder(std::move(b.map));
     active_requests_ += b.requests;
-    active_charge_ += b.charge;  // all of it, until the rest is written too
     if (was_empty || b.min_seq < active_min_seq_) active_min_seq_ = b.min_seq;
     if (was_empty || b.since < active_since_) active_since_ = b.since;
     batches_.erase(it);
     RecordError(err, attempt);
   }
+  ReconcileChargesLocked();
   done_.SignalAll();
   work_.Signal();  // the flusher may have waited for the batch to end
   BatchHook hook = hook_;
@@ -537,7 +534,6 @@ void WriteBack::RunBatch(Trigger why) {
   mu_.Unlock();
   retired.clear();
   plan.clear();
-  if (uncharge != 0) account_.Release(uncharge);  // before retiring_ ends: see Stats()
   mu_.Lock();
   last_work_ = Clock::now();
   if (err == 0 && --retiring_ == 0) done_.SignalAll();
@@ -719,15 +715,22 @@ void WriteBack::SetBatchHook(BatchHook hook, void* opaque) {
   hook_opaque_ = opaque;
 }
 
+void WriteBack::ReconcileChargesLocked() {
+  uint64_t ranges = active_.size();
+  for (const Batch& b : batches_) ranges += b.map.size();
+  const uint64_t held = ranges * kRangeCharge;
+  if (range_charges_ <= held) return;  // a split adds entries its request did not pay for
+  account_.Release(range_charges_ - held);
+  range_charges_ = held;
+}
+
 uint64_t WriteBack::MemoryBytesLocked() const {
   // The charges for index entries stand in for index_bytes(): count the
   // real thing instead.  A charge is in account_ before it is in
-  // active_charge_, and leaves it after.
-  uint64_t charges = active_charge_, index = active_.index_bytes();
-  for (const Batch& b : batches_) {
-    charges += b.charge;
-    index += b.map.index_bytes();
-  }
+  // range_charges_, and leaves range_charges_ first.
+  const uint64_t charges = range_charges_;
+  uint64_t index = active_.index_bytes();
+  for (const Batch& b : batches_) index += b.map.index_bytes();
   const uint64_t used = account_.used();
   return (used > charges ? used - charges : 0) + index;
 }

@@ -90,8 +90,9 @@ class WriteBack {
  public:
   // Each buffered request charges the queue-max-size budget this much
   // beside its data, for the index entry it adds (about 100 bytes), so
-  // that a stream of zeroes, trims or tiny writes is bounded too.  Kept
-  // per batch, and released when the batch's ranges are written.
+  // that a stream of zeroes, trims or tiny writes is bounded too.  What a
+  // request merged into others, or a range written, had charged is given
+  // back (ReconcileChargesLocked).
   static constexpr uint64_t kRangeCharge = 128;
   // What buffering a write of `count` bytes charges: its chunk, with its
   // header, and its index entry.  A write for which this exceeds
@@ -182,6 +183,9 @@ class WriteBack {
   bool ReserveRoom(uint64_t bytes, uint64_t pool_payload = 0, void** pooled = nullptr)
       EXCLUDES(mu_);
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
+  // Gives back the charges of index entries that no longer exist (merged
+  // requests, written ranges), down to kRangeCharge per range held.
+  void ReconcileChargesLocked() REQUIRES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   // Sends a write straight to the Sink if it may (see the .cpp); true if
   // the Sink took it, false if it is to be buffered.
@@ -203,7 +207,6 @@ class WriteBack {
     // thread alone may also read it without mu_ (PlanBatch).
     DirtyMap map;
     uint64_t requests = 0;
-    uint64_t charge = 0;   // kRangeCharge per request, charged to account_
     uint64_t min_seq = 0;  // its oldest request
     Clock::time_point since;  // when that request came
   };
@@ -267,7 +270,9 @@ class WriteBack {
   // fio's 64 KiB writes).
   std::vector<std::pair<uint64_t, uint64_t>> bypass_ GUARDED_BY(mu_);
   uint64_t active_requests_ GUARDED_BY(mu_) = 0;
-  uint64_t active_charge_ GUARDED_BY(mu_) = 0;   // kRangeCharge x requests in active_
+  // kRangeCharge bytes charged to account_ per buffered request, less what
+  // ReconcileChargesLocked gave back: down to kRangeCharge per range held.
+  uint64_t range_charges_ GUARDED_BY(mu_) = 0;
   uint64_t active_min_seq_ GUARDED_BY(mu_) = 0;  // oldest request in active_
   uint64_t batch_data_bytes_ GUARDED_BY(mu_) = 0;  // data bytes in batches_
   Clock::time_point active_since_ GUARDED_BY(mu_);  // when it came

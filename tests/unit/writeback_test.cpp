@@ -645,6 +645,33 @@ TEST(WriteBackTest, ZeroesAndTrimsAreBoundedByTheQueue) {
   EXPECT_EQ(wb.memory_bytes(), 0u) << "charges not given back";
 }
 
+// A range the plugin refuses for good keeps its own requests' charges, not
+// those of every request that shared a batch with it: else the queue
+// would fill with charges and writers wait for ever.
+TEST(WriteBackTest, ARangeRefusedForGoodDoesNotUseUpTheQueue) {
+  FakeSink sink(kDisk);
+  constexpr uint64_t kLimit = 64 * 1024;
+  WriteBackOptions o = Opts(64, kLimit);
+  o.retry_min = o.retry_max = milliseconds(1);
+  WriteBack wb(&sink, o);
+  sink.FailAt(0, EINVAL);
+  ASSERT_EQ(wb.Write("bad", 3, 0, false), 0);
+  {
+    test::Watchdog watchdog("5,000 zeroes beside a range refused for good");
+    for (uint64_t i = 0; i < 5000; ++i) {
+      if (i % 3 == 0)  // over it again: merged into it
+        ASSERT_EQ(wb.Write("bad", 3, 0, false), 0);
+      else
+        ASSERT_EQ(wb.Zero(4096, (1 + i % 100) * 8192, false, false), 0);
+    }
+  }
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EINVAL);
+  EXPECT_LE(wb.memory_bytes(), 4096u) << "charges of merged or written requests kept";
+  sink.FailAt(0, 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.memory_bytes(), 0u);
+}
+
 // A writer waiting for room that the plugin, failing, never makes gives up
 // once writer_gone says so (nbdkit shutting down, the client gone), with
 // ESHUTDOWN and nothing buffered: nbdkit's exit waited for it for ever.

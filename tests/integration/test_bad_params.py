@@ -51,6 +51,18 @@ def run(param):
     return sdctest.run_nbdkit(["null", "1M", param], timeout=5, foreground=after_fork)
 
 
+def refused_and_kept(key, path, why):
+    """key=path over a regular file: refused, saying why, the file kept."""
+    with open(path, "rb") as f:
+        before = f.read()
+    p = run("%s=%s" % (key, path))
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and why in err,
+                  "%s= over a regular file: exit %d: %r" % (key, p.returncode, err))
+    with open(path, "rb") as f:
+        sdctest.check(f.read() == before, "%s= replaced a regular file" % key)
+
+
 def run_stats(path, fmt):
     return sdctest.run_nbdkit(["null", "1M", "sdccache-statsfile=" + path,
                                "sdccache-statsformat=" + fmt], timeout=5)
@@ -100,22 +112,11 @@ def main():
     notes = os.path.join(tmp, "notes.txt")
     with open(notes, "wb") as f:
         f.write(b"keep me")
-    p = run("control=" + notes)
-    err = p.stderr.decode(errors="replace")
-    sdctest.check(p.returncode != 0 and "not a socket" in err,
-                  "control= over a regular file: exit %d: %r" % (p.returncode, err))
-    with open(notes, "rb") as f:
-        sdctest.check(f.read() == b"keep me", "control= replaced a regular file")
-
+    refused_and_kept("control", notes, "not a socket")
     # sdccache-statsfile= naming a file that is not an earlier stats file
-    # (the disk image, by mistake): refused, and the file left as it was.
-    # So is the control socket's path, made first.
-    p = run("sdccache-statsfile=" + notes)
-    err = p.stderr.decode(errors="replace")
-    sdctest.check(p.returncode != 0 and "not a stats file" in err,
-                  "sdccache-statsfile= over a regular file: exit %d: %r" % (p.returncode, err))
-    with open(notes, "rb") as f:
-        sdctest.check(f.read() == b"keep me", "sdccache-statsfile= replaced a regular file")
+    # (the disk image, by mistake): the same.  So is the control socket's
+    # path, made first.
+    refused_and_kept("sdccache-statsfile", notes, "not a stats file")
     same = os.path.join(tmp, "both")
     p = sdctest.run_nbdkit(["null", "1M", "control=" + same, "sdccache-statsfile=" + same],
                            timeout=5, foreground=True)

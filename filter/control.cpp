@@ -35,16 +35,21 @@ bool AddressOf(const std::string& path, sockaddr_un* addr) {
   return true;
 }
 
+// Binds `fd` to `addr`, the socket file made 0600 from the start: no
+// window where others can connect.
+int BindPrivate(int fd, const sockaddr_un& addr) {
+  const mode_t old = umask(0177);
+  const int r = bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  umask(old);
+  return r;
+}
+
 // Whether `path` can become the socket (see Check), with its address and
 // whether a stale socket is there to be replaced.  False after nbdkit_error.
 bool Inspect(const std::string& path, sockaddr_un* addr, bool* stale) {
   *stale = false;
   if (!AddressOf(path, addr)) return false;
-  std::string dir;
-  if (!ParentDirExists(path, &dir)) {
-    nbdkit_error("sdccache: control: %s: no directory %s", path.c_str(), dir.c_str());
-    return false;
-  }
+  if (!ParentDirExists(path, "sdccache: control")) return false;
   struct stat st;
   // Only a stale socket may be replaced: not a file (control=disk.img by
   // mistake must not destroy it), nor a socket another process serves.
@@ -76,9 +81,7 @@ bool ControlSocket::Check(const std::string& path) {
   // A directory where no socket can be made (read-only, /proc) is caught
   // here too: the socket is bound once, and removed again.
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  mode_t old = umask(0177);
-  int r = fd == -1 ? -1 : bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  umask(old);
+  const int r = fd == -1 ? -1 : BindPrivate(fd, addr);
   const int e = errno;
   if (fd != -1) close(fd);
   if (r == -1) {
@@ -99,11 +102,7 @@ bool ControlSocket::Start() {
     return false;
   }
   if (stale) unlink(path_.c_str());  // left by a process that died
-  // Created 0600 from the start: no window where others can connect.
-  mode_t old = umask(0177);
-  int r = bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  umask(old);
-  if (r == -1 || listen(listen_fd_, 8) == -1) {
+  if (BindPrivate(listen_fd_, addr) == -1 || listen(listen_fd_, 8) == -1) {
     nbdkit_error("sdccache: control: %s: %s", path_.c_str(), std::strerror(errno));
     close(listen_fd_);
     listen_fd_ = -1;
@@ -172,16 +171,18 @@ void ControlSocket::Loop() {
     try {
       std::thread([this, fd] {
         Serve(fd);
-        close(fd);
-        std::lock_guard<std::mutex> lock(clients_mu_);
-        if (--clients_ == 0) clients_cv_.notify_all();
+        ClientDone(fd);
       }).detach();
     } catch (const std::system_error&) {  // no thread: this client is not served
-      close(fd);
-      std::lock_guard<std::mutex> lock(clients_mu_);
-      if (--clients_ == 0) clients_cv_.notify_all();
+      ClientDone(fd);
     }
   }
+}
+
+void ControlSocket::ClientDone(int fd) {
+  close(fd);
+  std::lock_guard<std::mutex> lock(clients_mu_);
+  if (--clients_ == 0) clients_cv_.notify_all();
 }
 
 // Waits until `fd` has `events` (true), the stop pipe is readable, the

@@ -44,6 +44,7 @@ class ControlSocket {
  private:
   void Loop();
   void Serve(int fd);
+  void ClientDone(int fd);  // closes a client's socket and uncounts it
   bool WaitFor(int fd, short events);
   bool SendAll(int fd, const std::string& reply);
 

@@ -6,13 +6,17 @@
 
 #include <sys/stat.h>
 
+#include <nbdkit-filter.h>
+
 namespace sdccache {
 
-bool ParentDirExists(const std::string& path, std::string* dir) {
+bool ParentDirExists(const std::string& path, const char* what) {
   const size_t slash = path.rfind('/');
-  *dir = path.substr(0, slash == 0 ? 1 : slash);  // "/x": "/"
+  const std::string dir = path.substr(0, slash == 0 ? 1 : slash);  // "/x": "/"
   struct stat st;
-  return stat(dir->c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+  if (stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return true;
+  nbdkit_error("%s: %s: no directory %s", what, path.c_str(), dir.c_str());
+  return false;
 }
 
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {

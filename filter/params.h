@@ -26,9 +26,10 @@ inline constexpr uint32_t kMaxWritebackThreads = 256;
 // in nanoseconds, which overflow past about 292 years of uptime.
 inline constexpr std::chrono::milliseconds kMaxDuration{100ll * 365 * 24 * 3600 * 1000};
 
-// Sets *dir to the directory part of the absolute `path` ("/" for "/x");
-// false if that is not an existing directory.
-bool ParentDirExists(const std::string& path, std::string* dir);
+// Whether the directory part of the absolute `path` ("/" for "/x") is an
+// existing directory; if not, false after nbdkit_error("WHAT: PATH: no
+// directory DIR").
+bool ParentDirExists(const std::string& path, const char* what);
 
 // Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
 // false on anything else (negative, empty, unknown unit); a number too

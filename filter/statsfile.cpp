@@ -43,11 +43,7 @@ static int CreateTemp(const std::string& tmp) {
 }
 
 bool StatsFile::Check(const std::string& path) {
-  std::string dir;
-  if (!ParentDirExists(path, &dir)) {
-    nbdkit_error("sdccache-statsfile: %s: no directory %s", path.c_str(), dir.c_str());
-    return false;
-  }
+  if (!ParentDirExists(path, "sdccache-statsfile")) return false;
   struct stat st;
   if (stat(path.c_str(), &st) == 0) {
     const char* why = nullptr;

@@ -25,7 +25,7 @@ void DirtyMap::Account(const DirtyRange& r, int sign) {
 
 void DirtyMap::Add(DirtyRange r) {
   Account(r, +1);
-  ranges_.Insert(std::move(r));
+  ranges_.Insert(std::move(r));  // cannot throw after Reserve
 }
 
 RangeIndex::Pos DirtyMap::Remove(RangeIndex::Pos p) {
@@ -44,6 +44,10 @@ RangeIndex::Pos DirtyMap::FirstEndingAfter(uint64_t offset) const {
 
 void DirtyMap::Insert(DirtyRange r) {
   if (r.length == 0) return;
+  // Up to three entries are added below, after older ones were cut: the
+  // memory for them is taken first, so that a failed allocation leaves the
+  // map as it was (older, acknowledged data included).
+  ranges_.Reserve(3);
   const uint64_t start = r.offset, stop = r.end();
   RangeIndex::Pos p = FirstEndingAfter(start);
   // Common cases first: nothing overlaps (insert where the search ended),

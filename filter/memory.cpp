@@ -13,8 +13,6 @@ Chunk* Chunk::Create(const void* src, size_t size, MemoryAccount* account, void*
   if (mem == nullptr) {
     mem = std::malloc(AllocationSize(size));
     if (mem == nullptr) return nullptr;
-    // New memory: make the pool give some back.
-    if (account != nullptr && MemoryAccount::Poolable(size)) account->Evict();
   }
   auto* c = new (mem) Chunk(size, account);
   if (size) std::memcpy(c->payload(), src, size);
@@ -97,17 +95,6 @@ std::vector<void*> MemoryAccount::EvictLocked(uint64_t target) {
   return out;
 }
 
-void MemoryAccount::Evict() {
-  std::vector<void*> to_free;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    const uint64_t used = used_.load(std::memory_order_relaxed);
-    if (used + pooled_.load(std::memory_order_relaxed) <= limit_) return;
-    to_free = EvictLocked(used >= limit_ ? 0 : limit_ - used);
-  }
-  for (void* b : to_free) std::free(b);
-}
-
 void MemoryAccount::Drain() {
   std::vector<void*> to_free;
   {
@@ -130,16 +117,17 @@ bool MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait
   };
   bool gave_up = false;
   while (!fits()) {
+    lock.unlock();
+    on_wait();
+    lock.lock();
+    // Re-check after on_wait: the flusher may already have freed room
+    // (or on_wait gave back charges).  Only a writer that sleeps waited.
+    if (fits()) break;
     if (!waited) {
       waited = true;
       start = Clock::now();
       waits_.fetch_add(1, std::memory_order_relaxed);
     }
-    lock.unlock();
-    on_wait();
-    lock.lock();
-    // Re-check after on_wait: the flusher may already have freed room.
-    if (fits()) break;
     if (!give_up) {
       room_.wait(lock);
       continue;
@@ -152,11 +140,18 @@ bool MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait
   }
   const void* next = nullptr;
   void* mem = nullptr;
+  std::vector<void*> evicted;
   if (!gave_up) {
     used_.fetch_add(bytes, std::memory_order_relaxed);
     mem = pool_payload ? TakeLocked(pool_payload, &next) : nullptr;
+    // Whatever this charge is for (a buffer of another size, an index
+    // entry), in-use plus pooled bytes stay within the limit.
+    const uint64_t used = used_.load(std::memory_order_relaxed);
+    if (used + pooled_.load(std::memory_order_relaxed) > limit_)
+      evicted = EvictLocked(used >= limit_ ? 0 : limit_ - used);
   }
   lock.unlock();
+  for (void* b : evicted) std::free(b);
   if (pooled != nullptr) *pooled = mem;
   Prefetch(next, pool_payload);
   if (waited) {

@@ -48,14 +48,14 @@ class MemoryAccount {
   void Release(uint64_t bytes);
 
   // Pool of freed buffers of `bytes` (a Chunk::AllocationSize); Reserve()
-  // takes from it.  Recycle() releases `bytes` like Release() and keeps or
-  // frees `mem`.  Evict() frees pooled buffers until in-use plus
-  // pooled bytes fit the limit again (call it after a pool miss).
+  // takes from it, and frees pooled buffers when what it charges (a buffer
+  // of any size, an index entry) would put in-use plus pooled bytes over
+  // the limit.  Recycle() releases `bytes` like Release() and keeps or
+  // frees `mem`.
   static bool Poolable(uint64_t payload) {
     return payload != 0 && payload % kPoolUnit == 0 && payload <= kPoolMax;
   }
   void Recycle(void* mem, uint64_t payload, uint64_t bytes);
-  void Evict();
   void Drain();  // frees the whole pool
   uint64_t pooled() const { return pooled_.load(std::memory_order_relaxed); }
 

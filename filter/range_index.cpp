@@ -10,11 +10,13 @@ namespace sdccache {
 void RangeIndex::clear() {
   std::vector<std::unique_ptr<Leaf>>().swap(leaves_);
   std::vector<uint64_t>().swap(firsts_);
+  std::vector<std::unique_ptr<Leaf>>().swap(spare_);
   size_ = 0;
 }
 
 size_t RangeIndex::bytes() const {
-  return leaves_.size() * sizeof(Leaf) + leaves_.capacity() * sizeof(leaves_[0]) +
+  return (leaves_.size() + spare_.size()) * sizeof(Leaf) +
+         (leaves_.capacity() + spare_.capacity()) * sizeof(leaves_[0]) +
          firsts_.capacity() * sizeof(firsts_[0]);
 }
 
@@ -60,6 +62,23 @@ RangeIndex::Pos RangeIndex::LowerBound(uint64_t key) const {
   return {li, s};
 }
 
+void RangeIndex::Reserve(size_t n) {
+  // Geometric, as push_back would grow them.
+  if (leaves_.capacity() < leaves_.size() + n)
+    leaves_.reserve(std::max(leaves_.size() + n, 2 * leaves_.capacity()));
+  if (firsts_.capacity() < firsts_.size() + n)
+    firsts_.reserve(std::max(firsts_.size() + n, 2 * firsts_.capacity()));
+  if (spare_.capacity() < n) spare_.reserve(n);
+  while (spare_.size() < n) spare_.push_back(std::make_unique<Leaf>());
+}
+
+std::unique_ptr<RangeIndex::Leaf> RangeIndex::NewLeaf() {
+  if (spare_.empty()) return std::make_unique<Leaf>();
+  std::unique_ptr<Leaf> leaf = std::move(spare_.back());
+  spare_.pop_back();
+  return leaf;
+}
+
 void RangeIndex::InsertLeaf(size_t at, std::unique_ptr<Leaf> leaf) {
   firsts_.insert(firsts_.begin() + static_cast<std::ptrdiff_t>(at), leaf->keys[0]);
   leaves_.insert(leaves_.begin() + static_cast<std::ptrdiff_t>(at), std::move(leaf));
@@ -83,7 +102,7 @@ void RangeIndex::Replace(Pos p, DirtyRange r) {
 void RangeIndex::InsertAt(Pos p, DirtyRange r) {
   const uint64_t key = r.offset;
   if (leaves_.empty()) {
-    auto leaf = std::make_unique<Leaf>();
+    auto leaf = NewLeaf();
     leaf->keys[0] = key;
     leaf->Val(0) = std::move(r);
     leaf->n = 1;
@@ -101,7 +120,7 @@ void RangeIndex::InsertAt(Pos p, DirtyRange r) {
   assert(s == 0 || leaf->keys[s - 1] < key);
   if (leaf->n == kLeafCap) {  // split: the upper half moves to a new leaf
     constexpr uint32_t kHalf = kLeafCap / 2;
-    auto upper = std::make_unique<Leaf>();
+    auto upper = NewLeaf();
     std::copy(leaf->keys + kHalf, leaf->keys + kLeafCap, upper->keys);
     for (uint32_t i = kHalf; i < kLeafCap; ++i) upper->Val(i - kHalf) = std::move(leaf->Val(i));
     upper->n = kLeafCap - kHalf;

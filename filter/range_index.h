@@ -63,6 +63,9 @@ class RangeIndex {
   void Replace(Pos p, DirtyRange r);
   // Removes the entry at p; returns the position of the one after it.
   Pos Erase(Pos p);
+  // Makes the next `n` Insert/InsertAt calls allocate nothing (they cannot
+  // throw then); throws std::bad_alloc, changing nothing, if it cannot.
+  void Reserve(size_t n);
 
   class const_iterator {
    public:
@@ -108,6 +111,8 @@ class RangeIndex {
   // the two fit in one; returns where the entry that was at (at, slot) is.
   Pos Rebalance(size_t at, uint32_t slot);
 
+  std::unique_ptr<Leaf> NewLeaf();  // a spare one (Reserve) if any
+  std::vector<std::unique_ptr<Leaf>> spare_;
   std::vector<std::unique_ptr<Leaf>> leaves_;
   std::vector<uint64_t> firsts_;  // firsts_[i] == leaves_[i]->keys[0]
   size_t size_ = 0;

@@ -160,15 +160,21 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   while (OverlapsBypass(r.offset, r.length)) done_.Wait();
   if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
   const bool was_empty = active_.empty();
+  const bool was_half = HalfFull();
+  try {
+    active_.Insert(std::move(r));  // a failed allocation changes nothing
+  } catch (...) {
+    account_.Release(kRangeCharge);  // reserved by the caller for this entry
+    throw;                           // the caller's chunk goes with r
+  }
   const uint64_t seq = ++last_seq_;
   if (was_empty) {
     active_since_ = Clock::now();
     active_min_seq_ = seq;
   }
-  const bool was_half = HalfFull();
-  active_.Insert(std::move(r));
   ++active_requests_;
   range_charges_ += kRangeCharge;  // reserved by the caller
+  ReconcileChargesLocked();        // an overwrite adds no entry: no charge kept
   counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
   if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0) ||
@@ -394,15 +400,18 @@ void WriteBack::FlusherLoop() {
       StartPluginFlush();
     } else {
       auto wake = Clock::time_point::max();
-      if (active_.empty() && account_.pooled() > 0) {
+      // A buffer still held (by a read, or by the thread that ran the
+      // last batch) reaches the pool later without waking us: keep the
+      // timer armed while anything is charged or pooled.
+      if (active_.empty() && (account_.pooled() > 0 || account_.used() > 0)) {
         const auto release_at = last_work_ + kIdleRelease;
-        if (now >= release_at) {
+        if (now >= release_at && account_.pooled() > 0) {
           mu_.Unlock();
           ReleaseIdleMemory();
           mu_.Lock();
           continue;
         }
-        wake = release_at;
+        wake = now >= release_at ? now + kIdleRelease : release_at;
       }
       // While backing off, only the retry (or a kick) may start a batch:
       // the age and threshold times may be long past, and waiting until

@@ -82,7 +82,12 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
   return nullptr;
 }
 
+thread_local nbdkit_next* PluginSink::caller_ = nullptr;
+
 PluginSink::Slot* PluginSink::PickLocked() {
+  if (caller_ != nullptr)
+    for (Slot& c : contexts_)
+      if (c.next == caller_ && !c.leaving) return &c;
   for (Slot& c : contexts_)
     if (!c.leaving) return &c;
   return contexts_.empty() ? nullptr : &contexts_.front();
@@ -205,7 +210,7 @@ int PluginSink::Write(const void* buf, uint32_t count, uint64_t offset, bool fua
 int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
   if (can_zero_ == NBDKIT_ZERO_NONE) {
     // Write real zero blocks, within the plugin's request limit.
-    const uint32_t step = std::min<uint32_t>(max_write_, 1u << 20);
+    const uint32_t step = ZeroStep();
     std::vector<char> zeroes(std::min(step, count));
     for (uint32_t done = 0; done < count;) {
       uint32_t n = std::min<uint32_t>(step, count - done);

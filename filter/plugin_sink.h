@@ -103,6 +103,10 @@ class PluginSink : public Sink {
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
   int Trim(uint32_t count, uint64_t offset, bool fua) override;
+  uint64_t ZeroCalls(uint32_t count) const override {
+    return can_zero_ == NBDKIT_ZERO_NONE ? (uint64_t{count} + ZeroStep() - 1) / ZeroStep() : 1;
+  }
+  uint64_t TrimCalls() const override { return can_trim_ ? 1 : 0; }
   int Flush() override;
   uint64_t losses() override;
 
@@ -121,6 +125,22 @@ class PluginSink : public Sink {
     return ((offset | count) & (min_block_ - 1)) == 0;  // min_block_ is a power of 2
   }
   uint32_t min_block() const { return min_block_; }
+
+  // The context of the client connection whose thread is calling (set by
+  // the filter's request callbacks): a call made on that thread goes
+  // through it when it is attached.  nbdkit ties a context's plugin calls
+  // to the calling thread's connection; a filter below that reopens the
+  // context (retry) asserts when another connection's thread does it.
+  class CallerScope {
+   public:
+    explicit CallerScope(nbdkit_next* own) : prev_(caller_) { caller_ = own; }
+    ~CallerScope() { caller_ = prev_; }
+    CallerScope(const CallerScope&) = delete;
+    CallerScope& operator=(const CallerScope&) = delete;
+
+   private:
+    nbdkit_next* prev_;
+  };
 
  private:
   // A borrowed context, returned to the pool when the Lease ends.
@@ -166,7 +186,10 @@ class PluginSink : public Sink {
   // Flushes `which`, or (null) the context PickLocked gives.
   int FlushOne(nbdkit_next* which);
   int FuaFallback(bool fua);
+  // The size of the zero blocks written to a plugin that cannot zero.
+  uint32_t ZeroStep() const { return max_write_ < (1u << 20) ? max_write_ : 1u << 20; }
 
+  static thread_local nbdkit_next* caller_;
   PluginGate* const gate_;
   const int can_fua_, can_zero_;
   const bool can_fast_zero_, can_flush_, can_trim_, multi_conn_;

@@ -9,6 +9,7 @@
 #include <cinttypes>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <new>
 #include <string>
@@ -37,6 +38,7 @@ struct Globals {
   std::unique_ptr<Registry> registry;
   std::unique_ptr<StatsFile> stats_file;
   std::unique_ptr<ControlSocket> control;
+  std::map<std::string, std::string> given;  // the filter's own parameters, as given
 };
 Globals* g;
 
@@ -165,9 +167,30 @@ static void sdccache_unload() {
   g = nullptr;
 }
 
+static int ConfigOwn(const std::string& k, const char* key, const char* value);
+
+// The filter's own parameters; the rest go to the filters and plugin below.
+static bool OwnKey(const std::string& k) {
+  return k == "threshold" || k == "writeback-threads" || k == "queue-max-size" ||
+         k == "bypass-min" || k == "max-age" || k == "shutdown-timeout" ||
+         k == "sdccache-statsfile" || k == "sdccache-statsformat" || k == "control";
+}
+
 static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
                            const char* value) {
-  std::string k = key;
+  const std::string k = key;
+  if (!OwnKey(k)) return next(nxdata, key, value);
+  // Which of two values was meant cannot be told: refuse, as with a bad value.
+  const auto [it, first] = g->given.emplace(k, value);
+  if (!first) {
+    nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key, it->second.c_str(),
+                 key, value);
+    return -1;
+  }
+  return ConfigOwn(k, key, value);
+}
+
+static int ConfigOwn(const std::string& k, const char* key, const char* value) {
   Params& p = g->params;
   if (k == "threshold") return ParseCount(key, value, kMaxThreshold, &p.threshold);
   if (k == "writeback-threads")
@@ -228,7 +251,8 @@ static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, con
     }
     return AbsolutePath(key, value, &p.control);
   }
-  return next(nxdata, key, value);
+  nbdkit_error("%s: not handled", key);  // OwnKey lists a key not handled here
+  return -1;
 }
 
 #define sdccache_config_help                                                       \
@@ -451,6 +475,7 @@ static int sdccache_pread(nbdkit_next* next, void* handle, void* buf, uint32_t c
 static int sdccache_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t count,
                            uint64_t offset, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
+  PluginSink::CallerScope caller(h->writer);
   return Guarded("pwrite", err, [&] {
     if (!Aligned(h, "pwrite", offset, count, err)) return -1;
     h->wrote.store(true, std::memory_order_relaxed);
@@ -463,6 +488,7 @@ static int sdccache_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t
 static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
+  PluginSink::CallerScope caller(h->writer);
   return Guarded("zero", err, [&] {
     if (!Aligned(h, "zero", offset, count, err)) return -1;
     // A fast zero the plugin would turn into writes fails at once, as
@@ -483,6 +509,7 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
 static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t offset,
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
+  PluginSink::CallerScope caller(h->writer);
   return Guarded("trim", err, [&] {
     if (!Aligned(h, "trim", offset, count, err)) return -1;
     h->wrote.store(true, std::memory_order_relaxed);
@@ -494,6 +521,7 @@ static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t of
 
 static int sdccache_flush(nbdkit_next* next, void* handle, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
+  PluginSink::CallerScope caller(h->writer);
   return Guarded("flush", err, [&] {
     ExportCache* cache = CacheOf(h);
     if (!cache) {

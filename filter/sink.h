@@ -17,6 +17,11 @@ class Sink {
   virtual int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) = 0;
   virtual int Trim(uint32_t count, uint64_t offset, bool fua) = 0;
   virtual int Flush() = 0;
+  // How many plugin calls Zero() or Trim() of `count` bytes makes (the
+  // plugin_writes counter): a plugin that cannot zero gets zero blocks
+  // written in pieces, one that cannot trim gets no call.
+  virtual uint64_t ZeroCalls(uint32_t /*count*/) const { return 1; }
+  virtual uint64_t TrimCalls() const { return 1; }
   // How many times writes made through the Sink were dropped before a flush
   // covered them (a plugin context that carried them went away, its last
   // flush failing).  Flush() reports such a loss once, to whichever flush

@@ -103,6 +103,14 @@ def main():
         p = run("%s=%s" % (key, value))
         sdctest.check(p.returncode == 0, "%s=%s refused (exit %d): %s" %
                       (key, value, p.returncode, p.stderr.decode(errors="replace")))
+    # A parameter given twice: which value was meant cannot be told.
+    for key, first, second in (("threshold", "5", "7"), ("max-age", "1s", "2s"),
+                               ("control", "/tmp/a.sock", "/tmp/b.sock")):
+        p = sdctest.run_nbdkit(["null", "1M", "%s=%s" % (key, first), "%s=%s" % (key, second)],
+                               timeout=5)
+        err = p.stderr.decode(errors="replace")
+        sdctest.check(p.returncode != 0 and "%s: given twice" % key in err,
+                      "%s given twice: exit %d: %r" % (key, p.returncode, err))
 
     # control= naming a file that is not a socket (a mistyped disk image):
     # refused, and the file left as it was.

@@ -102,9 +102,34 @@ def scenario(json_format):
                       "errors reported: %r" % st)
 
 
+def zero_calls():
+    """plugin_writes counts the calls the plugin gets: a zero the plugin
+    cannot do (nozero zeromode=none) is written as 1 MiB zero blocks, and
+    nbdkit's stats filter below counts the same writes."""
+    tmp = sdctest.scratch_dir(prefix="sdc-counters-")
+    ctl_path = os.path.join(tmp, "ctl.sock")
+    plugin_stats = os.path.join(tmp, "plugin.stats")
+    with sdctest.start_server(["memory", "16M", "zeromode=none", "statsfile=" + plugin_stats],
+                              ["threshold=1000", "max-age=0", "control=" + ctl_path],
+                              under=["stats", "nozero"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        h.zero(4 << 20, 0)
+        h.flush()
+        st = sdctest.control_stats(ctl_path)
+        sdctest.check(int(st["plugin_writes"]) == 4,
+                      "plugin_writes after a 4 MiB zero written as blocks: %s" % st["plugin_writes"])
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    with open(plugin_stats) as f:
+        writes = [line for line in f if line.startswith("write:")]
+    sdctest.check(len(writes) == 1 and " 4 ops" in writes[0],
+                  "the stats filter below saw: %r" % writes)
+
+
 def main():
     scenario(json_format=False)
     scenario(json_format=True)
+    zero_calls()
 
 
 if __name__ == "__main__":

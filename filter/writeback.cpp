@@ -267,6 +267,7 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool
   pending_why_ = why;
   kick_ = true;
   const uint64_t started_before = attempts_started_;
+  bool leave_to_flusher = why == Trigger::kDisconnect;
   while (!satisfied()) {
     if (last_failed_attempt_ > started_before) return last_error_;
     if (stopped_) return ESHUTDOWN;
@@ -279,12 +280,17 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool
     // of a flush's cost on a fast plugin.  Not on a disconnect: that thread's
     // connection is closing, and nbdkit aborts plugin calls made from it
     // that wait (nbdkit_nanosleep, as in the delay filter, fails with
-    // ESHUTDOWN); the flusher writes for it.
-    if (why == Trigger::kDisconnect) {
+    // ESHUTDOWN); the flusher writes for it.  So it does once an attempt
+    // made here was aborted so (the client went while it waited).
+    if (leave_to_flusher) {
       work_.Signal();
       done_.Wait();
-    } else if (!RunHere(seq, gen, flush)) {
-      done_.Wait();
+    } else {
+      const uint64_t attempt = attempts_started_ + 1;  // RunHere's, if it starts one
+      if (!RunHere(seq, gen, flush))
+        done_.Wait();
+      else if (aborted_attempt_ == attempt)
+        leave_to_flusher = true;
     }
   }
   return 0;
@@ -297,11 +303,11 @@ bool WriteBack::RunHere(uint64_t seq, uint64_t gen, bool flush) {
     // wait for those.  A batch of only newer requests is not this
     // caller's to write.
     if (active_.empty() || active_min_seq_ > seq || !CanStartBatch()) return false;
-    RunBatch(pending_why_);
+    RunBatch(pending_why_, /*client_thread=*/true);
     return true;
   }
   if (flush && PluginFlushDueFor(seq, gen)) {
-    RunFlushJob(NewFlushJob());
+    RunFlushJob(NewFlushJob(), /*client_thread=*/true);
     return true;
   }
   return false;
@@ -431,7 +437,7 @@ void WriteBack::FlusherLoop() {
   }
 }
 
-void WriteBack::RunBatch(Trigger why) {
+void WriteBack::RunBatch(Trigger why, bool client_thread) {
   batches_.emplace_back();
   const auto it = std::prev(batches_.end());
   Batch& b = *it;
@@ -533,7 +539,7 @@ void WriteBack::RunBatch(Trigger why) {
     if (was_empty || b.min_seq < active_min_seq_) active_min_seq_ = b.min_seq;
     if (was_empty || b.since < active_since_) active_since_ = b.since;
     batches_.erase(it);
-    RecordError(err, attempt);
+    if (!AbortedHere(err, client_thread, attempt)) RecordError(err, attempt);
   }
   ReconcileChargesLocked();
   done_.SignalAll();
@@ -604,7 +610,7 @@ void WriteBack::StartPluginFlush() {
   flush_wake_.Signal();
 }
 
-void WriteBack::RunFlushJob(const FlushJob& job) {
+void WriteBack::RunFlushJob(const FlushJob& job, bool client_thread) {
   mu_.Unlock();  // no lock across plugin I/O
   const int err = sink_->Flush();
   mu_.Lock();
@@ -612,7 +618,7 @@ void WriteBack::RunFlushJob(const FlushJob& job) {
     flushed_seq_ = std::max(flushed_seq_, job.seq);
     flushed_gen_ = std::max(flushed_gen_, job.gen);
     if (job.attempt > last_failed_attempt_) backoff_ = milliseconds(0);
-  } else {
+  } else if (!AbortedHere(err, client_thread, job.attempt)) {
     RecordError(err, job.attempt);
   }
   --flushes_in_flight_;
@@ -638,6 +644,19 @@ void WriteBack::PluginFlushLoop() {
     flush_jobs_.pop_front();
     RunFlushJob(job);
   }
+}
+
+// nbdkit fails a wait (nbdkit_nanosleep, as in the delay filter) with
+// ESHUTDOWN in a plugin call made on the thread of a client that has gone.
+// That is not the plugin's failure: no other client's flush may fail for it
+// (nor a backoff start), and the flusher, whose waits nbdkit aborts only at
+// shutdown, writes or flushes at once instead.
+bool WriteBack::AbortedHere(int err, bool client_thread, uint64_t attempt) {
+  if (err != ESHUTDOWN || !client_thread || !opts_.writer_gone || !opts_.writer_gone())
+    return false;
+  aborted_attempt_ = attempt;
+  kick_ = true;
+  return true;
 }
 
 void WriteBack::RecordError(int err, uint64_t attempt) {

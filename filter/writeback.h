@@ -217,7 +217,8 @@ class WriteBack {
   bool OverlapsBatches(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   // Takes active_ as a new batch and writes it; the flusher and flushing
   // clients both may.
-  void RunBatch(Trigger why) REQUIRES(mu_);
+  // client_thread: run by a client's request (RunHere), not the flusher.
+  void RunBatch(Trigger why, bool client_thread = false) REQUIRES(mu_);
   // written_seq_ from what is still unwritten.
   void UpdateWrittenSeq() REQUIRES(mu_);
   // A waiter's own step towards seq (a batch or a plugin flush); false if
@@ -234,9 +235,13 @@ class WriteBack {
   bool PluginFlushDueFor(uint64_t seq, uint64_t gen) const REQUIRES(mu_);
   FlushJob NewFlushJob() REQUIRES(mu_);
   void StartPluginFlush() REQUIRES(mu_);        // on a plugin flush thread
-  void RunFlushJob(const FlushJob& job) REQUIRES(mu_);  // here
+  void RunFlushJob(const FlushJob& job, bool client_thread = false) REQUIRES(mu_);  // here
   void PluginFlushLoop() EXCLUDES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
+  // Whether a failed attempt run on a client's thread failed only because
+  // nbdkit aborted a wait in it, its client having gone; if so, notes it
+  // (aborted_attempt_) and has the flusher do the work instead.
+  bool AbortedHere(int err, bool client_thread, uint64_t attempt) REQUIRES(mu_);
   void WakeForRoom() EXCLUDES(mu_);
   // A Sink flush that fails with EIO also when the Sink has lost writes
   // since `losses_before` was read (Sink::losses), though another flush
@@ -308,6 +313,7 @@ class WriteBack {
   // already in flight when the plugin recovers cannot fail a fresh flush.
   uint64_t attempts_started_ GUARDED_BY(mu_) = 0;
   uint64_t last_failed_attempt_ GUARDED_BY(mu_) = 0;
+  uint64_t aborted_attempt_ GUARDED_BY(mu_) = 0;  // see AbortedHere
   int last_error_ GUARDED_BY(mu_) = 0;
   Clock::time_point retry_at_ GUARDED_BY(mu_);
   std::chrono::milliseconds backoff_ GUARDED_BY(mu_){0};

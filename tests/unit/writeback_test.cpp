@@ -743,6 +743,48 @@ TEST(WriteBackTest, OverwritesThatFitNeitherWaitNorStartABatch) {
   EXPECT_EQ(StatOf(wb, "flushes_backpressure"), 0u);
 }
 
+// A client's flush runs the batch on its own thread.  If the client goes
+// meanwhile, nbdkit aborts the waits of that thread's plugin calls (the
+// delay filter's sleep fails with ESHUTDOWN): that is no plugin failure, so
+// no flush errors are recorded (other clients' flushes would fail for
+// them), and the flusher writes the batch instead.
+namespace {
+thread_local bool client_gone = false;  // this thread's client has gone
+
+class SleepingSink : public FakeSink {  // a plugin below that sleeps
+ public:
+  using FakeSink::FakeSink;
+  int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override {
+    if (client_gone) {
+      ++aborted;
+      return ESHUTDOWN;
+    }
+    return FakeSink::Write(buf, count, offset, fua);
+  }
+  std::atomic<int> aborted{0};  // calls made on a gone client's thread
+};
+}  // namespace
+
+TEST(WriteBackTest, AClientGoneDuringItsFlushFailsNoOtherFlush) {
+  SleepingSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.bypass_min = 0;
+  o.writer_gone = [] { return client_gone; };
+  WriteBack wb(&sink, o);
+  std::thread gone_client([&] {
+    ASSERT_EQ(wb.Write("data", 4, 4096, false), 0);
+    client_gone = true;  // it goes while its flush runs here
+    EXPECT_EQ(wb.Flush(Trigger::kClient), 0) << "the flusher did not take over";
+  });
+  gone_client.join();
+  EXPECT_EQ(StatOf(wb, "flush_errors"), 0u);
+  EXPECT_EQ(ReadThrough(wb, sink, 4096, 4), "data");
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(sink.Disk()[4096], 'd');
+  EXPECT_EQ(sink.aborted.load(), 1) << "tried again on the gone client's thread";
+  EXPECT_EQ(wb.Flush(Trigger::kClient), 0);  // another client's
+}
+
 // A writer waiting for room that the plugin, failing, never makes gives up
 // once writer_gone says so (nbdkit shutting down, the client gone), with
 // ESHUTDOWN and nothing buffered: nbdkit's exit waited for it for ever.

@@ -82,8 +82,6 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
   return nullptr;
 }
 
-thread_local nbdkit_next* PluginSink::caller_ = nullptr;
-
 PluginSink::Slot* PluginSink::PickLocked() {
   if (caller_ != nullptr)
     for (Slot& c : contexts_)

@@ -189,7 +189,9 @@ class PluginSink : public Sink {
   // The size of the zero blocks written to a plugin that cannot zero.
   uint32_t ZeroStep() const { return max_write_ < (1u << 20) ? max_write_ : 1u << 20; }
 
-  static thread_local nbdkit_next* caller_;
+  // Inline, with a constant initializer: other units reach it without a
+  // call to check for a dynamic initializer (it is set on every request).
+  static inline thread_local nbdkit_next* caller_ = nullptr;
   PluginGate* const gate_;
   const int can_fua_, can_zero_;
   const bool can_fast_zero_, can_flush_, can_trim_, multi_conn_;

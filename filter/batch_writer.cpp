@@ -296,8 +296,9 @@ int BatchWriter::RunOp(Job* job, const Op& op) {
   const std::vector<DirtyRange>& plan = *job->plan;
   const DirtyRange& r = plan[op.first];
   if (r.kind != RangeKind::kData) {
-    job->calls.fetch_add(r.kind == RangeKind::kZero ? sink_->ZeroCalls(static_cast<uint32_t>(r.length))
-                                                    : sink_->TrimCalls(),
+    job->calls.fetch_add(r.kind == RangeKind::kZero
+                             ? sink_->ZeroCalls(static_cast<uint32_t>(r.length))
+                             : sink_->TrimCalls(),
                          std::memory_order_relaxed);
     return r.kind == RangeKind::kZero
                ? sink_->Zero(static_cast<uint32_t>(r.length), r.offset, r.may_trim, false)

@@ -686,7 +686,8 @@ TEST(WriteBackTest, PooledAndInUseBytesStayWithinTheBound) {
   WriteBack wb(&sink, o);
   wb.Pause();  // no threshold or half-queue batch
   const std::string big(256 * 1024, 'a');
-  for (uint64_t i = 0; i < 3; ++i) ASSERT_EQ(wb.Write(big.data(), big.size(), i * big.size(), false), 0);
+  for (uint64_t i = 0; i < 3; ++i)
+    ASSERT_EQ(wb.Write(big.data(), big.size(), i * big.size(), false), 0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   ASSERT_GT(StatOf(wb, "pooled_bytes"), 700u * 1024) << "the written buffers were not pooled";
   const std::string small(1000, 'b');

@@ -167,28 +167,9 @@ static void sdccache_unload() {
   g = nullptr;
 }
 
-static int ConfigOwn(const std::string& k, const char* key, const char* value);
-
-// The filter's own parameters; the rest go to the filters and plugin below.
-static bool OwnKey(const std::string& k) {
-  return k == "threshold" || k == "writeback-threads" || k == "queue-max-size" ||
-         k == "bypass-min" || k == "max-age" || k == "shutdown-timeout" ||
-         k == "sdccache-statsfile" || k == "sdccache-statsformat" || k == "control";
-}
-
-static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
-                           const char* value) {
-  const std::string k = key;
-  if (!OwnKey(k)) return next(nxdata, key, value);
-  // Which of two values was meant cannot be told: refuse, as with a bad value.
-  const auto [it, first] = g->given.emplace(k, value);
-  if (!first) {
-    nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key, it->second.c_str(),
-                 key, value);
-    return -1;
-  }
-  return ConfigOwn(k, key, value);
-}
+// Parses one of the filter's own parameters into g->params: 0, or -1 after
+// nbdkit_error; kNotOwn if the key is not one of them.
+static constexpr int kNotOwn = 1;
 
 static int ConfigOwn(const std::string& k, const char* key, const char* value) {
   Params& p = g->params;
@@ -251,8 +232,23 @@ static int ConfigOwn(const std::string& k, const char* key, const char* value) {
     }
     return AbsolutePath(key, value, &p.control);
   }
-  nbdkit_error("%s: not handled", key);  // OwnKey lists a key not handled here
-  return -1;
+  return kNotOwn;
+}
+
+static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
+                           const char* value) {
+  const std::string k = key;
+  const int r = ConfigOwn(k, key, value);
+  if (r == kNotOwn) return next(nxdata, key, value);  // for the layers below
+  if (r == -1) return -1;
+  // Which of two values was meant cannot be told: refuse, as with a bad value.
+  const auto [it, first] = g->given.emplace(k, value);
+  if (!first) {
+    nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key, it->second.c_str(),
+                 key, value);
+    return -1;
+  }
+  return 0;
 }
 
 #define sdccache_config_help                                                       \

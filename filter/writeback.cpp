@@ -341,7 +341,6 @@ void WriteBack::UpdateWrittenSeq() {
 
 void WriteBack::WakeForRoom() {
   MutexLock l(&mu_);
-  ReconcileChargesLocked();  // overwrites may have charged for entries they merged into
   pressure_ = true;
   work_.Signal();
 }

@@ -3,9 +3,11 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <cstring>
 #include <ctime>
 #include <exception>
+#include <new>
 
 #include <sys/resource.h>
 
@@ -17,6 +19,7 @@ BatchWriter::BatchWriter(Sink* sink, unsigned threads, uint32_t max_write)
       // The calling thread of each batch is one of its writers.
       max_helpers_(threads > 1 ? threads - 1 : 0) {
   workers_.reserve(max_helpers_);
+  idle_.reserve(max_helpers_);  // a helper going idle allocates nothing
 }
 
 BatchWriter::~BatchWriter() {
@@ -115,27 +118,38 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     RecordProbe(start, Clocks::Now());
   }
   const bool waiting = latency_bound();
-  const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
+  size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
   // Borrow idle helpers; each is woken through its own semaphore (no herd
   // on one lock), and the last one to finish wakes this thread.  Short of
   // helpers, the job is listed for those that finish other jobs to join.
   // Helpers are started here, while fewer are idle than wanted, up to
   // max_helpers_.
+  // Out of memory for the lists below, the batch runs without helpers.
   std::vector<Worker*> helpers;
   size_t start = 0;
   bool listed = false;
   if (waiting && !job.given_up.load() && left > 1) {
+    try {
+      helpers.reserve(std::min(max_helpers_, left - 1));
+    } catch (const std::bad_alloc&) {
+      left = 0;
+    }
+  }
+  if (waiting && !job.given_up.load() && left > 1) {
     std::lock_guard<std::mutex> l(idle_mu_);
-    const size_t n = std::min(idle_.size(), left - 1);
+    const size_t n = std::min({idle_.size(), left - 1, helpers.capacity()});
     helpers.assign(idle_.end() - static_cast<std::ptrdiff_t>(n), idle_.end());
     idle_.resize(idle_.size() - n);
     start = std::min(left - 1 - n, max_helpers_ - started_);
+    if (n + start < left - 1) {
+      try {
+        wanting_.push_back(&job);
+        listed = true;
+      } catch (const std::bad_alloc&) {
+      }
+    }
     started_ += start;
     job.pending.fetch_add(static_cast<unsigned>(n + start));
-    if (n + start < left - 1) {
-      wanting_.push_back(&job);
-      listed = true;
-    }
   }
   for (Worker* w : helpers) {
     w->job = &job;
@@ -268,7 +282,13 @@ void BatchWriter::RunOps(Job* job) {
 
 void BatchWriter::RunOne(Job* job, size_t i) {
   const Op& op = job->ops[i];
-  if (int err = RunOp(job, op)) {
+  int err;
+  try {
+    err = RunOp(job, op);
+  } catch (const std::bad_alloc&) {  // for its bounce buffer: written again later
+    err = ENOMEM;
+  }
+  if (err) {
     int expected = 0;
     job->error.compare_exchange_strong(expected, err);
     if (job->failed_in_a_row.fetch_add(1) + 1 >= kGiveUpAfter) job->given_up.store(true);

@@ -48,7 +48,9 @@ class BatchWriter {
   // past a shrunk size, say) must not hold back every range after it.
   // Only kGiveUpAfter failures in a row (the plugin is down) skip the
   // requests not yet started.  (*written)[i] says whether plan[i] reached
-  // the Sink.
+  // the Sink.  Out of memory, it throws std::bad_alloc before it writes
+  // anything, or fails a request with ENOMEM; it never throws once it has
+  // started writing.
   int Write(const std::vector<DirtyRange>& plan, std::vector<char>* written,
             uint64_t* plugin_writes);
 

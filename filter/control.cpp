@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <system_error>
 #include <fcntl.h>
 #include <poll.h>
@@ -170,10 +172,13 @@ void ControlSocket::Loop() {
     }
     try {
       std::thread([this, fd] {
-        Serve(fd);
+        try {
+          Serve(fd);
+        } catch (const std::bad_alloc&) {  // out of memory: this client is dropped
+        }
         ClientDone(fd);
       }).detach();
-    } catch (const std::system_error&) {  // no thread: this client is not served
+    } catch (const std::exception&) {  // no thread (or no memory): not served
       ClientDone(fd);
     }
   }

@@ -79,11 +79,19 @@ void DirtyMap::Insert(DirtyRange r) {
 }
 
 void DirtyMap::InsertUnder(DirtyMap&& older) {
-  // Newer ranges are usually fewer: replay them over the older map.
-  DirtyMap newer = std::move(*this);
-  *this = std::move(older);
+  // Both maps may hold the only copy of acknowledged data (a failed batch
+  // and what was written since): the result is built aside, from copies of
+  // the ranges (chunk references, not data), and swapped in, so that a
+  // failed allocation leaves both as they were.  Older ranges are copied
+  // in order, then the newer ones (usually fewer) replayed over them.
+  DirtyMap merged;
+  for (const DirtyRange& r : older) {
+    merged.ranges_.PushBack(r);
+    merged.Account(r, +1);
+  }
+  for (const DirtyRange& r : *this) merged.Insert(r);
+  *this = std::move(merged);
   older.clear();
-  for (const DirtyRange& r : newer) Insert(r);
 }
 
 void DirtyMap::Erase(uint64_t offset) {

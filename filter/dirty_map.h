@@ -22,7 +22,8 @@ class DirtyMap {
  public:
   void Insert(DirtyRange r);
   // Merge-back: keeps every range of this map, and adds the parts of
-  // `older` this map does not cover.
+  // `older` this map does not cover.  Throws std::bad_alloc, changing
+  // neither map, if it cannot get the memory.
   void InsertUnder(DirtyMap&& older);
   // Appends the parts of buffered ranges inside [offset, offset+length),
   // in offset order, to out (anything with push_back(DirtyRange)).

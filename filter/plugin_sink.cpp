@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -209,7 +210,12 @@ int PluginSink::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
   if (can_zero_ == NBDKIT_ZERO_NONE) {
     // Write real zero blocks, within the plugin's request limit.
     const uint32_t step = ZeroStep();
-    std::vector<char> zeroes(std::min(step, count));
+    std::vector<char> zeroes;
+    try {
+      zeroes.resize(std::min(step, count));
+    } catch (const std::bad_alloc&) {  // the engine tries again later
+      return ENOMEM;
+    }
     for (uint32_t done = 0; done < count;) {
       uint32_t n = std::min<uint32_t>(step, count - done);
       if (int err = Write(zeroes.data(), n, offset + done, false)) return err;
@@ -253,8 +259,12 @@ int PluginSink::Flush() {
   {
     std::lock_guard<std::mutex> l(mu_);
     lost_at_start = lost_;
-    for (const Slot& c : contexts_)
-      if (c.written != c.flushed) dirty.push_back(c.next);
+    try {
+      for (const Slot& c : contexts_)
+        if (c.written != c.flushed) dirty.push_back(c.next);
+    } catch (const std::bad_alloc&) {  // the engine tries again later
+      return ENOMEM;
+    }
   }
   int first = 0;
   if (dirty.empty()) first = FlushOne(nullptr);

@@ -94,6 +94,25 @@ void RangeIndex::Insert(DirtyRange r) {
   InsertAt(p, std::move(r));
 }
 
+void RangeIndex::PushBack(DirtyRange r) {
+  const uint64_t key = r.offset;
+  assert(leaves_.empty() || leaves_.back()->keys[leaves_.back()->n - 1] < key);
+  if (leaves_.empty() || leaves_.back()->n == kLeafCap) {
+    Reserve(1);  // all it may throw, before anything changes
+    auto leaf = NewLeaf();
+    leaf->keys[0] = key;
+    leaf->Val(0) = std::move(r);
+    leaf->n = 1;
+    InsertLeaf(leaves_.size(), std::move(leaf));
+  } else {
+    Leaf* leaf = leaves_.back().get();
+    leaf->keys[leaf->n] = key;
+    leaf->Val(leaf->n) = std::move(r);
+    ++leaf->n;
+  }
+  ++size_;
+}
+
 void RangeIndex::Replace(Pos p, DirtyRange r) {
   assert(KeyAt(p) == r.offset);
   leaves_[p.leaf]->Val(p.slot) = std::move(r);

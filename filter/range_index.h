@@ -59,6 +59,9 @@ class RangeIndex {
   void Insert(DirtyRange r);
   // The same, where p is LowerBound(r.offset) (saves the search).
   void InsertAt(Pos p, DirtyRange r);
+  // Adds r after every entry (its key is greater than theirs), filling
+  // leaves up; may throw std::bad_alloc, changing nothing.
+  void PushBack(DirtyRange r);
   // Replaces the entry at p with r, which has the same key.
   void Replace(Pos p, DirtyRange r);
   // Removes the entry at p; returns the position of the one after it.

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <string_view>
 
 #include <fcntl.h>
@@ -147,7 +148,11 @@ void StatsFile::Loop() {
     if (stopping_) break;
     kicked_ = false;
     lock.unlock();
-    WriteNow();
+    try {
+      WriteNow();
+    } catch (const std::bad_alloc&) {  // written at the next tick instead
+      last_.clear();
+    }
     lock.lock();
     // Batches can come thousands a second: coalesce their kicks so the
     // file costs the write path nothing measurable.

@@ -17,6 +17,9 @@ using std::chrono::milliseconds;
 // An export with nothing buffered for this long returns its pool of chunk
 // buffers (and malloc's free pages) to the system.
 static constexpr milliseconds kIdleRelease{2000};
+// How long a failed batch waits, out of memory, before it tries again to
+// merge back into what is buffered.
+static constexpr milliseconds kNoMemoryWait{10};
 
 WriteBack::WriteBack(Sink* sink, const WriteBackOptions& opts)
     : sink_(sink),
@@ -437,7 +440,17 @@ void WriteBack::FlusherLoop() {
 }
 
 void WriteBack::RunBatch(Trigger why, bool client_thread) {
-  batches_.emplace_back();
+  // Out of memory, an attempt fails like the plugin's (retried after a
+  // backoff, reported to a flush waiting for it) and loses nothing: no
+  // exception may leave the flusher (nbdkit would end), and none may
+  // leave once the batch has left active_.
+  try {
+    batches_.emplace_back();
+  } catch (const std::bad_alloc&) {
+    RecordError(ENOMEM, ++attempts_started_);
+    done_.SignalAll();
+    return;
+  }
   const auto it = std::prev(batches_.end());
   Batch& b = *it;
   b.map = std::move(active_);
@@ -472,8 +485,16 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
   // flushed, and then it is the only batch running: a loss since it began
   // is of its writes.
   const uint64_t losses_before = flush_after ? sink_->losses() : 0;
-  std::vector<DirtyRange> plan = PlanBatch(b);
-  int err = batch_writer_.Write(plan, &written, &plugin_writes);
+  std::vector<DirtyRange> plan;
+  int err;
+  try {
+    plan = PlanBatch(b);
+    err = batch_writer_.Write(plan, &written, &plugin_writes);
+  } catch (const std::bad_alloc&) {  // before anything was written
+    plan.clear();
+    written.clear();
+    err = ENOMEM;
+  }
   // Whether the ranges written are in the plugin for every context to see:
   // at once with multi-conn, else once a flush has reached the contexts
   // that carried them.  A batch that failed in part is flushed too, so
@@ -533,7 +554,18 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
       b.requests -= retired;
     }
     const bool was_empty = active_.empty();
-    active_.InsertUnder(std::move(b.map));
+    // The batch stays listed (reads see it) until it is merged back, for
+    // which memory may have to be waited for.
+    while (true) {
+      try {
+        active_.InsertUnder(std::move(b.map));
+        break;
+      } catch (const std::bad_alloc&) {
+        mu_.Unlock();
+        std::this_thread::sleep_for(kNoMemoryWait);
+        mu_.Lock();
+      }
+    }
     active_requests_ += b.requests;
     if (was_empty || b.min_seq < active_min_seq_) active_min_seq_ = b.min_seq;
     if (was_empty || b.since < active_since_) active_since_ = b.since;
@@ -605,7 +637,13 @@ WriteBack::FlushJob WriteBack::NewFlushJob() {
 }
 
 void WriteBack::StartPluginFlush() {
-  flush_jobs_.push_back(NewFlushJob());
+  const FlushJob job = NewFlushJob();
+  try {
+    flush_jobs_.push_back(job);
+  } catch (const std::bad_alloc&) {  // no room to hand it over: run it here
+    RunFlushJob(job);
+    return;
+  }
   flush_wake_.Signal();
 }
 

@@ -24,6 +24,7 @@ struct FakeContext {
   nbdkit_next ops{};
   int multi_conn = 1;  // what can_multi_conn says
   int trim = 1;        // what can_trim says
+  int zero = NBDKIT_ZERO_NATIVE;  // what can_zero says
   std::mutex mu;
   std::condition_variable cv;  // any change below
   int pwrites = 0;             // guarded by mu
@@ -50,7 +51,7 @@ struct FakeContext {
       test::Await(c->cv, l, "a held can_fua's release", [&] { return !c->hold_can_fua; });
       return NBDKIT_FUA_NATIVE;
     };
-    ops.can_zero = [](nbdkit_next*) { return NBDKIT_ZERO_NATIVE; };
+    ops.can_zero = [](nbdkit_next* n) { return Of(n)->zero; };
     ops.can_fast_zero = [](nbdkit_next*) { return 1; };
     ops.can_flush = [](nbdkit_next*) { return 1; };
     ops.can_trim = [](nbdkit_next* n) { return Of(n)->trim; };

@@ -2,7 +2,6 @@
 // writer is left, whichever of several leaving writers detaches last.
 #include <gtest/gtest.h>
 
-#include <cstdarg>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -13,33 +12,8 @@
 
 #include "await.h"
 #include "fake_context.h"
+#include "nbdkit_stubs.h"
 #include "registry.h"
-
-// What the filter's glue (sdccache.cpp, not linked here) provides.
-static void Log(const char* fs, va_list a) {
-  vfprintf(stderr, fs, a);
-  fputc('\n', stderr);
-}
-
-extern "C" {
-int sdccache_debug_verbose = 0;
-void nbdkit_debug(const char* fs, ...) {
-  va_list a;
-  va_start(a, fs);
-  Log(fs, a);
-  va_end(a);
-}
-void nbdkit_error(const char* fs, ...) {
-  va_list a;
-  va_start(a, fs);
-  Log(fs, a);
-  va_end(a);
-}
-// nbdkit never shuts down here.
-int nbdkit_nanosleep(unsigned, unsigned) {
-  return 0;
-}
-}
 
 namespace sdccache {
 namespace {

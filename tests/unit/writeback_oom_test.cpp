@@ -1,41 +1,29 @@
 // A failed allocation while a request is buffered: the request fails
 // (nbdkit's glue answers ENOMEM), and nothing acknowledged before it is
-// lost.  Its own binary: it replaces the global operator new.
-#if defined(__GNUC__) && !defined(__clang__)
-// g++ sees the replaced operator delete free() what operator new returned.
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
+// lost.  One while buffered data is written back: that attempt fails like a
+// plugin error, is tried again, and loses nothing either; no thread dies of
+// it (an exception leaving the flusher would end nbdkit).  Its own binary:
+// it replaces the global operator new (fail_new.h).
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <future>
+#include <mutex>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "batch_writer.h"
+#include "chunk.h"
+#include "dirty_map.h"
 #include "fake_sink.h"
+#include "fail_new.h"
 #include "writeback.h"
-
-namespace {
-// Armed: the next operator new on this thread throws std::bad_alloc.
-thread_local bool fail_next_new = false;
-}  // namespace
-
-void* operator new(std::size_t n) {
-  if (fail_next_new) {
-    fail_next_new = false;
-    throw std::bad_alloc();
-  }
-  if (void* p = std::malloc(n ? n : 1)) return p;
-  throw std::bad_alloc();
-}
-void operator delete(void* p) noexcept {
-  std::free(p);
-}
-void operator delete(void* p, std::size_t) noexcept {
-  std::free(p);
-}
 
 namespace sdccache {
 namespace {
@@ -82,6 +70,256 @@ TEST(WriteBackOomTest, AFailedInsertKeepsOlderAcknowledgedData) {
   EXPECT_EQ(flush.get(), 0);
   const std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 100), a);
+}
+
+// Buffers, in `wb` and in `model`, writes that leave several ranges: two
+// adjacent small ones (joined into one plugin write through a bounce
+// buffer), one cut by a later write, a large one, a zero and a trim.
+void BufferSome(WriteBack& wb, std::string* model) {
+  auto put = [&](uint64_t off, const std::string& data) {
+    ASSERT_EQ(wb.Write(data.data(), static_cast<uint32_t>(data.size()), off, false), 0);
+    model->replace(off, data.size(), data);
+  };
+  put(0, std::string(4096, 'a'));
+  put(4096, std::string(4096, 'b'));
+  put(65536, std::string(8192, 'c'));
+  put(65536 + 1000, std::string(100, 'd'));
+  put(262144, std::string(200000, 'e'));
+  ASSERT_EQ(wb.Zero(4096, 16384, false, false), 0);
+  model->replace(16384, 4096, 4096, '\0');
+  ASSERT_EQ(wb.Trim(4096, 32768, false), 0);
+  model->replace(32768, 4096, 4096, '\0');
+}
+
+// Every allocation a flush makes, on whichever thread (the client's, the
+// flusher, the write helpers), is failed in turn, one per round: the flush
+// fails or succeeds, the next one succeeds, and the plugin then holds
+// every byte acknowledged.  With `fail_at_offset`, the plugin also refuses
+// the write at that offset once, so that the failed batch's ranges go back
+// under the newer ones (allocations on that path are failed too).
+void SweepFlushAllocations(bool plugin_fails_once) {
+  exempt = true;  // this thread buffers and checks; the flush runs elsewhere
+  long k = 1;
+  for (;; ++k) {
+    SCOPED_TRACE("allocation " + std::to_string(k) + " failed");
+    ASSERT_LT(k, 5000) << "the flush path allocates without end";
+    FakeSink sink(1 << 20);
+    std::future<int> flush;  // destroyed after wb, whose Stop() ends a hung flush
+    WriteBackOptions o;
+    o.threshold = 1000;
+    o.max_age = std::chrono::milliseconds(0);
+    o.bypass_min = 0;
+    o.retry_min = std::chrono::milliseconds(1);
+    o.retry_max = std::chrono::milliseconds(1);
+    WriteBack wb(&sink, o);
+    std::string model(1 << 20, '\0');
+    BufferSome(wb, &model);
+    if (::testing::Test::HasFatalFailure()) return;
+    if (plugin_fails_once) sink.FailNext(1, EIO);
+    news_counted = 0;
+    fail_at = k;
+    flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+    const bool done = flush.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+    fail_at = 0;
+    const bool reached = news_counted.load() >= k;
+    ASSERT_TRUE(done) << "a flush hangs";
+    const int err = flush.get();
+    EXPECT_TRUE(err == 0 || err == ENOMEM || err == EIO) << "flush: " << err;
+    sink.FailNext(0, 0);
+    flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+    ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready)
+        << "the flush after it hangs";
+    EXPECT_EQ(flush.get(), 0) << "the flush after it";
+    const std::vector<uint8_t> disk = sink.Disk();
+    ASSERT_TRUE(std::equal(disk.begin(), disk.end(), model.begin()))
+        << "the plugin does not hold what was acknowledged";
+    EXPECT_EQ(wb.queued_bytes(), 0u);
+    if (!reached) break;  // the flush made fewer than k allocations: all were failed
+  }
+  std::printf("%ld allocations failed in turn\n", k - 1);
+  EXPECT_GT(k, 3) << "too few allocations were failed for the test to mean anything";
+}
+
+// A failed batch goes back under what was buffered since (InsertUnder):
+// both maps may hold the only copy of acknowledged data, so a failed
+// allocation must change neither.  Every allocation is failed in turn.
+TEST(WriteBackOomTest, AFailedMergeBackChangesNeitherMap) {
+  const std::vector<uint8_t> payload(4096, 7);
+  auto data = [&](uint64_t offset, uint64_t length) {
+    DirtyRange r;
+    r.offset = offset;
+    r.length = length;
+    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
+    return r;
+  };
+  auto zero = [](uint64_t offset, uint64_t length) {
+    DirtyRange r;
+    r.offset = offset;
+    r.length = length;
+    r.kind = RangeKind::kZero;
+    return r;
+  };
+  // 300 older ranges (several index leaves); 150 newer ones, each cutting
+  // one in three (a head and a tail left: leaves split), and 10 more
+  // spanning several.
+  auto build = [&](DirtyMap* older, DirtyMap* newer) {
+    for (uint64_t i = 0; i < 300; ++i)
+      older->Insert(i % 3 ? data(i * 1000, 500) : zero(i * 1000, 500));
+    for (uint64_t i = 0; i < 150; ++i) newer->Insert(data(i * 1000 + 100, 100));
+    for (uint64_t i = 0; i < 10; ++i) newer->Insert(data(160000 + i * 12000 + 250, 4000));
+  };
+  std::string merged;
+  {
+    exempt = true;
+    DirtyMap older, newer;
+    build(&older, &newer);
+    newer.InsertUnder(std::move(older));
+    merged = newer.ToString();
+  }
+  long k = 1;
+  for (;; ++k) {
+    SCOPED_TRACE("allocation " + std::to_string(k) + " failed");
+    ASSERT_LT(k, 1000) << "a merge allocates without end";
+    exempt = true;
+    DirtyMap older, newer;
+    build(&older, &newer);
+    const std::string older_before = older.ToString(), newer_before = newer.ToString();
+    const uint64_t older_bytes = older.total_bytes(), newer_bytes = newer.total_bytes();
+    bool threw = false;
+    news_counted = 0;
+    fail_at = k;
+    exempt = false;
+    try {
+      newer.InsertUnder(std::move(older));
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    exempt = true;
+    fail_at = 0;
+    const bool reached = news_counted.load() >= k;
+    EXPECT_EQ(threw, reached);
+    if (threw) {
+      ASSERT_EQ(older.ToString(), older_before) << "the older map changed";
+      ASSERT_EQ(newer.ToString(), newer_before) << "the newer map changed";
+      EXPECT_EQ(older.total_bytes(), older_bytes);
+      EXPECT_EQ(newer.total_bytes(), newer_bytes);
+    } else {
+      EXPECT_EQ(newer.ToString(), merged);
+      EXPECT_TRUE(older.empty());
+      break;
+    }
+  }
+  std::printf("%ld allocations failed in turn\n", k - 1);
+  EXPECT_GT(k, 4) << "too few allocations were failed for the test to mean anything";
+}
+
+// A plugin whose requests wait (1 ms): batches get helper threads.
+class WaitingSink : public Sink {
+ public:
+  int Write(const void* buf, uint32_t count, uint64_t offset, bool) override {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    std::lock_guard<std::mutex> l(mu_);
+    const auto* p = static_cast<const uint8_t*>(buf);
+    for (uint32_t i = 0; i < count; ++i) disk_[offset + i] = p[i];
+    return 0;
+  }
+  int Zero(uint32_t, uint64_t, bool, bool) override { return 0; }
+  int Trim(uint32_t, uint64_t, bool) override { return 0; }
+  int Flush() override { return 0; }
+  uint8_t At(uint64_t offset) {
+    std::lock_guard<std::mutex> l(mu_);
+    return disk_[offset];
+  }
+
+ private:
+  std::mutex mu_;
+  uint8_t disk_[1 << 20] = {};
+};
+
+// `n` ranges of 4 KiB filled with `fill`, adjacent in pairs (`paired`:
+// each pair is joined into one plugin write through a bounce buffer) or
+// all apart.
+std::vector<DirtyRange> Ranges(int n, bool paired, uint8_t fill) {
+  const std::vector<uint8_t> payload(4096, fill);
+  std::vector<DirtyRange> plan;
+  for (int i = 0; i < n; ++i) {
+    DirtyRange r;
+    r.offset = paired ? (i / 2) * 3 * 4096 + (i % 2) * 4096 : i * 2 * 4096;
+    r.length = 4096;
+    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
+    plan.push_back(std::move(r));
+  }
+  return plan;
+}
+
+// Out of memory while it writes a batch, BatchWriter either throws before
+// it has written anything, or fails the request that wanted the memory
+// (ENOMEM) and goes on; no thread dies of it.  Every range it reports
+// written is in the plugin.  Every allocation a batch with helper threads
+// makes, on its own thread or a helper's, is failed in turn.
+TEST(WriteBackOomTest, ABatchOutOfMemoryThrowsBeforeWritingOrFailsARequest) {
+  exempt = true;  // warms up the writer; the batch runs on another thread
+  long k = 1;
+  for (;; ++k) {
+    SCOPED_TRACE("allocation " + std::to_string(k) + " failed");
+    ASSERT_LT(k, 1000) << "a batch allocates without end";
+    WaitingSink sink;
+    BatchWriter writer(&sink, 8, 1 << 20);
+    // Apart, the warm-up's ranges take no bounce buffer.
+    const std::vector<DirtyRange> warm = Ranges(16, false, 1);
+    for (int b = 0; b < 50 && !writer.latency_bound(); ++b) {
+      std::vector<char> written;
+      uint64_t calls = 0;
+      ASSERT_EQ(writer.Write(warm, &written, &calls), 0);
+    }
+    ASSERT_TRUE(writer.latency_bound()) << "no helpers: the test would test nothing";
+    const std::vector<DirtyRange> plan = Ranges(32, true, 2);
+    std::vector<char> written;
+    uint64_t calls = 0;
+    bool threw = false;
+    news_counted = 0;
+    fail_at = k;
+    std::future<int> write = std::async(std::launch::async, [&] {
+      try {
+        return writer.Write(plan, &written, &calls);
+      } catch (const std::bad_alloc&) {
+        threw = true;
+        return ENOMEM;
+      }
+    });
+    ASSERT_EQ(write.wait_for(std::chrono::seconds(10)), std::future_status::ready)
+        << "a batch hangs";
+    const int err = write.get();
+    fail_at = 0;
+    const bool reached = news_counted.load() >= k;
+    EXPECT_TRUE(err == 0 || err == ENOMEM) << err;
+    if (threw) {
+      for (const DirtyRange& r : plan)
+        EXPECT_NE(sink.At(r.offset), 2) << "threw after writing [" << r.offset << ",+4096)";
+    } else {
+      ASSERT_EQ(written.size(), plan.size());
+      for (size_t i = 0; i < plan.size(); ++i) {
+        if (!written[i]) continue;
+        EXPECT_EQ(sink.At(plan[i].offset), 2) << "range " << i << " said written, is not";
+        EXPECT_EQ(sink.At(plan[i].end() - 1), 2) << "range " << i << " said written, is not";
+      }
+    }
+    if (!reached) {
+      EXPECT_EQ(err, 0);
+      EXPECT_EQ(std::count(written.begin(), written.end(), 1), 32);
+      break;
+    }
+  }
+  std::printf("%ld allocations failed in turn\n", k - 1);
+  EXPECT_GT(k, 4) << "too few allocations were failed for the test to mean anything";
+}
+
+TEST(WriteBackOomTest, AFailedAllocationWhileWritingBackLosesNothing) {
+  SweepFlushAllocations(/*plugin_fails_once=*/false);
+}
+
+TEST(WriteBackOomTest, AFailedAllocationAfterAPluginFailureLosesNothing) {
+  SweepFlushAllocations(/*plugin_fails_once=*/true);
 }
 
 }  // namespace

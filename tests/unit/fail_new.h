@@ -1,0 +1,43 @@
+// Replaces the global operator new with one a test can make fail, for
+// tests of what the code does out of memory.  Include it in one source
+// file of a test binary only (it defines the replacement), and not under
+// TSan, whose static runtime defines operator new too.
+#pragma once
+
+#if defined(__GNUC__) && !defined(__clang__)
+// g++ sees the replaced operator delete free() what operator new returned.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+
+namespace {
+// Armed: the next operator new on this thread throws std::bad_alloc.
+thread_local bool fail_next_new = false;
+// Armed (> 0): the fail_at-th operator new made, counting from when it was
+// armed, by a thread that is not exempt (the engine's threads, a client's)
+// throws std::bad_alloc.
+std::atomic<long> fail_at{0};
+std::atomic<long> news_counted{0};
+thread_local bool exempt = false;
+}  // namespace
+
+void* operator new(std::size_t n) {
+  if (fail_next_new) {
+    fail_next_new = false;
+    throw std::bad_alloc();
+  }
+  if (!exempt && fail_at.load() > 0 && news_counted.fetch_add(1) + 1 == fail_at.load())
+    throw std::bad_alloc();
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept {
+  std::free(p);
+}
+

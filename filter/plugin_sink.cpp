@@ -83,10 +83,12 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
   return nullptr;
 }
 
-PluginSink::Slot* PluginSink::PickLocked() {
+PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   if (caller_ != nullptr)
     for (Slot& c : contexts_)
-      if (c.next == caller_ && !c.leaving) return &c;
+      if (c.next == caller_ && !c.leaving && c.size >= end) return &c;
+  for (Slot& c : contexts_)
+    if (!c.leaving && c.size >= end) return &c;
   for (Slot& c : contexts_)
     if (!c.leaving) return &c;
   return contexts_.empty() ? nullptr : &contexts_.front();
@@ -152,10 +154,10 @@ size_t PluginSink::detaching() {
       std::count_if(contexts_.begin(), contexts_.end(), [](const Slot& c) { return c.leaving; }));
 }
 
-PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which)
+PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which, uint64_t end)
     : sink_(sink), next_(nullptr), write_(write) {
   std::lock_guard<std::mutex> l(sink_->mu_);
-  Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked();
+  Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked(end);
   // A write never goes to a leaving context: its Detach may already have
   // flushed it for the last time.  (It fails with ENOTCONN and stays
   // buffered, as when no context is attached.)
@@ -187,10 +189,12 @@ int PluginSink::FuaFallback(bool fua) { return fua && can_fua_ == NBDKIT_FUA_NON
 
 template <typename Call>
 int PluginSink::DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool fua, Call call) {
-  if (fua && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
+  // A plugin that cannot flush but takes FUA: a later Flush() cannot make
+  // this call durable, so every call carries FUA.
+  if ((fua || !can_flush_) && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
   {
     int err = 0;
-    Lease lease(this, /*write=*/true);
+    Lease lease(this, /*write=*/true, nullptr, offset + count);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     if (!lease.Holds(offset, count)) return ENOSPC;

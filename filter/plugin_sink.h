@@ -148,7 +148,7 @@ class PluginSink : public Sink {
    public:
     // `write`: the call writes (counted against the context once done).
     // `which`: that context, if still attached; else the one PickLocked gives.
-    Lease(PluginSink* sink, bool write, nbdkit_next* which = nullptr);
+    Lease(PluginSink* sink, bool write, nbdkit_next* which = nullptr, uint64_t end = 0);
     ~Lease();
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
@@ -175,7 +175,10 @@ class PluginSink : public Sink {
     bool leaving = false;  // in Detach: no new calls
   };
   Slot* FindLocked(nbdkit_next* next);
-  Slot* PickLocked();  // the oldest context not leaving, else the oldest
+  // The caller's context, else the oldest, not leaving and whose size
+  // reaches `end` (connections may have seen the image grow in between);
+  // else the oldest not leaving; else the oldest.
+  Slot* PickLocked(uint64_t end = 0);
   bool OthersStayLocked(nbdkit_next* next);
   // A write, zero or trim of [offset, offset + count) through a leased
   // context: call(next, flags, &err), with FUA added to `flags` when the

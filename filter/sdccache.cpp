@@ -160,9 +160,18 @@ bool Aligned(Handle* h, const char* what, uint64_t offset, uint32_t count, int* 
 
 }  // namespace
 
-static void sdccache_load() { g = new Globals(); }
+// Given twice (--filter=sdccache --filter=sdccache), nbdkit loads the same
+// module twice: both layers would share g, the outer one's write-back
+// would reach the plugin through the inner one's queue, and its first
+// flush would wait for itself.  Counted here, refused in .get_ready.
+static int loads = 0;
+
+static void sdccache_load() {
+  if (loads++ == 0) g = new Globals();
+}
 
 static void sdccache_unload() {
+  if (--loads > 0) return;
   delete g;
   g = nullptr;
 }
@@ -271,6 +280,11 @@ static int sdccache_thread_model() { return NBDKIT_THREAD_MODEL_PARALLEL; }
 // the background (and nbdkit has already exited 0), and with --run nbdkit
 // may exit with the command's status instead.
 static int sdccache_get_ready(int thread_model) {
+  if (loads > 1) {
+    nbdkit_error("sdccache: the filter is given %d times; it may appear only once in a stack",
+                 loads);
+    return -1;
+  }
   g->thread_model = thread_model;
   int err = 0;
   return Guarded("get_ready", &err, [&] {

@@ -204,9 +204,13 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   int err = sink_->Write(buf, count, offset, fua && !flush);
   if (err == 0 && flush) err = FlushSinceLosses(losses_before);
   mu_.Lock();
-  if (err) return err;
+  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
+  if (err) {
+    counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
+    counters_.last_error.store(err, std::memory_order_relaxed);
+    return err;
+  }
   ++write_gen_;
-  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
   return 0;
 }
 
@@ -241,10 +245,14 @@ bool WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bo
   *it = bypass_.back();
   bypass_.pop_back();
   done_.SignalAll();  // for writers of the same bytes (Buffer)
-  if (err != 0) return false;
+  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
+  if (err != 0) {
+    counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
+    counters_.last_error.store(err, std::memory_order_relaxed);
+    return false;
+  }
   ++write_gen_;
   counters_.bypass_writes.fetch_add(1, std::memory_order_relaxed);
-  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 

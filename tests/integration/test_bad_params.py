@@ -112,6 +112,13 @@ def main():
         sdctest.check(p.returncode != 0 and "%s: given twice" % key in err,
                       "%s given twice: exit %d: %r" % (key, p.returncode, err))
 
+    # The filter given twice: both layers would share one queue, and the
+    # first client flush would wait for ever (it waited for itself).
+    p = sdctest.run_nbdkit(["null", "1M"], timeout=5, extra=["--filter=" + sdctest.FILTER])
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and "may appear only once in a stack" in err,
+                  "the filter given twice: exit %d: %r" % (p.returncode, err))
+
     # control= naming a file that is not a socket (a mistyped disk image):
     # refused, and the file left as it was.
     if ASAN:

@@ -1278,5 +1278,37 @@ TEST(WriteBackConcurrencyTest, ClientsReadTheirOwnWritesWhileTheFlusherRuns) {
   EXPECT_EQ(failures.load(), 0);
 }
 
+// A failed bypass write was made and failed like a batch's: plugin_writes,
+// flush_errors and last_error count it (they did not).  The write is
+// buffered instead, and the batch writes it.
+TEST(WriteBackTest, AFailedBypassWriteIsCountedLikeABatchWrite) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  TimeAsCpuBound(wb);
+  const uint64_t calls_before = StatOf(wb, "plugin_writes");
+  const uint64_t started_before = sink.writes_started();
+  sink.FailNext(1, EIO);
+  std::string big(kLarge, 'F');
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 0, false), 0);  // bypass fails, buffered
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  const uint64_t calls = sink.writes_started() - started_before;
+  EXPECT_EQ(calls, 2u);  // the failed bypass write, then the batch's
+  EXPECT_EQ(StatOf(wb, "plugin_writes") - calls_before, calls);
+  EXPECT_EQ(wb.counters().flush_errors.load(), 1u);
+  EXPECT_EQ(wb.counters().last_error.load(), EIO);
+}
+
+// The same for a write-through, whose failure the client gets.
+TEST(WriteBackTest, AFailedWriteThroughIsCounted) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000, 8192));
+  sink.FailNext(1, EIO);
+  std::string big(16384, 'B');
+  EXPECT_EQ(wb.Write(big.data(), 16384, 0, false), EIO);
+  EXPECT_EQ(StatOf(wb, "plugin_writes"), 1u);
+  EXPECT_EQ(wb.counters().flush_errors.load(), 1u);
+  EXPECT_EQ(wb.counters().last_error.load(), EIO);
+}
+
 }  // namespace
 }  // namespace sdccache

@@ -206,12 +206,23 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   mu_.Lock();
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
   if (err) {
-    counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
-    counters_.last_error.store(err, std::memory_order_relaxed);
+    CountFailedCallLocked(err);
     return err;
   }
   ++write_gen_;
   return 0;
+}
+
+// A failed write made on a client's thread, outside any batch (a bypass
+// or a write-through): counted like a failed batch, but it starts no
+// backoff (the write is buffered, or its client told).  Not if nbdkit
+// aborted it because its client has gone (see AbortedHere).
+void WriteBack::CountFailedCallLocked(int err) {
+  if (err == ESHUTDOWN && opts_.writer_gone && opts_.writer_gone()) return;
+  counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
+  // ENOTCONN only says no context was there (see RecordError).
+  if (err != ENOTCONN || counters_.last_error.load(std::memory_order_relaxed) == 0)
+    counters_.last_error.store(err, std::memory_order_relaxed);
 }
 
 bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
@@ -247,8 +258,7 @@ bool WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bo
   done_.SignalAll();  // for writers of the same bytes (Buffer)
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
   if (err != 0) {
-    counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
-    counters_.last_error.store(err, std::memory_order_relaxed);
+    CountFailedCallLocked(err);
     return false;
   }
   ++write_gen_;

@@ -238,6 +238,7 @@ class WriteBack {
   void RunFlushJob(const FlushJob& job, bool client_thread = false) REQUIRES(mu_);  // here
   void PluginFlushLoop() EXCLUDES(mu_);
   void RecordError(int err, uint64_t attempt) REQUIRES(mu_);
+  void CountFailedCallLocked(int err) REQUIRES(mu_);
   // Whether a failed attempt run on a client's thread failed only because
   // nbdkit aborted a wait in it, its client having gone; if so, notes it
   // (aborted_attempt_) and has the flusher do the work instead.

@@ -1310,5 +1310,20 @@ TEST(WriteBackTest, AFailedWriteThroughIsCounted) {
   EXPECT_EQ(wb.counters().last_error.load(), EIO);
 }
 
+// ... unless nbdkit aborted it (ESHUTDOWN) because its client has gone:
+// that is no plugin failure (see AClientGoneDuringItsFlushFailsNoOtherFlush).
+TEST(WriteBackTest, AWriteThroughAbortedForAGoneClientIsNoError) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000, 8192);
+  o.writer_gone = [] { return true; };
+  WriteBack wb(&sink, o);
+  sink.FailNext(1, ESHUTDOWN);
+  std::string big(16384, 'B');
+  EXPECT_EQ(wb.Write(big.data(), 16384, 0, false), ESHUTDOWN);
+  EXPECT_EQ(StatOf(wb, "plugin_writes"), 1u);
+  EXPECT_EQ(wb.counters().flush_errors.load(), 0u);
+  EXPECT_EQ(wb.counters().last_error.load(), 0);
+}
+
 }  // namespace
 }  // namespace sdccache

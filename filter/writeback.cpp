@@ -465,6 +465,8 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
   try {
     batches_.emplace_back();
   } catch (const std::bad_alloc&) {
+    pressure_ = false;  // as an attempt that started: the backoff holds the next one
+    kick_ = false;
     RecordError(ENOMEM, ++attempts_started_);
     done_.SignalAll();
     return;

@@ -22,6 +22,8 @@ thread_local bool fail_next_new = false;
 std::atomic<long> fail_at{0};
 std::atomic<long> news_counted{0};
 thread_local bool exempt = false;
+// Armed: every operator new by a thread that is not exempt throws.
+std::atomic<bool> fail_all{false};
 }  // namespace
 
 void* operator new(std::size_t n) {
@@ -29,6 +31,7 @@ void* operator new(std::size_t n) {
     fail_next_new = false;
     throw std::bad_alloc();
   }
+  if (!exempt && fail_all.load()) throw std::bad_alloc();
   if (!exempt && fail_at.load() > 0 && news_counted.fetch_add(1) + 1 == fail_at.load())
     throw std::bad_alloc();
   if (void* p = std::malloc(n ? n : 1)) return p;

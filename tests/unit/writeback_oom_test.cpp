@@ -314,6 +314,46 @@ TEST(WriteBackOomTest, ABatchOutOfMemoryThrowsBeforeWritingOrFailsARequest) {
   EXPECT_GT(k, 4) << "too few allocations were failed for the test to mean anything";
 }
 
+// While memory stays short, failed attempts back off like failed plugin
+// calls: a flush that failed for it left the flusher asked to write at
+// once, and it tried again without pause, thousands of times a second.
+TEST(WriteBackOomTest, AttemptsOutOfMemoryBackOff) {
+  exempt = true;
+  FakeSink sink(1 << 20);
+  std::future<int> flush;  // destroyed after wb
+  WriteBackOptions o;
+  o.threshold = 1000;
+  o.max_age = std::chrono::milliseconds(0);
+  o.retry_min = std::chrono::milliseconds(10);
+  o.retry_max = std::chrono::milliseconds(1000);
+  WriteBack wb(&sink, o);
+  const std::string a(4096, 'a');
+  ASSERT_EQ(wb.Write(a.data(), 4096, 0, false), 0);
+  fail_all = true;
+  flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  const bool done = flush.wait_for(std::chrono::seconds(10)) == std::future_status::ready;
+  // A write (this thread's allocations do not fail) wakes the flusher.
+  wb.SetThreshold(1);
+  ASSERT_EQ(wb.Write(a.data(), 4096, 8192, false), 0);
+  // Over 300 ms, backoff allows a handful of attempts (10, 20, 40, 80,
+  // 160 ms apart); without it, the flusher makes thousands.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(300);
+  while (std::chrono::steady_clock::now() < until) std::this_thread::yield();
+  const uint64_t attempts = wb.counters().flush_errors.load();
+  fail_all = false;
+  ASSERT_TRUE(done) << "a flush hangs";
+  EXPECT_EQ(flush.get(), ENOMEM);
+  EXPECT_GE(attempts, 1u);
+  EXPECT_LE(attempts, 20u) << "attempts out of memory do not back off";
+  std::printf("%llu attempts in 300 ms\n", static_cast<unsigned long long>(attempts));
+  flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+  EXPECT_EQ(flush.get(), 0);
+  const std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4096), a);
+  EXPECT_EQ(std::string(disk.begin() + 8192, disk.begin() + 8192 + 4096), a);
+}
+
 TEST(WriteBackOomTest, AFailedAllocationWhileWritingBackLosesNothing) {
   SweepFlushAllocations(/*plugin_fails_once=*/false);
 }

@@ -88,6 +88,8 @@ PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
     for (Slot& c : contexts_)
       if (c.next == caller_ && !c.leaving && c.size >= end) return &c;
   for (Slot& c : contexts_)
+    if (!c.leaving && c.size >= end && !c.failing) return &c;
+  for (Slot& c : contexts_)
     if (!c.leaving && c.size >= end) return &c;
   for (Slot& c : contexts_)
     if (!c.leaving) return &c;
@@ -174,6 +176,19 @@ void PluginSink::Lease::Flushed() {
   c->flushed = std::max(c->flushed, written_at_start_);
 }
 
+void PluginSink::Lease::Outcome(bool failed) {
+  std::lock_guard<std::mutex> l(sink_->mu_);
+  sink_->FindLocked(next_)->failing = failed;
+}
+
+void PluginSink::Lease::Lost() {
+  std::lock_guard<std::mutex> l(sink_->mu_);
+  Slot* c = sink_->FindLocked(next_);
+  if (c->flushed >= written_at_start_) return;  // nothing was left uncovered
+  c->flushed = written_at_start_;
+  ++sink_->lost_;
+}
+
 PluginSink::Lease::~Lease() {
   if (next_ == nullptr) return;
   {
@@ -198,8 +213,13 @@ int PluginSink::DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool f
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     if (!lease.Holds(offset, count)) return ENOSPC;
-    GateHold g(gate_);
-    if (call(next, flags, &err) == -1) return err ? err : EIO;
+    int r;
+    {
+      GateHold g(gate_);
+      r = call(next, flags, &err);
+    }
+    lease.Outcome(r == -1);
+    if (r == -1) return err ? err : EIO;
   }
   return FuaFallback(fua);
 }
@@ -246,9 +266,20 @@ int PluginSink::FlushOne(nbdkit_next* which) {
   nbdkit_next* next = lease.get();
   // `which` left: its Detach flushed it, or counted it in lost_ (see Flush).
   if (next == nullptr) return which ? 0 : ENOTCONN;
+  int r;
   {
     GateHold g(gate_);
-    if (next->flush(next, 0, &err) == -1) return err ? err : EIO;
+    r = next->flush(next, 0, &err);
+  }
+  lease.Outcome(r == -1);
+  if (r == -1) {
+    // Without multi-conn: what went through `which` that no flush covers
+    // cannot be counted on.  Counted as lost, as when a context leaves so
+    // (Detach): this Flush fails, the engine writes the batches again (the
+    // flusher through another context, PickLocked), and the next Flush
+    // need not reach `which`, which may fail for good.
+    if (which != nullptr && !multi_conn_) lease.Lost();
+    return err ? err : EIO;
   }
   lease.Flushed();
   return 0;

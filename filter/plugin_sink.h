@@ -158,6 +158,11 @@ class PluginSink : public Sink {
     bool Holds(uint64_t offset, uint32_t count) const { return offset + count <= size_; }
     // After a successful flush: the writes done before it began are covered.
     void Flushed();
+    // After the call: whether it failed (see Slot::failing).
+    void Outcome(bool failed);
+    // After a failed flush through a context that was given (Flush without
+    // multi-conn): the writes done before it began count as lost.
+    void Lost();
 
    private:
     PluginSink* sink_;
@@ -173,11 +178,17 @@ class PluginSink : public Sink {
     uint64_t written = 0;  // write calls finished through it
     uint64_t flushed = 0;  // of those, how many a flush through it covers
     bool leaving = false;  // in Detach: no new calls
+    // Its last call failed.  The flusher's calls go to another context
+    // then, if one is attached: a context may fail for good (the nbd
+    // plugin's, once the server it talks to has restarted) while another,
+    // opened since, works.
+    bool failing = false;
   };
   Slot* FindLocked(nbdkit_next* next);
-  // The caller's context, else the oldest, not leaving and whose size
-  // reaches `end` (connections may have seen the image grow in between);
-  // else the oldest not leaving; else the oldest.
+  // The caller's context, else the oldest whose last call did not fail,
+  // not leaving and whose size reaches `end` (connections may have seen
+  // the image grow in between); else the oldest not leaving whose size
+  // reaches it; else the oldest not leaving; else the oldest.
   Slot* PickLocked(uint64_t end = 0);
   bool OthersStayLocked(nbdkit_next* next);
   // A write, zero or trim of [offset, offset + count) through a leased

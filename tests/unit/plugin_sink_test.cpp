@@ -189,5 +189,58 @@ TEST_F(PluginSinkTest, AFailedLeavingFlushFailsTheNextFlush) {
   EXPECT_EQ(sink->losses(), 1u);
 }
 
+// A context that fails for good (the nbd plugin's, once the server it
+// talks to has restarted) while another, opened since, works: the
+// flusher's writes went to the oldest, dead one, so nothing was written
+// until every old connection closed, and then it was lost.
+TEST_F(PluginSinkTest, BackgroundWritesLeaveAContextWhoseLastCallFailed) {
+  Open(/*multi_conn=*/true);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EINVAL;
+  }
+  EXPECT_EQ(Write(), EINVAL);  // through a, the oldest
+  EXPECT_EQ(Write(), 0) << "written through the failing context again";
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
+  // A client's thread still uses its own connection (see CallerScope).
+  {
+    PluginSink::CallerScope own(a.next());
+    EXPECT_EQ(Write(), EINVAL);
+  }
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 2);
+  // A context that works again is used again.
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = 0;
+  }
+  {
+    PluginSink::CallerScope own(a.next());
+    EXPECT_EQ(Write(), 0);
+  }
+  EXPECT_EQ(Write(), 0);
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 4) << "a recovered context is avoided for good";
+}
+
+// Without multi-conn, a flush must reach every context written through.
+// One whose flush fails (for good, say) had every later flush fail with
+// it.  Its unflushed writes now count as lost: that flush fails (the
+// engine writes them again, elsewhere), and the next ones need not reach
+// it.
+TEST_F(PluginSinkTest, AContextWhoseFlushFailsNoLongerFailsEveryFlush) {
+  Open(/*multi_conn=*/false);
+  ASSERT_EQ(Write(), 0);  // through a
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.flush_error = EINVAL;
+    a.pwrite_error = EINVAL;
+  }
+  EXPECT_NE(sink->Flush(), 0);
+  EXPECT_EQ(sink->losses(), 1u) << "a's unflushed write not counted as lost";
+  EXPECT_EQ(Write(), 0) << "written again through the failing context";  // through b
+  EXPECT_EQ(sink->Flush(), 0) << "every flush fails while a is attached";
+  EXPECT_EQ(b.Count(&FakeContext::flushes), 1);
+}
+
 }  // namespace
 }  // namespace sdccache

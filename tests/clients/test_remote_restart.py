@@ -1,0 +1,77 @@
+# sdccache over the nbd plugin when the remote server dies and comes back.
+# The nbd plugin never reconnects an open connection: a client connected
+# before the restart keeps a dead plugin context (every call fails with
+# EINVAL), while one connected after it works.  The flusher kept writing
+# through the oldest context, the dead one, and (the remote not being
+# multi-conn) every flush had to reach it too: no flush ever succeeded
+# again, and the data was lost when the old client left.  Now the flusher
+# avoids a context whose last call failed, and a context whose flush fails
+# has its unflushed writes counted as lost (that flush fails; the data is
+# written again elsewhere), so that a later flush succeeds.
+import os
+import signal
+
+import nbd
+
+import clientlib
+import sdctest
+from sdctest import check
+
+SIZE = 4 << 20
+
+
+def main():
+    tmp = sdctest.scratch_dir(prefix="sdc-restart-")
+    back_disk = sdctest.make_image(tmp, SIZE, "back.img")
+    # Not multi-conn: a flush must reach every context written through.
+    back_args = ["--filter=multi-conn", "file", back_disk, "multi-conn-mode=disable"]
+    back = clientlib.PlainServer(tmp, "back", back_args)
+    front_tmp = os.path.join(tmp, "front")
+    os.mkdir(front_tmp)
+    stats = os.path.join(front_tmp, "stats.txt")
+    params = ["threshold=1048576", "max-age=100ms", "sdccache-statsfile=" + stats,
+              "shutdown-timeout=1s"]
+    front = sdctest.start_server(["nbd", "socket=" + back.sock, "retry=10"], params, tmpdir=front_tmp)
+    with front:
+        old = front.connect()
+        old.pwrite(b"\x01" * 4096, 0)
+        old.flush()
+        back.proc.send_signal(signal.SIGKILL)
+        back.wait_exit(10, "the remote server to die")
+        # Killed, it left its socket and pidfile: the new one makes its own
+        # (its pidfile says when it is ready).
+        os.unlink(os.path.join(tmp, "back.pid"))
+        os.unlink(back.sock)
+        back = clientlib.PlainServer(tmp, "back", back_args)
+        new = front.connect()
+        # Buffered, acknowledged; its write-back through the old client's
+        # dead context fails.
+        old.pwrite(b"\x02" * 4096, 65536)
+        new.pwrite(b"\x03" * 4096, 131072)
+        sdctest.wait_stats(stats, lambda st: int(st["flush_errors"]) >= 1, 10,
+                           "a write-back through the dead context to fail")
+        errors = []
+        for _ in range(5):
+            try:
+                new.flush()
+                break
+            except nbd.Error as e:
+                errors.append(str(e))
+        else:
+            check(False, "every flush of the new client fails: %s" % errors)
+        check(len(errors) <= 1, "flushes failed before one succeeded: %s" % errors)
+        disk = sdctest.disk_read(back_disk, 0, 135168)
+        check(disk[65536:69632] == b"\x02" * 4096 and disk[131072:135168] == b"\x03" * 4096,
+              "a successful flush left acknowledged writes out of the remote image")
+        new.shutdown()
+        try:
+            old.shutdown()
+        except nbd.Error:
+            pass
+        check(front.stop() == 0, "nbdkit exit status")
+    back.proc.send_signal(signal.SIGTERM)
+    back.wait_exit(10, "the remote server to exit")
+
+
+if __name__ == "__main__":
+    main()

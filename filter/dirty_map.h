@@ -62,6 +62,9 @@ class DirtyMap {
   std::string ToString() const;
 
  private:
+  // InsertUnder replays up to this many newer ranges in place (taking up
+  // to 3 spare leaves, ~3 KiB each, per range first).
+  static constexpr size_t kInPlaceMerge = 256;
   void Add(DirtyRange r);
   void Account(const DirtyRange& r, int sign);  // byte totals, +1 or -1
   RangeIndex::Pos Remove(RangeIndex::Pos p);

@@ -69,6 +69,8 @@ class RangeIndex {
   // Makes the next `n` Insert/InsertAt calls allocate nothing (they cannot
   // throw then); throws std::bad_alloc, changing nothing, if it cannot.
   void Reserve(size_t n);
+  // Frees the leaves Reserve kept aside.
+  void DropSpares() { std::vector<std::unique_ptr<Leaf>>().swap(spare_); }
 
   class const_iterator {
    public:

@@ -221,8 +221,8 @@ void WriteBack::CountFailedCallLocked(int err) {
   if (err == ESHUTDOWN && opts_.writer_gone && opts_.writer_gone()) return;
   counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
   // ENOTCONN only says no context was there (see RecordError).
-  if (err != ENOTCONN || counters_.last_error.load(std::memory_order_relaxed) == 0)
-    counters_.last_error.store(err, std::memory_order_relaxed);
+  if (err != ENOTCONN || last_error_ == 0) last_error_ = err;
+  counters_.last_error.store(last_error_, std::memory_order_relaxed);
 }
 
 bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
@@ -581,9 +581,11 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
         active_.InsertUnder(std::move(b.map));
         break;
       } catch (const std::bad_alloc&) {
+        batch_data_bytes_ += b.map.data_bytes();  // still listed meanwhile
         mu_.Unlock();
         std::this_thread::sleep_for(kNoMemoryWait);
         mu_.Lock();
+        batch_data_bytes_ -= b.map.data_bytes();
       }
     }
     active_requests_ += b.requests;

@@ -265,5 +265,129 @@ TEST(OverlayTest, MergeExtentsStopsAtTheRequestEnd) {
   EXPECT_EQ(wb.Lookup(0, 1 << 20).MergeExtents(plugin), want);
 }
 
+namespace ref {
+
+struct Ref {
+  uint64_t offset, length, chunk_offset;
+  RangeKind kind;
+};
+using RefMap = std::map<uint64_t, Ref>;
+
+void RefInsert(RefMap& ref, Ref r) {
+  const uint64_t start = r.offset, stop = r.offset + r.length;
+  auto it = ref.lower_bound(start);
+  if (it != ref.begin() && std::prev(it)->second.offset + std::prev(it)->second.length > start)
+    --it;
+  std::vector<Ref> keep;
+  while (it != ref.end() && it->second.offset < stop) {
+    Ref old = it->second;
+    it = ref.erase(it);
+    if (old.offset < start)
+      keep.push_back({old.offset, start - old.offset, old.chunk_offset, old.kind});
+    if (old.offset + old.length > stop)
+      keep.push_back(
+          {stop, old.offset + old.length - stop, old.chunk_offset + (stop - old.offset), old.kind});
+  }
+  for (const Ref& k : keep) ref[k.offset] = k;
+  ref[r.offset] = r;
+}
+
+bool Same(const DirtyMap& m, const RefMap& ref) {
+  if (m.size() != ref.size()) return false;
+  auto it = ref.begin();
+  uint64_t total = 0;
+  for (const DirtyRange& r : m) {
+    const Ref& e = (it++)->second;
+    if (r.offset != e.offset || r.length != e.length || r.kind != e.kind ||
+        (r.kind == RangeKind::kData && r.chunk_offset != e.chunk_offset))
+      return false;
+    total += r.length;
+  }
+  return total == m.total_bytes();
+}
+
+DirtyRange Make(std::mt19937_64& rng, uint64_t span, uint64_t maxlen, const std::string& payload) {
+  DirtyRange r;
+  r.offset = rng() % span;
+  r.length = 1 + rng() % maxlen;
+  r.kind = static_cast<RangeKind>(rng() % 3);
+  if (r.kind == RangeKind::kData) {
+    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
+    r.length = std::min<uint64_t>(r.length, payload.size());
+  }
+  return r;
+}
+
+}  // namespace ref
+
+// InsertUnder (in place, or built aside with PushBack's full leaves, as
+// the newer map has few or many ranges) against a reference, then the
+// merged map used on: inserts, erases (Rebalance), lookups, further merges.
+TEST(DirtyMapModelTest, InsertUnderThenRandomOpsMatchAReference) {
+  using namespace ref;
+  const std::string payload(4096, 'x');
+  for (int seed = 1; seed <= 10; ++seed) {
+    std::mt19937_64 rng(seed);
+    const uint64_t span = 8u << 20;
+    DirtyMap older, newer;
+    RefMap ref;
+    const int n_old = 100 + rng() % 5000, n_new = rng() % 600;
+    for (int i = 0; i < n_old; ++i) {
+      DirtyRange r = Make(rng, span, 4096, payload);
+      RefInsert(ref, {r.offset, r.length, 0, r.kind});
+      older.Insert(std::move(r));
+    }
+    std::vector<DirtyRange> nl;
+    for (int i = 0; i < n_new; ++i) {
+      DirtyRange r = Make(rng, span, 20000, payload);
+      RefInsert(ref, {r.offset, r.length, 0, r.kind});
+      newer.Insert(std::move(r));
+    }
+    newer.InsertUnder(std::move(older));
+    ASSERT_TRUE(older.empty());
+    ASSERT_TRUE(Same(newer, ref)) << "seed " << seed;
+    for (int op = 0; op < 4000; ++op) {
+      const int what = rng() % 10;
+      if (what < 4 && !ref.empty()) {
+        auto it = ref.lower_bound(rng() % span);
+        if (it == ref.end()) it = ref.begin();
+        const uint64_t key = it->first;
+        newer.Erase(key);
+        ref.erase(key);
+      } else if (what == 9) {  // merge another older map under it
+        DirtyMap o2;
+        RefMap r2;
+        for (int i = 0; i < 200; ++i) {
+          DirtyRange r = Make(rng, span, 4096, payload);
+          RefInsert(r2, {r.offset, r.length, 0, r.kind});
+          o2.Insert(std::move(r));
+        }
+        for (auto& [k, v] : ref) RefInsert(r2, v);
+        ref = r2;
+        newer.InsertUnder(std::move(o2));
+      } else {
+        DirtyRange r = Make(rng, span, what < 7 ? 4096 : 65536, payload);
+        RefInsert(ref, {r.offset, r.length, 0, r.kind});
+        newer.Insert(std::move(r));
+      }
+      // lookups
+      const uint64_t woff = rng() % span, wlen = 1 + rng() % 30000;
+      std::vector<DirtyRange> got;
+      newer.Collect(woff, wlen, &got);
+      size_t expected = 0;
+      for (auto it = ref.begin(); it != ref.end(); ++it) {
+        if (it->second.offset < woff + wlen && it->second.offset + it->second.length > woff)
+          ++expected;
+      }
+      ASSERT_EQ(got.size(), expected) << "seed " << seed << " op " << op;
+      ASSERT_EQ(newer.Overlaps(woff, wlen), expected > 0);
+      if (op % 500 == 0) {
+        ASSERT_TRUE(Same(newer, ref)) << "seed " << seed << " op " << op;
+      }
+    }
+    ASSERT_TRUE(Same(newer, ref)) << "seed " << seed;
+  }
+}
+
 }  // namespace
 }  // namespace sdccache

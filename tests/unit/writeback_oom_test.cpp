@@ -6,6 +6,7 @@
 // it replaces the global operator new (fail_new.h).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -21,8 +22,8 @@
 #include "batch_writer.h"
 #include "chunk.h"
 #include "dirty_map.h"
-#include "fake_sink.h"
 #include "fail_new.h"
+#include "fake_sink.h"
 #include "writeback.h"
 
 namespace sdccache {
@@ -142,8 +143,9 @@ void SweepFlushAllocations(bool plugin_fails_once) {
 
 // A failed batch goes back under what was buffered since (InsertUnder):
 // both maps may hold the only copy of acknowledged data, so a failed
-// allocation must change neither.  Every allocation is failed in turn.
-TEST(WriteBackOomTest, AFailedMergeBackChangesNeitherMap) {
+// allocation must change neither.  Every allocation is failed in turn,
+// with few newer ranges (replayed in place) and with many (merged aside).
+void SweepMergeBack(uint64_t cuts) {
   const std::vector<uint8_t> payload(4096, 7);
   auto data = [&](uint64_t offset, uint64_t length) {
     DirtyRange r;
@@ -159,13 +161,13 @@ TEST(WriteBackOomTest, AFailedMergeBackChangesNeitherMap) {
     r.kind = RangeKind::kZero;
     return r;
   };
-  // 300 older ranges (several index leaves); 150 newer ones, each cutting
-  // one in three (a head and a tail left: leaves split), and 10 more
+  // 600 older ranges (several index leaves); `cuts` newer ones, each
+  // cutting one (a head and a tail left: leaves split), and 10 more
   // spanning several.
   auto build = [&](DirtyMap* older, DirtyMap* newer) {
-    for (uint64_t i = 0; i < 300; ++i)
+    for (uint64_t i = 0; i < 600; ++i)
       older->Insert(i % 3 ? data(i * 1000, 500) : zero(i * 1000, 500));
-    for (uint64_t i = 0; i < 150; ++i) newer->Insert(data(i * 1000 + 100, 100));
+    for (uint64_t i = 0; i < cuts; ++i) newer->Insert(data(i * 1000 + 100, 100));
     for (uint64_t i = 0; i < 10; ++i) newer->Insert(data(160000 + i * 12000 + 250, 4000));
   };
   std::string merged;
@@ -210,6 +212,65 @@ TEST(WriteBackOomTest, AFailedMergeBackChangesNeitherMap) {
     }
   }
   std::printf("%ld allocations failed in turn\n", k - 1);
+  EXPECT_GT(k, 4) << "too few allocations were failed for the test to mean anything";
+}
+
+TEST(WriteBackOomTest, AFailedMergeBackOfFewNewerRangesChangesNeitherMap) {
+  SweepMergeBack(100);
+}
+
+TEST(WriteBackOomTest, AFailedMergeBackOfManyNewerRangesChangesNeitherMap) {
+  SweepMergeBack(500);
+}
+
+// A failed batch that waits, out of memory, to be merged back (mu_ is
+// dropped meanwhile) still holds its data: queued_bytes counts it.  It
+// fell to 0 (queued_zero_bytes rose by as much) while nothing was
+// written.  Every allocation of the flush is failed in turn.
+TEST(WriteBackOomTest, QueuedBytesCountAFailedBatchWaitingToMergeBack) {
+  exempt = true;  // this thread buffers and watches; the batch runs on another
+  const std::string data(4096, 'a');
+  long k = 1;
+  for (;; ++k) {
+    SCOPED_TRACE("allocation " + std::to_string(k) + " failed");
+    ASSERT_LT(k, 300) << "a flush allocates without end";
+    FakeSink sink(1 << 20);
+    std::future<int> flush;  // destroyed after wb
+    WriteBackOptions o;
+    o.threshold = 1000;
+    o.max_age = std::chrono::milliseconds(0);
+    o.bypass_min = 0;
+    o.retry_min = std::chrono::milliseconds(5000);  // no retry meanwhile
+    o.retry_max = std::chrono::milliseconds(5000);
+    WriteBack wb(&sink, o);
+    for (int i = 0; i < 8; ++i) ASSERT_EQ(wb.Write(data.data(), 4096, i * 8192, false), 0);
+    sink.Fail(EIO);  // every write fails: nothing leaves the buffer
+    sink.Hold();
+    news_counted = 0;
+    fail_at = k;
+    flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+    uint64_t lowest = UINT64_MAX;
+    bool newer = false;
+    while (flush.wait_for(std::chrono::microseconds(200)) != std::future_status::ready) {
+      lowest = std::min(lowest, wb.queued_bytes());
+      if (!newer && sink.writes_started() > 0) {
+        // Writes while the batch runs: the failed batch goes back under
+        // them (needing more index leaves than it keeps spare).
+        for (int i = 8; i < 12; ++i) ASSERT_EQ(wb.Write(data.data(), 4096, i * 8192, false), 0);
+        newer = true;
+        sink.Release();
+      }
+    }
+    sink.Release();
+    fail_at = 0;
+    const bool reached = news_counted.load() >= k;
+    flush.get();
+    lowest = std::min(lowest, wb.queued_bytes());
+    EXPECT_GE(lowest, 8u * 4096) << "queued_bytes fell while nothing was written";
+    EXPECT_EQ(wb.queued_bytes(), (newer ? 12u : 8u) * 4096);
+    sink.Fail(0);
+    if (!reached) break;
+  }
   EXPECT_GT(k, 4) << "too few allocations were failed for the test to mean anything";
 }
 

@@ -1325,5 +1325,29 @@ TEST(WriteBackTest, AWriteThroughAbortedForAGoneClientIsNoError) {
   EXPECT_EQ(wb.counters().last_error.load(), 0);
 }
 
+// last_error "is ENOTCONN only if the plugin never failed before" (man
+// page): a plugin failure of a write-through counts as failing before.
+TEST(WriteBackTest, LastErrorKeepsAWriteThroughsPluginErrorOverENOTCONN) {
+  FakeSink sink(1 << 20);
+  WriteBackOptions o;
+  o.threshold = 1000;
+  o.queue_max_bytes = 8192;
+  o.max_age = std::chrono::milliseconds(0);
+  o.bypass_min = 0;
+  o.retry_min = std::chrono::milliseconds(1);
+  o.retry_max = std::chrono::milliseconds(5);
+  WriteBack wb(&sink, o);
+  sink.FailNext(1, EIO);
+  std::string big(16384, 'B');
+  ASSERT_EQ(wb.Write(big.data(), 16384, 0, false), EIO);  // the plugin failed
+  ASSERT_EQ(wb.counters().last_error.load(), EIO);
+  ASSERT_EQ(wb.Write(big.data(), 100, 0, false), 0);  // buffered
+  sink.FailNext(1, ENOTCONN);                         // as when no plugin context was there
+  EXPECT_NE(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.counters().last_error.load(), EIO)
+      << "last_error says ENOTCONN, the plugin having failed before";
+  EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
 }  // namespace
 }  // namespace sdccache

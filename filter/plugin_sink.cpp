@@ -89,8 +89,13 @@ PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
       if (c.next == caller_ && !c.leaving && c.size >= end) return &c;
   for (Slot& c : contexts_)
     if (!c.leaving && c.size >= end && !c.failing) return &c;
+  // All failing: the one that failed longest ago, so that one that failed
+  // once is tried again rather than the same dead one every time.
+  Slot* best = nullptr;
   for (Slot& c : contexts_)
-    if (!c.leaving && c.size >= end) return &c;
+    if (!c.leaving && c.size >= end && (best == nullptr || c.failed_at < best->failed_at))
+      best = &c;
+  if (best) return best;
   for (Slot& c : contexts_)
     if (!c.leaving) return &c;
   return contexts_.empty() ? nullptr : &contexts_.front();
@@ -178,7 +183,9 @@ void PluginSink::Lease::Flushed() {
 
 void PluginSink::Lease::Outcome(bool failed) {
   std::lock_guard<std::mutex> l(sink_->mu_);
-  sink_->FindLocked(next_)->failing = failed;
+  Slot* c = sink_->FindLocked(next_);
+  c->failing = failed;
+  if (failed) c->failed_at = ++sink_->failures_;
 }
 
 void PluginSink::Lease::Lost() {

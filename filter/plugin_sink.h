@@ -183,12 +183,15 @@ class PluginSink : public Sink {
     // plugin's, once the server it talks to has restarted) while another,
     // opened since, works.
     bool failing = false;
+    uint64_t failed_at = 0;  // failures_ when its last call failed
   };
   Slot* FindLocked(nbdkit_next* next);
   // The caller's context, else the oldest whose last call did not fail,
   // not leaving and whose size reaches `end` (connections may have seen
-  // the image grow in between); else the oldest not leaving whose size
-  // reaches it; else the oldest not leaving; else the oldest.
+  // the image grow in between); else, of those not leaving whose size
+  // reaches it, the one that failed longest ago (one that failed once is
+  // tried again, not the same dead one every time); else the oldest not
+  // leaving; else the oldest.
   Slot* PickLocked(uint64_t end = 0);
   bool OthersStayLocked(nbdkit_next* next);
   // A write, zero or trim of [offset, offset + count) through a leased
@@ -221,6 +224,7 @@ class PluginSink : public Sink {
   // how many of those a Flush has reported (Flushes running when one left
   // report it too).
   uint64_t lost_ = 0, lost_reported_ = 0;
+  uint64_t failures_ = 0;
 };
 
 }  // namespace sdccache

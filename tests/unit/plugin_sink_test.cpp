@@ -242,5 +242,32 @@ TEST_F(PluginSinkTest, AContextWhoseFlushFailsNoLongerFailsEveryFlush) {
   EXPECT_EQ(b.Count(&FakeContext::flushes), 1);
 }
 
+// A context that works but had one transient failure was never tried again
+// by background calls while an older one failed for good: both were
+// "failing", and PickLocked took the oldest, the dead one, every time
+// (nothing else reset b's flag).  Now the one that failed longest ago.
+TEST_F(PluginSinkTest, ATransientFailureOnTheWorkingContextDoesNotStrandTheFlusher) {
+  Open(/*multi_conn=*/true);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EINVAL;  // a: dead for good (remote restarted)
+  }
+  EXPECT_EQ(Write(), EINVAL);  // through a: a failing
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = EIO;  // one transient failure on b
+  }
+  EXPECT_EQ(Write(), EIO);  // through b: b failing too
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = 0;  // b works again
+  }
+  int ok = 0;
+  for (int i = 0; i < 10; ++i) ok += Write() == 0;
+  EXPECT_GT(ok, 0)
+      << "10 background writes all went to the dead context a; b (working) never retried";
+  EXPECT_GT(b.Count(&FakeContext::pwrites), 1);
+}
+
 }  // namespace
 }  // namespace sdccache

@@ -227,5 +227,52 @@ TEST(RegistryTest, AskingAWritersPluginHoldsUpNoOtherConnection) {
   reg.Close();
 }
 
+
+// a (the oldest) is dead for good (remote restarted); b, the new writer's,
+// fails once (a transient error).  Both were then "failing" and every
+// background call went to a: the flusher never wrote through b again, b's
+// Leave (a disconnect flush, left to the flusher) failed, and the data was
+// left with only the dead context.  Now the context that failed longest
+// ago is tried.
+TEST(RegistryTest, OneTransientErrorOnTheLiveContextDoesNotStrandTheData) {
+  Params p;
+  p.threshold = 1000;
+  p.shutdown_timeout = std::chrono::milliseconds(50);
+  Registry reg(p);
+  FakeContext a, b;
+  ExportCache* c = reg.Get("x", a.next());
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EINVAL;
+    a.flush_error = EINVAL;
+  }
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = EIO;  // once
+  }
+  char buf[4096] = {7};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  EXPECT_NE(c->writeback->Flush(Trigger::kClient), 0);  // through a
+  test::AwaitPoll("a write through b", [&] { return b.Count(&FakeContext::pwrites) >= 1; });
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = 0;  // b works from now on
+  }
+  // The flusher's retries (backoff 10 ms doubling) go through b.
+  test::AwaitPoll("the buffered write to go through b",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  EXPECT_EQ(reg.Leave(c, b.next(), true), 0);
+  EXPECT_GE(b.Count(&FakeContext::pwrites), 2);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = 0;
+    a.flush_error = 0;
+  }
+  reg.Leave(c, a.next(), false);
+  reg.Drain();
+  reg.Close();
+}
+
 }  // namespace
 }  // namespace sdccache

@@ -101,42 +101,51 @@ TEST_F(DirtyMapTest, InsertUnderKeepsNewer) {
   EXPECT_EQ(Read(newer, 0, 13), "oooonnoo0000.");
 }
 
+// A plain std::map doing the same newest-wins cuts as DirtyMap, for the
+// tests below to check it against.
+struct Ref {
+  uint64_t offset, length, chunk_offset;
+  RangeKind kind;
+};
+using RefMap = std::map<uint64_t, Ref>;
+
+void RefInsert(RefMap& ref, Ref r) {
+  const uint64_t start = r.offset, stop = r.offset + r.length;
+  auto it = ref.lower_bound(start);
+  if (it != ref.begin() && std::prev(it)->second.offset + std::prev(it)->second.length > start)
+    --it;
+  std::vector<Ref> keep;
+  while (it != ref.end() && it->second.offset < stop) {
+    Ref old = it->second;
+    it = ref.erase(it);
+    if (old.offset < start)
+      keep.push_back({old.offset, start - old.offset, old.chunk_offset, old.kind});
+    if (old.offset + old.length > stop)
+      keep.push_back(
+          {stop, old.offset + old.length - stop, old.chunk_offset + (stop - old.offset), old.kind});
+  }
+  for (const Ref& k : keep) ref[k.offset] = k;
+  ref[r.offset] = r;
+}
+
+bool Same(const DirtyMap& m, const RefMap& ref) {
+  if (m.size() != ref.size()) return false;
+  auto it = ref.begin();
+  uint64_t total = 0;
+  for (const DirtyRange& r : m) {
+    const Ref& e = (it++)->second;
+    if (r.offset != e.offset || r.length != e.length || r.kind != e.kind ||
+        (r.kind == RangeKind::kData && r.chunk_offset != e.chunk_offset))
+      return false;
+    total += r.length;
+  }
+  return total == m.total_bytes();
+}
+
 // The index against a plain std::map doing the same newest-wins cuts, over
 // enough ranges to split, merge and empty many leaves.
 TEST(DirtyMapIndexTest, MatchesAReferenceMapUnderRandomInsertsAndErases) {
-  struct Ref {
-    uint64_t offset, length, chunk_offset;
-    RangeKind kind;
-  };
-  std::map<uint64_t, Ref> ref;
-  auto ref_insert = [&](Ref r) {
-    const uint64_t start = r.offset, stop = r.offset + r.length;
-    auto it = ref.lower_bound(start);
-    if (it != ref.begin() && std::prev(it)->second.offset + std::prev(it)->second.length > start)
-      --it;
-    std::vector<Ref> keep;
-    while (it != ref.end() && it->second.offset < stop) {
-      Ref old = it->second;
-      it = ref.erase(it);
-      if (old.offset < start) keep.push_back({old.offset, start - old.offset, old.chunk_offset, old.kind});
-      if (old.offset + old.length > stop)
-        keep.push_back({stop, old.offset + old.length - stop,
-                        old.chunk_offset + (stop - old.offset), old.kind});
-    }
-    for (const Ref& k : keep) ref[k.offset] = k;
-    ref[r.offset] = r;
-  };
-  auto same = [&](const DirtyMap& m) {
-    if (m.size() != ref.size()) return false;
-    auto it = ref.begin();
-    for (const DirtyRange& r : m) {
-      const Ref& e = (it++)->second;
-      if (r.offset != e.offset || r.length != e.length || r.kind != e.kind ||
-          (r.kind == RangeKind::kData && r.chunk_offset != e.chunk_offset))
-        return false;
-    }
-    return true;
-  };
+  RefMap ref;
   MemoryAccount account(1ull << 40);
   const std::string payload(4096, 'x');
   std::mt19937_64 rng(12345);
@@ -164,12 +173,12 @@ TEST(DirtyMapIndexTest, MatchesAReferenceMapUnderRandomInsertsAndErases) {
         r.chunk = ChunkRef(Chunk::Create(payload.data(), 4096, &account));
         r.length = std::min<uint64_t>(len, 4096);
       }
-      ref_insert({r.offset, r.length, 0, r.kind});
+      RefInsert(ref, {r.offset, r.length, 0, r.kind});
       m.Insert(std::move(r));
     }
     peak = std::max(peak, m.size());
     if (op % 997 == 0 || m.size() < 200) {
-      ASSERT_TRUE(same(m)) << "op " << op;
+      ASSERT_TRUE(Same(m, ref)) << "op " << op;
     }
     // A window read returns exactly the reference's pieces.
     std::vector<DirtyRange> got;
@@ -181,7 +190,7 @@ TEST(DirtyMapIndexTest, MatchesAReferenceMapUnderRandomInsertsAndErases) {
     ASSERT_EQ(got.size(), expected) << "op " << op;
     for (const DirtyRange& g : got) ASSERT_TRUE(g.offset >= woff && g.end() <= woff + wlen);
   }
-  ASSERT_TRUE(same(m));
+  ASSERT_TRUE(Same(m, ref));
   EXPECT_GT(peak, 1000u);  // many leaves were in play
   // No erased or cut range still holds its chunk (say, from a free slot of
   // a leaf): what is charged is exactly the chunks live ranges point into.
@@ -265,47 +274,6 @@ TEST(OverlayTest, MergeExtentsStopsAtTheRequestEnd) {
   EXPECT_EQ(wb.Lookup(0, 1 << 20).MergeExtents(plugin), want);
 }
 
-namespace ref {
-
-struct Ref {
-  uint64_t offset, length, chunk_offset;
-  RangeKind kind;
-};
-using RefMap = std::map<uint64_t, Ref>;
-
-void RefInsert(RefMap& ref, Ref r) {
-  const uint64_t start = r.offset, stop = r.offset + r.length;
-  auto it = ref.lower_bound(start);
-  if (it != ref.begin() && std::prev(it)->second.offset + std::prev(it)->second.length > start)
-    --it;
-  std::vector<Ref> keep;
-  while (it != ref.end() && it->second.offset < stop) {
-    Ref old = it->second;
-    it = ref.erase(it);
-    if (old.offset < start)
-      keep.push_back({old.offset, start - old.offset, old.chunk_offset, old.kind});
-    if (old.offset + old.length > stop)
-      keep.push_back(
-          {stop, old.offset + old.length - stop, old.chunk_offset + (stop - old.offset), old.kind});
-  }
-  for (const Ref& k : keep) ref[k.offset] = k;
-  ref[r.offset] = r;
-}
-
-bool Same(const DirtyMap& m, const RefMap& ref) {
-  if (m.size() != ref.size()) return false;
-  auto it = ref.begin();
-  uint64_t total = 0;
-  for (const DirtyRange& r : m) {
-    const Ref& e = (it++)->second;
-    if (r.offset != e.offset || r.length != e.length || r.kind != e.kind ||
-        (r.kind == RangeKind::kData && r.chunk_offset != e.chunk_offset))
-      return false;
-    total += r.length;
-  }
-  return total == m.total_bytes();
-}
-
 DirtyRange Make(std::mt19937_64& rng, uint64_t span, uint64_t maxlen, const std::string& payload) {
   DirtyRange r;
   r.offset = rng() % span;
@@ -318,13 +286,10 @@ DirtyRange Make(std::mt19937_64& rng, uint64_t span, uint64_t maxlen, const std:
   return r;
 }
 
-}  // namespace ref
-
 // InsertUnder (in place, or built aside with PushBack's full leaves, as
 // the newer map has few or many ranges) against a reference, then the
 // merged map used on: inserts, erases (Rebalance), lookups, further merges.
 TEST(DirtyMapModelTest, InsertUnderThenRandomOpsMatchAReference) {
-  using namespace ref;
   const std::string payload(4096, 'x');
   for (int seed = 1; seed <= 10; ++seed) {
     std::mt19937_64 rng(seed);

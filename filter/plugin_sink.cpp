@@ -88,7 +88,7 @@ PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
     for (Slot& c : contexts_)
       if (c.next == caller_ && !c.leaving && c.size >= end) return &c;
   for (Slot& c : contexts_)
-    if (!c.leaving && c.size >= end && !c.failing) return &c;
+    if (!c.leaving && c.size >= end && c.failed_at == 0) return &c;
   // All failing: the one that failed longest ago, so that one that failed
   // once is tried again rather than the same dead one every time.
   Slot* best = nullptr;
@@ -184,8 +184,7 @@ void PluginSink::Lease::Flushed() {
 void PluginSink::Lease::Outcome(bool failed) {
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = sink_->FindLocked(next_);
-  c->failing = failed;
-  if (failed) c->failed_at = ++sink_->failures_;
+  c->failed_at = failed ? ++sink_->failures_ : 0;
 }
 
 void PluginSink::Lease::Lost() {

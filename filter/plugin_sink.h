@@ -158,7 +158,7 @@ class PluginSink : public Sink {
     bool Holds(uint64_t offset, uint32_t count) const { return offset + count <= size_; }
     // After a successful flush: the writes done before it began are covered.
     void Flushed();
-    // After the call: whether it failed (see Slot::failing).
+    // After the call: whether it failed (see Slot::failed_at).
     void Outcome(bool failed);
     // After a failed flush through a context that was given (Flush without
     // multi-conn): the writes done before it began count as lost.
@@ -178,12 +178,13 @@ class PluginSink : public Sink {
     uint64_t written = 0;  // write calls finished through it
     uint64_t flushed = 0;  // of those, how many a flush through it covers
     bool leaving = false;  // in Detach: no new calls
-    // Its last call failed.  The flusher's calls go to another context
-    // then, if one is attached: a context may fail for good (the nbd
-    // plugin's, once the server it talks to has restarted) while another,
-    // opened since, works.
-    bool failing = false;
-    uint64_t failed_at = 0;  // failures_ when its last call failed
+    // Whether its last call failed: 0 if not, else failures_ when it did
+    // (so that of two failing contexts, the one that failed first is
+    // known).  The flusher's calls go to a context that is not failing, if
+    // one is attached: a context may fail for good (the nbd plugin's, once
+    // the server it talks to has restarted) while another, opened since,
+    // works.
+    uint64_t failed_at = 0;
   };
   Slot* FindLocked(nbdkit_next* next);
   // The caller's context, else the oldest whose last call did not fail,

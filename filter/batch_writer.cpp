@@ -118,7 +118,7 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
     RecordProbe(start, Clocks::Now());
   }
   const bool waiting = latency_bound();
-  size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
+  const size_t left = job.ops.size() - std::min(job.ops.size(), job.next_op.load());
   // Borrow idle helpers; each is woken through its own semaphore (no herd
   // on one lock), and the last one to finish wakes this thread.  Short of
   // helpers, the job is listed for those that finish other jobs to join.
@@ -128,14 +128,15 @@ int BatchWriter::Write(const std::vector<DirtyRange>& plan, std::vector<char>* w
   std::vector<Worker*> helpers;
   size_t start = 0;
   bool listed = false;
-  if (waiting && !job.given_up.load() && left > 1) {
+  bool borrow = waiting && !job.given_up.load() && left > 1;
+  if (borrow) {
     try {
       helpers.reserve(std::min(max_helpers_, left - 1));
     } catch (const std::bad_alloc&) {
-      left = 0;
+      borrow = false;
     }
   }
-  if (waiting && !job.given_up.load() && left > 1) {
+  if (borrow) {
     std::lock_guard<std::mutex> l(idle_mu_);
     const size_t n = std::min({idle_.size(), left - 1, helpers.capacity()});
     helpers.assign(idle_.end() - static_cast<std::ptrdiff_t>(n), idle_.end());

@@ -2,6 +2,7 @@
 #include "params.h"
 
 #include <cctype>
+#include <cstdlib>
 #include <limits>
 
 #include <sys/stat.h>
@@ -17,6 +18,17 @@ bool ParentDirExists(const std::string& path, const char* what) {
   if (stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return true;
   nbdkit_error("%s: %s: no directory %s", what, path.c_str(), dir.c_str());
   return false;
+}
+
+std::string ResolvedPath(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) return path;
+  char* dir = realpath(path.substr(0, slash == 0 ? 1 : slash).c_str(), nullptr);
+  if (dir == nullptr) return path;
+  std::string out(dir);
+  free(dir);
+  if (out.back() != '/') out += '/';
+  return out + path.substr(slash + 1);
 }
 
 bool ParseDuration(const std::string& text, std::chrono::milliseconds* out) {

@@ -31,6 +31,11 @@ inline constexpr std::chrono::milliseconds kMaxDuration{100ll * 365 * 24 * 3600 
 // directory DIR").
 bool ParentDirExists(const std::string& path, const char* what);
 
+// The absolute `path` with its directory part resolved (symlinks, "..";
+// realpath), so that two spellings of one file compare equal; `path`
+// itself if the directory cannot be resolved.
+std::string ResolvedPath(const std::string& path);
+
 // Parses "500ms", "5s", "2m", "1h" or a bare number of seconds.  Returns
 // false on anything else (negative, empty, unknown unit); a number too
 // large to hold gives milliseconds::max(), for the caller to refuse as

@@ -119,8 +119,10 @@ int ParseCount(const char* key, const char* value, uint32_t max, uint32_t* out) 
     nbdkit_error("%s: not a positive integer: '%s'", key, value);
     return -1;
   }
-  // Digits only: more than 10 of them is out of range whatever they say.
-  const unsigned long long n = strlen(value) > 10 ? max + 1ull : strtoull(value, nullptr, 10);
+  // Digits only: more than 10 of them after leading zeros is out of range
+  // whatever they say.
+  const char* digits = value + strspn(value, "0");
+  const unsigned long long n = strlen(digits) > 10 ? max + 1ull : strtoull(digits, nullptr, 10);
   if (n < 1 || n > max) {
     nbdkit_error("%s: must be between 1 and %u, got %s", key, max, value);
     return -1;
@@ -288,8 +290,28 @@ static int sdccache_get_ready(int thread_model) {
   g->thread_model = thread_model;
   int err = 0;
   return Guarded("get_ready", &err, [&] {
-    if (!g->params.control.empty() && !ControlSocket::Check(g->params.control)) return -1;
-    if (!g->params.statsfile.empty() && !StatsFile::Check(g->params.statsfile)) return -1;
+    const Params& p = g->params;
+    if (p.statsfile.empty() && g->given.contains("sdccache-statsformat")) {
+      nbdkit_error("sdccache-statsformat: given without sdccache-statsfile=PATH (no stats file "
+                   "to format)");
+      return -1;
+    }
+    // Each path alone passes the checks below before either file exists;
+    // one over the other would fail after the fork (same path), or the
+    // stats writer would remove the control socket (its PATH.tmp).
+    if (!p.control.empty() && !p.statsfile.empty()) {
+      const std::string control = ResolvedPath(p.control);
+      const std::string stats = ResolvedPath(p.statsfile);
+      if (control == stats || control == stats + ".tmp") {
+        nbdkit_error("control=%s and sdccache-statsfile=%s: the control socket would be %s; "
+                     "give them different paths",
+                     p.control.c_str(), p.statsfile.c_str(),
+                     control == stats ? "the stats file" : "the stats file's temporary file");
+        return -1;
+      }
+    }
+    if (!p.control.empty() && !ControlSocket::Check(p.control)) return -1;
+    if (!p.statsfile.empty() && !StatsFile::Check(p.statsfile)) return -1;
     return 0;
   });
 }

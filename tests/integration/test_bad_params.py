@@ -26,12 +26,15 @@ CASES = [
     # A path it cannot write: refused at startup, not an error every second.
     ("sdccache-statsfile", "/nonexistent-dir/x.stats"),
     ("sdccache-statsformat", "xml"),
+    # A format with no stats file to format (a mistyped sdccache-statsfile=).
+    ("sdccache-statsformat", "json"),
 ]
 
 # Good values, so that the refusals above are about the value, not the setup.
 GOOD = [
     ("threshold", "1"),
     ("threshold", "1048576"),
+    ("threshold", "00000000005"),  # leading zeros do not make it large
     ("queue-max-size", "256K"),
     ("bypass-min", "0"),
     ("bypass-min", "1M"),
@@ -40,7 +43,6 @@ GOOD = [
     ("max-age", "0"),
     ("shutdown-timeout", "2m"),
     ("shutdown-timeout", "876000h"),
-    ("sdccache-statsformat", "json"),
 ]
 
 
@@ -132,15 +134,6 @@ def main():
     # (the disk image, by mistake): the same.  So is the control socket's
     # path, made first.
     refused_and_kept("sdccache-statsfile", notes, "not a stats file")
-    same = os.path.join(tmp, "both")
-    p = sdctest.run_nbdkit(["null", "1M", "control=" + same, "sdccache-statsfile=" + same],
-                           timeout=5, foreground=True)
-    err = p.stderr.decode(errors="replace")
-    sdctest.check(p.returncode != 0 and "sdccache-statsfile" in err and
-                  "not a regular file" in err,
-                  "the same path for control= and sdccache-statsfile=: exit %d: %r" %
-                  (p.returncode, err))
-    sdctest.check(not os.path.exists(same), "the control socket was left behind")
     # An earlier stats file, in either format, or an empty file, is replaced.
     stats = os.path.join(tmp, "st")
     open(stats, "wb").close()
@@ -170,23 +163,36 @@ def main():
     # reported on stderr with a failing exit status: they are checked
     # before nbdkit forks (an error in .after_fork would reach only syslog,
     # after the starting process had exited 0).
-    for param in ("control=" + notes, "sdccache-statsfile=/nonexistent-dir/x.stats",
-                  "control=/nonexistent-dir/ctl.sock", "sdccache-statsfile=" + tmp,
-                  # A directory where no file can be made.
-                  "sdccache-statsfile=/proc/sdccache.stats", "control=/proc/sdccache.sock"):
+    # The control socket on the stats file's path, or on its PATH.tmp
+    # (which the stats writer removes), each path fine by itself; also
+    # spelt differently (through "..").
+    same = os.path.join(tmp, "both")
+    dotdot = os.path.join(tmp, "..", os.path.basename(tmp), "both")
+    for params in (["control=" + notes], ["sdccache-statsfile=/nonexistent-dir/x.stats"],
+                   ["control=/nonexistent-dir/ctl.sock"], ["sdccache-statsfile=" + tmp],
+                   # A directory where no file can be made.
+                   ["sdccache-statsfile=/proc/sdccache.stats"],
+                   ["control=/proc/sdccache.sock"],
+                   ["control=" + same, "sdccache-statsfile=" + same],
+                   ["control=" + same + ".tmp", "sdccache-statsfile=" + dotdot]):
         run_dir = sdctest.scratch_dir(prefix="sdc-badparams-")
         pidfile = os.path.join(run_dir, "nbdkit.pid")
         cmd = [sdctest.NBDKIT, "-U", os.path.join(run_dir, "nbd.sock"), "-P", pidfile,
-               "--filter=" + sdctest.FILTER, "null", "1M", param]
+               "--filter=" + sdctest.FILTER, "null", "1M"] + params
         p = sdctest.run_command(cmd, timeout=5, check_rc=False)
         if os.path.exists(pidfile):  # a daemon started after all: stop it
             sdctest.stop_daemon(sdctest.daemon_from_pidfile(pidfile, 5))
         err = p.stderr.decode(errors="replace")
-        key = param.split("=", 1)[0]
-        sdctest.check(p.returncode != 0 and key in err,
-                      "%s in the background: exit %d, stderr %r" % (param, p.returncode, err))
+        keys = [param.split("=", 1)[0] for param in params]
+        sdctest.check(p.returncode != 0 and all(key in err for key in keys),
+                      "%s in the background: exit %d, stderr %r" % (params, p.returncode, err))
+        if len(params) > 1:
+            sdctest.check("give them different paths" in err,
+                          "%s: not said to clash: %r" % (params, err))
+            sdctest.check(not os.path.exists(same) and not os.path.exists(same + ".tmp"),
+                          "%s: a file was left at the clashing path" % params)
         print("%s in the background -> exit %d: %s" %
-              (param, p.returncode, err.strip().splitlines()[-1]))
+              (" ".join(params), p.returncode, err.strip().splitlines()[-1]))
 
     # nbdkit -u: the stats file is written as the user nbdkit changes to; a
     # user that cannot write it fails startup (rather than an error every

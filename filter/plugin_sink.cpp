@@ -86,7 +86,7 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
 PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   if (caller_ != nullptr)
     for (Slot& c : contexts_)
-      if (c.next == caller_ && !c.leaving && c.size >= end) return &c;
+      if (c.next == caller_ && !c.leaving && c.size >= end && !c.flush_lost) return &c;
   for (Slot& c : contexts_)
     if (!c.leaving && c.size >= end && c.failed_at == 0) return &c;
   // All failing: the one that failed longest ago, so that one that failed
@@ -185,11 +185,13 @@ void PluginSink::Lease::Outcome(bool failed) {
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = sink_->FindLocked(next_);
   c->failed_at = failed ? ++sink_->failures_ : 0;
+  if (!failed) c->flush_lost = false;
 }
 
 void PluginSink::Lease::Lost() {
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = sink_->FindLocked(next_);
+  c->flush_lost = true;
   if (c->flushed >= written_at_start_) return;  // nothing was left uncovered
   c->flushed = written_at_start_;
   ++sink_->lost_;

@@ -185,9 +185,15 @@ class PluginSink : public Sink {
     // the server it talks to has restarted) while another, opened since,
     // works.
     uint64_t failed_at = 0;
+    // A flush through it failed and its unflushed writes were counted as
+    // lost (Lease::Lost), and no call through it has succeeded since.
+    // Its own client's thread then leaves it too: each write through it
+    // would make it unflushed again, and the next Flush, whichever client
+    // asked for it, would fail on it again.
+    bool flush_lost = false;
   };
   Slot* FindLocked(nbdkit_next* next);
-  // The caller's context, else the oldest whose last call did not fail,
+  // The caller's context unless flush_lost, else the oldest whose last call did not fail,
   // not leaving and whose size reaches `end` (connections may have seen
   // the image grow in between); else, of those not leaving whose size
   // reaches it, the one that failed longest ago (one that failed once is

@@ -87,6 +87,9 @@ void WriteBack::Unpark() {
   {
     MutexLock l(&mu_);
     if (!parked_) return;
+    // Data the last writer left (the plugin failed): the new flusher
+    // retries it at once, not when the last backoff ends.
+    retry_at_ = Clock::now();
   }
   StartThreads();
   MutexLock l(&mu_);

@@ -63,6 +63,32 @@ def main():
         disk = sdctest.disk_read(back_disk, 0, 135168)
         check(disk[65536:69632] == b"\x02" * 4096 and disk[131072:135168] == b"\x03" * 4096,
               "a successful flush left acknowledged writes out of the remote image")
+        # The old client goes on writing with FUA (through its own dead
+        # context, its writes made that context unflushed again each time,
+        # and the new client's next flush failed on it: 47 of 50).  Once a
+        # flush through its context has failed, its writes go through a
+        # working one: neither client's requests fail any more.
+        old_fails, new_fails = [], []
+        for i in range(20):
+            try:
+                old.pwrite(bytes([0x10 + i]) * 4096, 196608, nbd.CMD_FLAG_FUA)
+            except nbd.Error as e:
+                old_fails.append(str(e))
+            new.pwrite(bytes([0x40 + i]) * 4096, 262144 + 4096 * i)
+            try:
+                new.flush()
+            except nbd.Error as e:
+                new_fails.append(str(e))
+        print("old client's FUA writes failed %d/20, new client's flushes %d/20" %
+              (len(old_fails), len(new_fails)))
+        check(not new_fails, "the new client's flushes failed: %s" % new_fails)
+        check(not old_fails, "the old client's FUA writes failed: %s" % old_fails)
+        disk = sdctest.disk_read(back_disk, 196608, 262144 + 4096 * 20 - 196608)
+        check(disk[:4096] == bytes([0x10 + 19]) * 4096, "the last FUA write is not durable")
+        for i in range(20):
+            off = 262144 + 4096 * i - 196608
+            check(disk[off:off + 4096] == bytes([0x40 + i]) * 4096,
+                  "a flushed write of the new client is not in the remote image")
         new.shutdown()
         try:
             old.shutdown()

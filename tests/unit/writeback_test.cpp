@@ -1181,6 +1181,24 @@ TEST(WriteBackTest, UnwrittenDataWaitsParkedForTheNextWriter) {
   EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// The same without a flush while parked (which kicked the flusher): the
+// next writer's flusher waited for what was left of the last backoff (up to
+// 1 s in nbdkit; an hour here) before writing the data.
+TEST(WriteBackTest, TheNextWriterWritesLeftDataAtOnce) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.retry_min = o.retry_max = std::chrono::hours(1);
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
+  sink.Fail(EIO);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  ASSERT_TRUE(wb.Park());
+  sink.Fail(0);
+  wb.Unpark();
+  AwaitEmptyQueue(wb);
+  EXPECT_EQ(sink.Disk()[0], 'x');
+}
+
 TEST(WriteBackTest, NoContextDoesNotHideThePluginError) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

@@ -596,6 +596,7 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
     if (was_empty || b.since < active_since_) active_since_ = b.since;
     batches_.erase(it);
     if (!AbortedHere(err, client_thread, attempt)) RecordError(err, attempt);
+    NoteQuittingLocked(err, client_thread);
   }
   ReconcileChargesLocked();
   done_.SignalAll();
@@ -682,6 +683,7 @@ void WriteBack::RunFlushJob(const FlushJob& job, bool client_thread) {
     if (job.attempt > last_failed_attempt_) backoff_ = milliseconds(0);
   } else if (!AbortedHere(err, client_thread, job.attempt)) {
     RecordError(err, job.attempt);
+    NoteQuittingLocked(err, client_thread);
   }
   --flushes_in_flight_;
   done_.SignalAll();
@@ -721,6 +723,12 @@ bool WriteBack::AbortedHere(int err, bool client_thread, uint64_t attempt) {
   return true;
 }
 
+void WriteBack::NoteQuittingLocked(int err, bool client_thread) {
+  if (err == ESHUTDOWN && !client_thread && !quitting_ && opts_.writer_gone &&
+      opts_.writer_gone())
+    quitting_ = true;
+}
+
 void WriteBack::RecordError(int err, uint64_t attempt) {
   last_failed_attempt_ = std::max(last_failed_attempt_, attempt);
   // ENOTCONN only says no connection was there to borrow a plugin context
@@ -739,7 +747,10 @@ int WriteBack::FlushUntil(milliseconds limit, Trigger why, bool count) {
   while (err != 0 && Clock::now() < until) {
     // Parked, a flush fails at once (ENOTCONN) and nothing can change that
     // before Unpark(): waiting for retry_at_, long past, would spin.
-    if (parked_) break;
+    // Quitting, no retry through a layer that waits can succeed: the
+    // last connection's data is logged as lost at once, not after
+    // shutdown-timeout.
+    if (parked_ || quitting_) break;
     done_.WaitUntil(std::min(until, retry_at_));
     // The same request tried again: counted once.
     err = WaitFor(last_seq_, write_gen_, true, why, /*count=*/false);

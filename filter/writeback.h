@@ -120,7 +120,10 @@ class WriteBack {
   Overlay Lookup(uint64_t offset, uint64_t length) EXCLUDES(mu_);
 
   // Flush(), retried (at the backoff pace) until it succeeds or `limit`
-  // has passed.  At least one attempt is made.  The flush is counted once,
+  // has passed, or an attempt made off a client's thread failed with
+  // ESHUTDOWN while opts_.writer_gone said true there (nbdkit is quitting:
+  // every wait in a layer below fails so from now on, and no retry can
+  // succeed).  At least one attempt is made.  The flush is counted once,
   // under `why`; not at all without `count` (a caller that has counted the
   // same request with a Flush() of its own).
   int FlushUntil(std::chrono::milliseconds limit, Trigger why, bool count = true) EXCLUDES(mu_);
@@ -182,6 +185,11 @@ class WriteBack {
   // to make it); false if opts_.writer_gone ended the wait.
   bool ReserveRoom(uint64_t bytes, uint64_t pool_payload = 0, void** pooled = nullptr)
       EXCLUDES(mu_);
+  // After a failed attempt: off a client's thread (no connection there),
+  // ESHUTDOWN with opts_.writer_gone() true means nbdkit is quitting and
+  // failed a wait below (sets quitting_); an ESHUTDOWN the plugin itself
+  // returned (a remote server's) does not.
+  void NoteQuittingLocked(int err, bool client_thread) REQUIRES(mu_);
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
   // Gives back the charges of index entries that no longer exist (merged
   // requests, written ranges), down to kRangeCharge per range held.
@@ -315,6 +323,7 @@ class WriteBack {
   uint64_t attempts_started_ GUARDED_BY(mu_) = 0;
   uint64_t last_failed_attempt_ GUARDED_BY(mu_) = 0;
   uint64_t aborted_attempt_ GUARDED_BY(mu_) = 0;  // see AbortedHere
+  bool quitting_ GUARDED_BY(mu_) = false;         // see NoteQuittingLocked
   int last_error_ GUARDED_BY(mu_) = 0;
   Clock::time_point retry_at_ GUARDED_BY(mu_);
   std::chrono::milliseconds backoff_ GUARDED_BY(mu_){0};

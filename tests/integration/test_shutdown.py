@@ -61,5 +61,35 @@ def main():
                       "write missing from the file after SIGTERM with a client connected")
 
 
+    # SIGTERM with a layer below that waits with nbdkit_nanosleep (the
+    # delay filter): once nbdkit quits, every such wait fails with
+    # ESHUTDOWN, so nothing more can be written, and the data is logged as
+    # lost (documented).  The last connection gave up only after
+    # shutdown-timeout (30 s by default; an hour here), retrying what could
+    # not succeed; now at once.  The client leaves first, so that its
+    # connection's write-back is under way (1 s per write) when nbdkit is
+    # told to quit.
+    img3 = sdctest.make_image(tmp, 1 << 20, "disk3.img")
+    with sdctest.start_server(["file", img3],
+                              ["delay-write=1", "threshold=100000", "max-age=0",
+                               "writeback-threads=1", "shutdown-timeout=1h"], under=["delay"],
+                              tmpdir=sdctest.scratch_dir(prefix="sdc-shutdown3-")) as srv:
+        h = srv.connect()
+        for i in range(100):
+            h.pwrite(bytes([i + 1]) * BLOCK, i * 8192)
+        # Not shutdown(): it would wait for nbdkit to close the connection,
+        # which it does once the write-back ends.
+        h.aio_disconnect(0)
+        sdctest.wait_until(lambda: any(sdctest.disk_read(img3, i * 8192, 1) != b"\0"
+                                       for i in range(100)),
+                           20, "the last connection's write-back to begin")
+        srv.stop(signal.SIGTERM, timeout=20)
+        del h
+        log = srv.log_text()
+        sdctest.check("could not be written" in log and "are lost" in log,
+                      "the data unwritten through the delay filter not logged as lost:\n" + log)
+        print("SIGTERM during write-back through the delay filter: exited, the rest logged "
+              "as lost")
+
 if __name__ == "__main__":
     main()

@@ -1199,6 +1199,41 @@ TEST(WriteBackTest, TheNextWriterWritesLeftDataAtOnce) {
   EXPECT_EQ(sink.Disk()[0], 'x');
 }
 
+// nbdkit quitting fails every wait in a layer below (the delay filter) with
+// ESHUTDOWN, for good: the last connection's FlushUntil retried for the
+// whole shutdown-timeout (30 s by default; an hour here) before the data
+// was logged as lost anyway.  It gives up once an attempt off a client's
+// thread failed so while writer_gone says nbdkit is going.  An ESHUTDOWN
+// the plugin returns while nbdkit is not quitting (a remote server's) is
+// retried as before.
+TEST(WriteBackTest, QuittingEndsTheLastConnectionsRetriesAtOnce) {
+  for (const bool quitting : {false, true}) {
+    SCOPED_TRACE(quitting ? "quitting" : "a remote's ESHUTDOWN");
+    FakeSink sink(kDisk);
+    WriteBackOptions o = Opts(1000);
+    o.writer_gone = [quitting] { return quitting; };
+    WriteBack wb(&sink, o);
+    ASSERT_EQ(wb.Write("q", 1, 0, false), 0);
+    sink.Fail(ESHUTDOWN);
+    const auto limit = quitting ? std::chrono::milliseconds(std::chrono::hours(1))
+                                : std::chrono::milliseconds(300);
+    auto done = std::async(std::launch::async,
+                           [&] { return wb.FlushUntil(limit, Trigger::kDisconnect); });
+    if (done.wait_for(test::kPatience) != std::future_status::ready) {
+      ADD_FAILURE() << "still retrying after " << test::kPatience.count() << " s";
+      sink.Fail(0);  // lets it end
+    }
+    EXPECT_EQ(done.get(), ESHUTDOWN);
+    if (quitting)
+      EXPECT_EQ(StatOf(wb, "flush_errors"), 1u) << "retried while nbdkit quits";
+    else
+      EXPECT_GT(StatOf(wb, "flush_errors"), 1u) << "a remote's ESHUTDOWN was not retried";
+    EXPECT_EQ(wb.queued_requests(), 1u);
+    sink.Fail(0);
+    EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
+  }
+}
+
 TEST(WriteBackTest, NoContextDoesNotHideThePluginError) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

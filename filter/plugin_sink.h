@@ -193,8 +193,9 @@ class PluginSink : public Sink {
     bool flush_lost = false;
   };
   Slot* FindLocked(nbdkit_next* next);
-  // The caller's context unless flush_lost, else the oldest whose last call did not fail,
-  // not leaving and whose size reaches `end` (connections may have seen
+  // The caller's context unless flush_lost, else the oldest whose last
+  // call did not fail, not leaving and whose size reaches `end`
+  // (connections may have seen
   // the image grow in between); else, of those not leaving whose size
   // reaches it, the one that failed longest ago (one that failed once is
   // tried again, not the same dead one every time); else the oldest not

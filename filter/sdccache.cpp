@@ -292,8 +292,9 @@ static int sdccache_get_ready(int thread_model) {
   return Guarded("get_ready", &err, [&] {
     const Params& p = g->params;
     if (p.statsfile.empty() && g->given.contains("sdccache-statsformat")) {
-      nbdkit_error("sdccache-statsformat: given without sdccache-statsfile=PATH (no stats file "
-                   "to format)");
+      nbdkit_error(
+          "sdccache-statsformat: given without sdccache-statsfile=PATH (no stats file "
+          "to format)");
       return -1;
     }
     // Each path alone passes the checks below before either file exists;
@@ -303,10 +304,11 @@ static int sdccache_get_ready(int thread_model) {
       const std::string control = ResolvedPath(p.control);
       const std::string stats = ResolvedPath(p.statsfile);
       if (control == stats || control == stats + ".tmp") {
-        nbdkit_error("control=%s and sdccache-statsfile=%s: the control socket would be %s; "
-                     "give them different paths",
-                     p.control.c_str(), p.statsfile.c_str(),
-                     control == stats ? "the stats file" : "the stats file's temporary file");
+        nbdkit_error(
+            "control=%s and sdccache-statsfile=%s: the control socket would be %s; "
+            "give them different paths",
+            p.control.c_str(), p.statsfile.c_str(),
+            control == stats ? "the stats file" : "the stats file's temporary file");
         return -1;
       }
     }

@@ -724,8 +724,7 @@ bool WriteBack::AbortedHere(int err, bool client_thread, uint64_t attempt) {
 }
 
 void WriteBack::NoteQuittingLocked(int err, bool client_thread) {
-  if (err == ESHUTDOWN && !client_thread && !quitting_ && opts_.writer_gone &&
-      opts_.writer_gone())
+  if (err == ESHUTDOWN && !client_thread && !quitting_ && opts_.writer_gone && opts_.writer_gone())
     quitting_ = true;
 }
 

@@ -1217,8 +1217,8 @@ TEST(WriteBackTest, QuittingEndsTheLastConnectionsRetriesAtOnce) {
     sink.Fail(ESHUTDOWN);
     const auto limit = quitting ? std::chrono::milliseconds(std::chrono::hours(1))
                                 : std::chrono::milliseconds(300);
-    auto done = std::async(std::launch::async,
-                           [&] { return wb.FlushUntil(limit, Trigger::kDisconnect); });
+    auto done =
+        std::async(std::launch::async, [&] { return wb.FlushUntil(limit, Trigger::kDisconnect); });
     if (done.wait_for(test::kPatience) != std::future_status::ready) {
       ADD_FAILURE() << "still retrying after " << test::kPatience.count() << " s";
       sink.Fail(0);  // lets it end

@@ -195,11 +195,10 @@ class PluginSink : public Sink {
   Slot* FindLocked(nbdkit_next* next);
   // The caller's context unless flush_lost, else the oldest whose last
   // call did not fail, not leaving and whose size reaches `end`
-  // (connections may have seen
-  // the image grow in between); else, of those not leaving whose size
-  // reaches it, the one that failed longest ago (one that failed once is
-  // tried again, not the same dead one every time); else the oldest not
-  // leaving; else the oldest.
+  // (connections may have seen the image grow in between); else, of those
+  // not leaving whose size reaches it, the one that failed longest ago (one
+  // that failed once is tried again, not the same dead one every time);
+  // else the oldest not leaving; else the oldest.
   Slot* PickLocked(uint64_t end = 0);
   bool OthersStayLocked(nbdkit_next* next);
   // A write, zero or trim of [offset, offset + count) through a leased

@@ -4,6 +4,7 @@
 # returns once nbdkit has closed the connection, so the file holds the data
 # right then).  SIGTERM then exits 0 and reports nothing lost, whether it
 # comes after the client left or while it is still connected.
+import os
 import signal
 
 import nbd
@@ -69,6 +70,12 @@ def main():
     # not succeed; now at once.  The client leaves first, so that its
     # connection's write-back is under way (1 s per write) when nbdkit is
     # told to quit.
+    # Not under ASan: an nbdkit that has logged a strerror message there
+    # deadlocks at exit in libp11-kit's destructor (setlocale's lock; see
+    # tests/sanitizer/nbdkit), and this one must log the loss.
+    if os.environ.get("SDCCACHE_ASAN_RT"):
+        print("SIGTERM through the delay filter: skipped under ASan")
+        return
     img3 = sdctest.make_image(tmp, 1 << 20, "disk3.img")
     with sdctest.start_server(["file", img3],
                               ["delay-write=1", "threshold=100000", "max-age=0",

@@ -129,8 +129,8 @@ void ControlSocket::Stop() {
     (void)!write(stop_pipe_[1], &c, 1);  // stays readable: wakes every client too
     thread_.join();
     // A client running a command (a flush) ends once it has answered.
-    std::unique_lock<std::mutex> lock(clients_mu_);
-    clients_cv_.wait(lock, [this] { return clients_ == 0; });
+    for (Client& c : client_threads_) c.thread.join();
+    client_threads_.clear();
   }
   for (int* fd : {&listen_fd_, &stop_pipe_[0], &stop_pipe_[1]}) {
     if (*fd != -1) close(*fd);
@@ -170,24 +170,40 @@ void ControlSocket::Loop() {
       }
       ++clients_;
     }
+    Client* c = nullptr;
     try {
-      std::thread([this, fd] {
+      Reap();
+      c = &client_threads_.emplace_back();
+      c->thread = std::thread([this, fd, c] {
         try {
           Serve(fd);
         } catch (const std::bad_alloc&) {  // out of memory: this client is dropped
         }
         ClientDone(fd);
-      }).detach();
+        c->finished.store(true, std::memory_order_release);
+      });
     } catch (const std::exception&) {  // no thread (or no memory): not served
+      if (c != nullptr) client_threads_.pop_back();  // its thread never started
       ClientDone(fd);
     }
+  }
+}
+
+void ControlSocket::Reap() {
+  for (auto it = client_threads_.begin(); it != client_threads_.end();) {
+    if (!it->finished.load(std::memory_order_acquire)) {
+      ++it;
+      continue;
+    }
+    it->thread.join();  // at its end already
+    it = client_threads_.erase(it);
   }
 }
 
 void ControlSocket::ClientDone(int fd) {
   close(fd);
   std::lock_guard<std::mutex> lock(clients_mu_);
-  if (--clients_ == 0) clients_cv_.notify_all();
+  --clients_;
 }
 
 // Waits until `fd` has `events` (true), the stop pipe is readable, the

@@ -742,14 +742,26 @@ void WriteBack::RecordError(int err, uint64_t attempt) {
 int WriteBack::FlushUntil(milliseconds limit, Trigger why, bool count) {
   const auto until = Clock::now() + limit;
   MutexLock l(&mu_);
+  uint64_t retired = counters_.bytes_flushed.load(std::memory_order_relaxed);
+  auto progress_at = Clock::now();
   int err = WaitFor(last_seq_, write_gen_, true, why, count);
   while (err != 0 && Clock::now() < until) {
     // Parked, a flush fails at once (ENOTCONN) and nothing can change that
     // before Unpark(): waiting for retry_at_, long past, would spin.
-    // Quitting, no retry through a layer that waits can succeed: the
-    // last connection's data is logged as lost at once, not after
-    // shutdown-timeout.
-    if (parked_ || quitting_) break;
+    if (parked_) break;
+    // Quitting, a layer below that waits on every call (delay) can write
+    // nothing more: the data is logged as lost once the retries, at the
+    // longest backoff, have retired nothing for kQuitPatience x retry_max,
+    // not after shutdown-timeout.  One that waits only when its budget is
+    // spent (rate) still gets data through between retries: go on while
+    // it does.
+    const uint64_t now_retired = counters_.bytes_flushed.load(std::memory_order_relaxed);
+    if (now_retired != retired) {
+      retired = now_retired;
+      progress_at = Clock::now();
+    } else if (quitting_ && Clock::now() - progress_at >= kQuitPatience * opts_.retry_max) {
+      break;
+    }
     done_.WaitUntil(std::min(until, retry_at_));
     // The same request tried again: counted once.
     err = WaitFor(last_seq_, write_gen_, true, why, /*count=*/false);

@@ -120,13 +120,15 @@ class WriteBack {
   Overlay Lookup(uint64_t offset, uint64_t length) EXCLUDES(mu_);
 
   // Flush(), retried (at the backoff pace) until it succeeds or `limit`
-  // has passed, or an attempt made off a client's thread failed with
-  // ESHUTDOWN while opts_.writer_gone said true there (nbdkit is quitting:
-  // every wait in a layer below fails so from now on, and no retry can
-  // succeed).  At least one attempt is made.  The flush is counted once,
-  // under `why`; not at all without `count` (a caller that has counted the
-  // same request with a Flush() of its own).
+  // has passed, or nbdkit is quitting (an attempt made off a client's
+  // thread failed with ESHUTDOWN while opts_.writer_gone said true there:
+  // every wait in a layer below now fails) and no attempt has retired
+  // anything for kQuitPatience x retry_max.  At least one attempt is
+  // made.  The flush is counted once, under `why`; not at all without
+  // `count` (a caller that has counted the same request with a Flush() of
+  // its own).
   int FlushUntil(std::chrono::milliseconds limit, Trigger why, bool count = true) EXCLUDES(mu_);
+  static constexpr int kQuitPatience = 3;
 
   // With limit > 0, makes one last FlushUntil(limit, kShutdown) if anything
   // is buffered; then stops the flusher.  Returns what is still unwritten.

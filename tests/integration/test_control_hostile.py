@@ -137,6 +137,8 @@ def idle_client(tmp):
                     gone = True
                 except BlockingIOError:
                     gone = False
+                except ConnectionResetError:
+                    gone = True
                 c.setblocking(True)
                 if gone:
                     c.close()

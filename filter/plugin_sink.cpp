@@ -181,12 +181,7 @@ void PluginSink::Lease::Flushed() {
   c->flushed = std::max(c->flushed, written_at_start_);
 }
 
-void PluginSink::Lease::Outcome(bool failed) {
-  std::lock_guard<std::mutex> l(sink_->mu_);
-  Slot* c = sink_->FindLocked(next_);
-  c->failed_at = failed ? ++sink_->failures_ : 0;
-  if (!failed) c->flush_lost = false;
-}
+void PluginSink::Lease::Outcome(bool failed) { outcome_ = failed ? kFailed : kSucceeded; }
 
 void PluginSink::Lease::Lost() {
   std::lock_guard<std::mutex> l(sink_->mu_);
@@ -204,6 +199,12 @@ PluginSink::Lease::~Lease() {
     Slot* c = sink_->FindLocked(next_);
     --c->in_flight;
     if (write_) ++c->written;
+    // The call's outcome, under this one hold of mu_ rather than one more
+    // per plugin call.
+    if (outcome_ != kUnknown) {
+      c->failed_at = outcome_ == kFailed ? ++sink_->failures_ : 0;
+      if (outcome_ == kSucceeded) c->flush_lost = false;
+    }
   }
   sink_->idle_.notify_all();
 }

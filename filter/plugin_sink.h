@@ -159,7 +159,7 @@ class PluginSink : public Sink {
     // After a successful flush: the writes done before it began are covered.
     void Flushed();
     // After the call: whether it failed (see Slot::failed_at).
-    void Outcome(bool failed);
+    void Outcome(bool failed);  // applied when the lease ends
     // After a failed flush through a context that was given (Flush without
     // multi-conn): the writes done before it began count as lost.
     void Lost();
@@ -170,6 +170,7 @@ class PluginSink : public Sink {
     uint64_t size_ = 0;
     bool write_;
     uint64_t written_at_start_ = 0;
+    enum { kUnknown, kSucceeded, kFailed } outcome_ = kUnknown;
   };
   struct Slot {
     nbdkit_next* next;

@@ -181,7 +181,9 @@ void PluginSink::Lease::Flushed() {
   c->flushed = std::max(c->flushed, written_at_start_);
 }
 
-void PluginSink::Lease::Outcome(bool failed) { outcome_ = failed ? kFailed : kSucceeded; }
+void PluginSink::Lease::Outcome(bool failed) {
+  outcome_ = failed ? kFailed : kSucceeded;
+}
 
 void PluginSink::Lease::Lost() {
   std::lock_guard<std::mutex> l(sink_->mu_);

@@ -1425,14 +1425,9 @@ TEST(WriteBackTest, AWriteThroughAbortedForAGoneClientIsNoError) {
 // last_error "is ENOTCONN only if the plugin never failed before" (man
 // page): a plugin failure of a write-through counts as failing before.
 TEST(WriteBackTest, LastErrorKeepsAWriteThroughsPluginErrorOverENOTCONN) {
-  FakeSink sink(1 << 20);
-  WriteBackOptions o;
-  o.threshold = 1000;
-  o.queue_max_bytes = 8192;
-  o.max_age = std::chrono::milliseconds(0);
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000, 8192);
   o.bypass_min = 0;
-  o.retry_min = std::chrono::milliseconds(1);
-  o.retry_max = std::chrono::milliseconds(5);
   WriteBack wb(&sink, o);
   sink.FailNext(1, EIO);
   std::string big(16384, 'B');

@@ -86,7 +86,7 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
 PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   if (caller_ != nullptr)
     for (Slot& c : contexts_)
-      if (c.next == caller_ && !c.leaving && c.size >= end && !c.flush_lost) return &c;
+      if (c.next == caller_ && !c.leaving && c.size >= end && !AvoidedByOwnClient(c)) return &c;
   for (Slot& c : contexts_)
     if (!c.leaving && c.size >= end && c.failed_at == 0) return &c;
   // All failing: the one that failed longest ago, so that one that failed

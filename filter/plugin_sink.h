@@ -194,7 +194,17 @@ class PluginSink : public Sink {
     bool flush_lost = false;
   };
   Slot* FindLocked(nbdkit_next* next);
-  // The caller's context unless flush_lost, else the oldest whose last
+  // Whether the client whose context `c` is leaves it too: once its flush
+  // failed and its writes were counted lost (flush_lost), and, with
+  // multi-conn, once a call through it failed (failed_at).  A multi-conn
+  // plugin takes any context's writes as well as the next's; a client's
+  // thread that kept writing through its own dead one failed its own FUA
+  // requests, and its batches, which hold every client's data, failed the
+  // flushes of the others.
+  bool AvoidedByOwnClient(const Slot& c) const {
+    return c.flush_lost || (multi_conn_ && c.failed_at != 0);
+  }
+  // The caller's context unless AvoidedByOwnClient, else the oldest whose last
   // call did not fail, not leaving and whose size reaches `end`
   // (connections may have seen the image grow in between); else, of those
   // not leaving whose size reaches it, the one that failed longest ago (one

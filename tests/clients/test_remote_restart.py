@@ -7,7 +7,11 @@
 # again, and the data was lost when the old client left.  Now the flusher
 # avoids a context whose last call failed, and a context whose flush fails
 # has its unflushed writes counted as lost (that flush fails; the data is
-# written again elsewhere), so that a later flush succeeds.
+# written again elsewhere), so that a later flush succeeds.  Both with a
+# remote that is not multi-conn and with one that is (the plain file
+# plugin, the common case): with multi-conn the old client's thread kept
+# writing through its own dead context, so its FUA writes failed (20/20)
+# and so did a quarter of the new client's flushes.
 import os
 import signal
 
@@ -20,11 +24,14 @@ from sdctest import check
 SIZE = 4 << 20
 
 
-def main():
+def run(multi_conn):
+    print("remote multi-conn: %s" % multi_conn)
     tmp = sdctest.scratch_dir(prefix="sdc-restart-")
     back_disk = sdctest.make_image(tmp, SIZE, "back.img")
-    # Not multi-conn: a flush must reach every context written through.
-    back_args = ["--filter=multi-conn", "file", back_disk, "multi-conn-mode=disable"]
+    if multi_conn:
+        back_args = ["file", back_disk]
+    else:  # a flush must reach every context written through
+        back_args = ["--filter=multi-conn", "file", back_disk, "multi-conn-mode=disable"]
     back = clientlib.PlainServer(tmp, "back", back_args)
     front_tmp = os.path.join(tmp, "front")
     os.mkdir(front_tmp)
@@ -65,9 +72,11 @@ def main():
               "a successful flush left acknowledged writes out of the remote image")
         # The old client goes on writing with FUA (through its own dead
         # context, its writes made that context unflushed again each time,
-        # and the new client's next flush failed on it: 47 of 50).  Once a
-        # flush through its context has failed, its writes go through a
-        # working one: neither client's requests fail any more.
+        # and the new client's next flush failed on it: 47 of 50; with
+        # multi-conn its write-back batches, holding everyone's data,
+        # failed there).  Once a flush or (multi-conn) a call through its
+        # context has failed, its writes go through a working one: neither
+        # client's requests fail any more.
         old_fails, new_fails = [], []
         for i in range(20):
             try:
@@ -97,6 +106,11 @@ def main():
         check(front.stop() == 0, "nbdkit exit status")
     back.proc.send_signal(signal.SIGTERM)
     back.wait_exit(10, "the remote server to exit")
+
+
+def main():
+    run(multi_conn=False)
+    run(multi_conn=True)
 
 
 if __name__ == "__main__":

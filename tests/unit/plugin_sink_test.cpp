@@ -203,23 +203,39 @@ TEST_F(PluginSinkTest, BackgroundWritesLeaveAContextWhoseLastCallFailed) {
   EXPECT_EQ(Write(), 0) << "written through the failing context again";
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
-  // A client's thread still uses its own connection (see CallerScope).
+  // With multi-conn, a client's thread leaves its own connection too once
+  // a call through it failed (AvoidedByOwnClient): it kept writing through
+  // its own dead context, failing its FUA writes and its batches (everyone's
+  // data).
   {
     PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), EINVAL);
+    EXPECT_EQ(Write(), 0) << "a's client wrote through its failing context again";
   }
-  EXPECT_EQ(a.Count(&FakeContext::pwrites), 2);
-  // A context that works again is used again.
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 2);
+  // A context that works again is used again once the others fail (the
+  // one that failed longest ago), and then by its own client too.
   {
     std::lock_guard<std::mutex> l(a.mu);
     a.pwrite_error = 0;
   }
   {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = EIO;
+  }
+  EXPECT_EQ(Write(), EIO);  // through b, not failing until now
+  EXPECT_EQ(Write(), 0);    // through a, which failed longest ago
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 2);
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = 0;
+  }
+  {
     PluginSink::CallerScope own(a.next());
     EXPECT_EQ(Write(), 0);
   }
-  EXPECT_EQ(Write(), 0);
-  EXPECT_EQ(a.Count(&FakeContext::pwrites), 4) << "a recovered context is avoided for good";
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 3) << "a's client left its recovered context";
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 3);
 }
 
 // Without multi-conn, a flush must reach every context written through.

@@ -463,13 +463,17 @@ static int sdccache_can_zero(nbdkit_next* next, void* handle) {
   return NBDKIT_ZERO_NATIVE;
 }
 
-// As the plugin says: a client asks for a fast zero to learn whether
-// zeroing costs less than writing, and a buffered zero is written back as
-// the plugin zeroes (by writes, if it cannot zero natively).
+// Always, on a writable connection: a fast zero the plugin cannot do fast
+// fails at once with ENOTSUP (sdccache_zero), as nbdkit answers for a
+// plugin that cannot zero.  Advertising it only when the plugin did made
+// nbdkit 1.32 abort (backend_zero's assertion) on a client that sent the
+// flag anyway, losing every buffered write: nbdkit does not check the
+// flag against what it advertised, and zero is advertised here even over
+// a plugin that cannot zero.
 static int sdccache_can_fast_zero(nbdkit_next* next, void* handle) {
   auto* h = static_cast<Handle*>(handle);
   if (!h->writer) return next->can_fast_zero(next);
-  return SinkOf(h)->can_fast_zero() ? 1 : 0;
+  return 1;
 }
 
 static int sdccache_can_extents(nbdkit_next* next, void* handle) {
@@ -525,10 +529,13 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
   PluginSink::CallerScope caller(h->writer);
   return Guarded("zero", err, [&] {
     if (!Aligned(h, "zero", offset, count, err)) return -1;
-    // A fast zero the plugin would turn into writes fails at once, as
-    // nbdkit fails it without the filter (an expected answer, not logged);
-    // it is not buffered.
-    if ((flags & NBDKIT_FLAG_FAST_ZERO) && !SinkOf(h)->zeroes_natively()) {
+    // A client asks for a fast zero to learn whether zeroing costs less
+    // than writing, and a buffered zero is written back as the plugin
+    // zeroes.  One the plugin would turn into writes, or does not offer
+    // fast, fails at once, as nbdkit fails it without the filter (an
+    // expected answer, not logged); it is not buffered.
+    if ((flags & NBDKIT_FLAG_FAST_ZERO) &&
+        !(SinkOf(h)->zeroes_natively() && SinkOf(h)->can_fast_zero())) {
       *err = ENOTSUP;
       return -1;
     }

@@ -73,22 +73,41 @@ def native_zeroes(tmp):
     print("native zeroes: fast zero buffered; plugin saw", reqs)
 
 
-def not_advertised(tmp):
-    """A plugin that zeroes but does not offer fast zeroes: neither does
-    the filter."""
-    args = ["eval", "get_size=echo %d" % SIZE, "pread=dd if=/dev/zero count=$3 iflag=count_bytes",
-            "pwrite=cat >/dev/null", "zero=exit 0", "flush=exit 0"]
-    with sdctest.start_server(args, ["threshold=1000"], tmpdir=tmp) as srv:
-        h = srv.connect()
-        sdctest.check(h.can_zero(), "zero not advertised")
-        sdctest.check(not h.can_fast_zero(), "fast zero advertised over a plugin without it")
-        h.shutdown()
-        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
-    print("eval plugin without can_fast_zero: not advertised")
+def not_offered(tmp):
+    """A plugin that zeroes but does not offer fast zeroes, and one that
+    cannot zero at all.  The filter advertises zero over both, and
+    advertised fast zeroes only if the plugin did: a client that sent the
+    flag anyway made nbdkit 1.32 abort (backend_zero's assertion; nbdkit
+    does not check the flag against what it advertised), losing what was
+    buffered.  Now fast zeroes are advertised and fail with ENOTSUP there."""
+    native_slow = ["eval", "get_size=echo %d" % SIZE,
+                   "pread=dd if=/dev/zero count=$3 iflag=count_bytes",
+                   "pwrite=cat >/dev/null", "zero=exit 0", "flush=exit 0"]
+    none = ["memory", str(SIZE), "zeromode=none"]
+    for name, args, under in (("eval without can_fast_zero", native_slow, []),
+                              ("nozero zeromode=none", none, ["nozero"])):
+        case_tmp = os.path.join(tmp, name.split()[0])
+        os.mkdir(case_tmp)
+        with sdctest.start_server(args, ["threshold=1000", "max-age=1h"], under=under,
+                                  tmpdir=case_tmp) as srv:
+            h = nbd.NBD()
+            h.set_strict_mode(0)  # libnbd would not send the flag unless advertised
+            h.connect_unix(srv.sock)
+            sdctest.check(h.can_zero(), "%s: zero not advertised" % name)
+            h.pwrite(b"\x55" * 4096, 0)
+            sdctest.expect_errno(lambda: h.zero(65536, 4096, nbd.CMD_FLAG_FAST_ZERO),
+                                 errno.ENOTSUP, "%s: a fast zero" % name)
+            sdctest.check(h.can_fast_zero(), "%s: fast zero not advertised" % name)
+            sdctest.check(h.pread(4096, 0) == b"\x55" * 4096,
+                          "%s: the buffered write is gone" % name)
+            h.flush()
+            h.shutdown()
+            sdctest.check(srv.stop() == 0, "%s: nbdkit exited non-zero" % name)
+        print("%s: fast zero advertised, ENOTSUP, nbdkit still up" % name)
 
 
 def main():
-    for case in (emulated_zeroes, native_zeroes, not_advertised):
+    for case in (emulated_zeroes, native_zeroes, not_offered):
         case(sdctest.scratch_dir(prefix="sdc-fastzero-"))
 
 

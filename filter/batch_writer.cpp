@@ -230,9 +230,13 @@ std::unique_ptr<uint8_t[]> BatchWriter::AcquireBounce(size_t size) {
       return buf;
     }
     if (bounce_bytes_ + size <= budget) {
-      bounce_bytes_ += size;
       // Uninitialised: every byte is written before the plugin sees it.
-      return std::unique_ptr<uint8_t[]>(new uint8_t[size]);
+      // Charged once allocated: a charge left by a failed allocation stayed
+      // for good, and eight failed 1 MiB ones filled the budget, so that
+      // every later batch waited here for ever (flushes and SIGTERM hung).
+      std::unique_ptr<uint8_t[]> buf(new uint8_t[size]);
+      bounce_bytes_ += size;
+      return buf;
     }
     // Make room by freeing an idle buffer of another size, largest first.
     auto other = std::find_if(bounce_idle_.rbegin(), bounce_idle_.rend(),
@@ -286,7 +290,7 @@ void BatchWriter::RunOne(Job* job, size_t i) {
   int err;
   try {
     err = RunOp(job, op);
-  } catch (const std::bad_alloc&) {  // for its bounce buffer: written again later
+  } catch (const std::bad_alloc&) {  // none expected (RunOp): written again later
     err = ENOMEM;
   }
   if (err) {
@@ -336,7 +340,22 @@ int BatchWriter::RunOp(Job* job, const Op& op) {
   }
   const uint64_t run = plan[op.last - 1].end() - r.offset;
   const size_t size = BounceSize(run);
-  std::unique_ptr<uint8_t[]> joined = AcquireBounce(size);
+  std::unique_ptr<uint8_t[]> joined;
+  try {
+    joined = AcquireBounce(size);
+  } catch (const std::bad_alloc&) {
+    // No memory for the copy: the ranges one by one, from their chunks
+    // (each within max_write_, as the run is), which takes none.  When the
+    // queue itself has used up the memory, the copy's 1 MiB would fail on
+    // every retry, and nothing would ever be written.
+    for (size_t k = op.first; k < op.last; ++k) {
+      job->calls.fetch_add(1, std::memory_order_relaxed);
+      if (int err = sink_->Write(plan[k].bytes(), static_cast<uint32_t>(plan[k].length),
+                                 plan[k].offset, false))
+        return err;
+    }
+    return 0;
+  }
   for (size_t k = op.first; k < op.last; ++k)
     std::memcpy(joined.get() + (plan[k].offset - r.offset), plan[k].bytes(), plan[k].length);
   job->calls.fetch_add(1, std::memory_order_relaxed);

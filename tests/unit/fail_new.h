@@ -24,6 +24,9 @@ std::atomic<long> news_counted{0};
 thread_local bool exempt = false;
 // Armed: every operator new by a thread that is not exempt throws.
 std::atomic<bool> fail_all{false};
+// Armed (> 0): every operator new of at least this many bytes throws, on
+// any thread (as under an address-space limit, where large ones fail first).
+std::atomic<std::size_t> fail_from_size{0};
 }  // namespace
 
 void* operator new(std::size_t n) {
@@ -32,6 +35,8 @@ void* operator new(std::size_t n) {
     throw std::bad_alloc();
   }
   if (!exempt && fail_all.load()) throw std::bad_alloc();
+  if (const std::size_t from = fail_from_size.load(); from > 0 && n >= from)
+    throw std::bad_alloc();
   if (!exempt && fail_at.load() > 0 && news_counted.fetch_add(1) + 1 == fail_at.load())
     throw std::bad_alloc();
   if (void* p = std::malloc(n ? n : 1)) return p;

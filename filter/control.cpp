@@ -159,7 +159,17 @@ void ControlSocket::Loop() {
     if (fds[1].revents) return;
     if (!(fds[0].revents & POLLIN)) continue;
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd == -1) continue;
+    if (fd == -1) {
+      // Out of descriptors (or memory): the client stays in the backlog
+      // and poll reports it again at once, so this thread spun at 100% of
+      // a core until descriptors came back.  Try again in a while (Stop
+      // still ends the wait at once).
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        pollfd stop = {stop_pipe_[0], POLLIN, 0};
+        if (poll(&stop, 1, kAcceptRetryMs) > 0) return;
+      }
+      continue;
+    }
     {
       std::lock_guard<std::mutex> lock(clients_mu_);
       if (clients_ >= kMaxClients) {

@@ -41,6 +41,8 @@ class ControlSocket {
   // Clients served at once; more are answered "error too many control
   // clients" and disconnected.
   static constexpr int kMaxClients = 16;
+  // Between tries to accept a client while nbdkit is out of descriptors.
+  static constexpr int kAcceptRetryMs = 100;
 
  private:
   void Loop();

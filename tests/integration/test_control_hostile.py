@@ -5,6 +5,7 @@
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -243,6 +244,79 @@ def relative_paths_as_daemon(tmp):
                 os.unlink("/" + name + suffix)
 
 
+def ctl_cpu_ticks(pid):
+    """User + system clock ticks of nbdkit's control threads (the accept
+    thread is named sdccache-ctl; its client threads inherit the name)."""
+    ticks = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                if f.read().strip() != "sdccache-ctl":
+                    continue
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return ticks
+
+
+def out_of_descriptors(tmp):
+    """With nbdkit out of file descriptors, a control client waiting to be
+    accepted made the accept thread spin at 100% of a core (accept4 failed
+    with EMFILE, poll reported the client again at once) until descriptors
+    came back.  Now it waits a little between tries; the client is served
+    once descriptors are back."""
+    ctl = os.path.join(tmp, "fds.sock")
+    with sdctest.start_server(["memory", "1M"], ["control=" + ctl],
+                              tmpdir=sdctest.scratch_dir(dir=tmp)) as srv:
+        pid = srv.proc.pid
+        fd_dir = "/proc/%d/fd" % pid
+        held = []
+        for _ in range(2):  # accepted once answered
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(10)
+            c.connect(ctl)
+            c.sendall(b"help\n")
+            sdctest.check(c.recv(4096).startswith(b"commands"), "help not answered")
+            held.append(c)
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(fd_dir))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use, limits[1]))
+        waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            waiting.settimeout(10)
+            waiting.connect(ctl)  # in the backlog: nbdkit cannot accept it
+            waiting.sendall(b"help\n")
+            t0 = time.monotonic()
+            ticks0 = ctl_cpu_ticks(pid)
+            time.sleep(1.0)  # the interval measured, not a wait for an event
+            spent = (ctl_cpu_ticks(pid) - ticks0) / os.sysconf("SC_CLK_TCK")
+            took = time.monotonic() - t0
+            print("out of descriptors: control threads used %.2fs of CPU in %.2fs" %
+                  (spent, took))
+            sdctest.check(spent < 0.25 * took,
+                          "the control thread spins out of descriptors: %.2fs of CPU in %.2fs" %
+                          (spent, took))
+            waiting.setblocking(False)
+            try:
+                early = waiting.recv(4096)
+            except BlockingIOError:
+                early = None
+            sdctest.check(early is None, "served with no descriptor left (the test tests "
+                          "nothing): %r" % early)
+            waiting.settimeout(10)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        answer = waiting.recv(4096)
+        sdctest.check(answer.startswith(b"commands"),
+                      "the waiting client was not served once descriptors came back: %r" % answer)
+        waiting.close()
+        for c in held:
+            c.close()
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+
+
 def main():
     tmp = sdctest.scratch_dir(prefix="sdc-ctl-hostile-")
     live_socket_kept(tmp)
@@ -251,6 +325,7 @@ def main():
     relative_paths_as_daemon(tmp)
     unread_replies(tmp)
     idle_client(tmp)
+    out_of_descriptors(tmp)
 
 
 if __name__ == "__main__":

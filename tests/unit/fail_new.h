@@ -35,8 +35,7 @@ void* operator new(std::size_t n) {
     throw std::bad_alloc();
   }
   if (!exempt && fail_all.load()) throw std::bad_alloc();
-  if (const std::size_t from = fail_from_size.load(); from > 0 && n >= from)
-    throw std::bad_alloc();
+  if (const std::size_t from = fail_from_size.load(); from > 0 && n >= from) throw std::bad_alloc();
   if (!exempt && fail_at.load() > 0 && news_counted.fetch_add(1) + 1 == fail_at.load())
     throw std::bad_alloc();
   if (void* p = std::malloc(n ? n : 1)) return p;

@@ -396,9 +396,8 @@ TEST(WriteBackOomTest, CoalescedRunsAreWrittenWithoutABounceBuffer) {
     plan.push_back(std::move(r));
   }
   auto write_async = [&](std::vector<char>* written, uint64_t* calls) {
-    return std::async(std::launch::async, [&, written, calls] {
-      return writer.Write(plan, written, calls);
-    });
+    return std::async(std::launch::async,
+                      [&, written, calls] { return writer.Write(plan, written, calls); });
   };
   std::vector<char> written;
   uint64_t calls = 0;

@@ -81,6 +81,7 @@ def run(multi_conn):
         for i in range(20):
             try:
                 old.pwrite(bytes([0x10 + i]) * 4096, 196608, nbd.CMD_FLAG_FUA)
+                old.flush()
             except nbd.Error as e:
                 old_fails.append(str(e))
             new.pwrite(bytes([0x40 + i]) * 4096, 262144 + 4096 * i)
@@ -88,10 +89,10 @@ def run(multi_conn):
                 new.flush()
             except nbd.Error as e:
                 new_fails.append(str(e))
-        print("old client's FUA writes failed %d/20, new client's flushes %d/20" %
+        print("old client's FUA writes and flushes failed %d/20, new client's flushes %d/20" %
               (len(old_fails), len(new_fails)))
         check(not new_fails, "the new client's flushes failed: %s" % new_fails)
-        check(not old_fails, "the old client's FUA writes failed: %s" % old_fails)
+        check(not old_fails, "the old client's FUA writes or flushes failed: %s" % old_fails)
         disk = sdctest.disk_read(back_disk, 196608, 262144 + 4096 * 20 - 196608)
         check(disk[:4096] == bytes([0x10 + 19]) * 4096, "the last FUA write is not durable")
         for i in range(20):

@@ -541,8 +541,14 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
     }
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Zero(count, offset, flags & NBDKIT_FLAG_MAY_TRIM,
-                                     flags & NBDKIT_FLAG_FUA))
+                                     flags & NBDKIT_FLAG_FUA)) {
+      // The error of an earlier write-back (a FUA zero waits for it): the
+      // plugin's ENOTSUP there is not this zero's, and nbdkit 1.32 aborts
+      // on a zero failing with it (backend_zero asserts it only comes
+      // from a fast zero), losing what is buffered.
+      if (e == ENOTSUP || e == EOPNOTSUPP) e = EIO;
       return Fail("zero", e, err);
+    }
     return 0;
   });
 }

@@ -106,8 +106,41 @@ def not_offered(tmp):
         print("%s: fast zero advertised, ENOTSUP, nbdkit still up" % name)
 
 
+def earlier_enotsup(tmp):
+    """A FUA zero waits for what is buffered before it; a write-back that
+    failed with the plugin's ENOTSUP made it fail with ENOTSUP, on which
+    nbdkit 1.32 aborts for a zero that is not fast (backend_zero's
+    assertion), losing what was buffered.  Without the filter the error
+    belongs to the write and nothing aborts.  Now it fails with EIO, and
+    the data is written once the plugin recovers."""
+    img = sdctest.make_image(tmp, SIZE, "enotsup.img")
+    fail = os.path.join(tmp, "fail")
+    args = ["eval", "get_size=echo %d" % SIZE, "can_write=exit 0", "can_flush=exit 0",
+            "can_zero=exit 0", "can_fua=echo native", "flush=exit 0",
+            "pread=dd if=%s skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none" % img,
+            "pwrite=if [ -e %s ]; then echo 'ENOTSUP injected' >&2; exit 1; fi; "
+            "dd of=%s seek=$4 conv=notrunc oflag=seek_bytes status=none" % (fail, img),
+            "zero=dd if=/dev/zero of=%s seek=$4 bs=$3 count=1 oflag=seek_bytes conv=notrunc "
+            "status=none" % img]
+    case_tmp = os.path.join(tmp, "enotsup")
+    os.mkdir(case_tmp)
+    with sdctest.start_server(args, ["threshold=1000", "max-age=1h"], tmpdir=case_tmp) as srv:
+        h = srv.connect()
+        h.pwrite(b"A" * 4096, 0)  # buffered, acknowledged
+        open(fail, "w").close()
+        sdctest.expect_errno(lambda: h.zero(4096, 8192, nbd.CMD_FLAG_FUA), errno.EIO,
+                             "a FUA zero after a write-back failed with ENOTSUP")
+        os.unlink(fail)
+        h.flush()
+        sdctest.check(sdctest.disk_read(img, 0, 4096) == b"A" * 4096,
+                      "the buffered write is not on disk after the flush")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("FUA zero after a write-back's ENOTSUP: EIO, nbdkit still up, data written")
+
+
 def main():
-    for case in (emulated_zeroes, native_zeroes, not_offered):
+    for case in (emulated_zeroes, native_zeroes, not_offered, earlier_enotsup):
         case(sdctest.scratch_dir(prefix="sdc-fastzero-"))
 
 

@@ -253,7 +253,13 @@ std::unique_ptr<uint8_t[]> BatchWriter::AcquireBounce(size_t size) {
 void BatchWriter::ReleaseBounce(std::unique_ptr<uint8_t[]> buf, size_t size) {
   {
     std::lock_guard<std::mutex> l(bounce_mu_);
-    bounce_idle_[size].push_back(std::move(buf));
+    try {
+      bounce_idle_[size].push_back(std::move(buf));  // leaves buf as it was if it throws
+    } catch (const std::bad_alloc&) {
+      // No memory to keep it: freed (buf, on return), and uncharged.  Its
+      // charge stayed, and eight such 1 MiB ones held the whole budget.
+      bounce_bytes_ -= size;
+    }
   }
   bounce_free_.notify_all();  // waiters may want different sizes
 }

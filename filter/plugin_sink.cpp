@@ -86,7 +86,8 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
 PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   if (caller_ != nullptr)
     for (Slot& c : contexts_)
-      if (c.next == caller_ && !c.leaving && c.size >= end && !AvoidedByOwnClient(c)) return &c;
+      if (c.next == caller_ && !c.leaving && c.size >= end && !AvoidedByOwnClientLocked(c))
+        return &c;
   for (Slot& c : contexts_)
     if (!c.leaving && c.size >= end && c.failed_at == 0) return &c;
   // All failing: the one that failed longest ago, so that one that failed
@@ -99,6 +100,13 @@ PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   for (Slot& c : contexts_)
     if (!c.leaving) return &c;
   return contexts_.empty() ? nullptr : &contexts_.front();
+}
+
+bool PluginSink::AvoidedByOwnClientLocked(const Slot& c) const {
+  if (!c.flush_lost && !(multi_conn_ && c.failed_at != 0)) return false;
+  for (const Slot& o : contexts_)
+    if (&o != &c && !o.leaving && o.succeeded_at > c.failed_at) return true;
+  return false;
 }
 
 bool PluginSink::OthersStayLocked(nbdkit_next* next) {
@@ -203,9 +211,12 @@ PluginSink::Lease::~Lease() {
     if (write_) ++c->written;
     // The call's outcome, under this one hold of mu_ rather than one more
     // per plugin call.
-    if (outcome_ != kUnknown) {
-      c->failed_at = outcome_ == kFailed ? ++sink_->failures_ : 0;
-      if (outcome_ == kSucceeded) c->flush_lost = false;
+    if (outcome_ == kFailed) {
+      c->failed_at = ++sink_->outcomes_;
+    } else if (outcome_ == kSucceeded) {
+      c->failed_at = 0;
+      c->succeeded_at = ++sink_->outcomes_;
+      c->flush_lost = false;
     }
   }
   sink_->idle_.notify_all();

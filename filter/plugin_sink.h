@@ -179,13 +179,15 @@ class PluginSink : public Sink {
     uint64_t written = 0;  // write calls finished through it
     uint64_t flushed = 0;  // of those, how many a flush through it covers
     bool leaving = false;  // in Detach: no new calls
-    // Whether its last call failed: 0 if not, else failures_ when it did
+    // Whether its last call failed: 0 if not, else outcomes_ when it did
     // (so that of two failing contexts, the one that failed first is
     // known).  The flusher's calls go to a context that is not failing, if
     // one is attached: a context may fail for good (the nbd plugin's, once
     // the server it talks to has restarted) while another, opened since,
     // works.
     uint64_t failed_at = 0;
+    // outcomes_ when a call through it last succeeded, or 0.
+    uint64_t succeeded_at = 0;
     // A flush through it failed and its unflushed writes were counted as
     // lost (Lease::Lost), and no call through it has succeeded since.
     // Its own client's thread then leaves it too: each write through it
@@ -196,16 +198,18 @@ class PluginSink : public Sink {
   Slot* FindLocked(nbdkit_next* next);
   // Whether the client whose context `c` is leaves it too: once its flush
   // failed and its writes were counted lost (flush_lost), and, with
-  // multi-conn, once a call through it failed (failed_at).  A multi-conn
+  // multi-conn, once a call through it failed (failed_at); in both cases
+  // only while another context has had a call succeed since.  A multi-conn
   // plugin takes any context's writes as well as the next's; a client's
   // thread that kept writing through its own dead one failed its own FUA
   // requests, and its batches, which hold every client's data, failed the
-  // flushes of the others.
-  bool AvoidedByOwnClient(const Slot& c) const {
-    return c.flush_lost || (multi_conn_ && c.failed_at != 0);
-  }
-  // The caller's context unless AvoidedByOwnClient, else the oldest whose last
-  // call did not fail, not leaving and whose size reaches `end`
+  // flushes of the others.  But while no other context is known to work
+  // (an outage, every context failing), the client stays on its own: a
+  // retry filter below can reopen only that one from its thread (nbdkit
+  // 1.32 aborts on another's, losing what is buffered).
+  bool AvoidedByOwnClientLocked(const Slot& c) const;
+  // The caller's context unless AvoidedByOwnClientLocked, else the oldest
+  // whose last call did not fail, not leaving and whose size reaches `end`
   // (connections may have seen the image grow in between); else, of those
   // not leaving whose size reaches it, the one that failed longest ago (one
   // that failed once is tried again, not the same dead one every time);
@@ -242,7 +246,9 @@ class PluginSink : public Sink {
   // how many of those a Flush has reported (Flushes running when one left
   // report it too).
   uint64_t lost_ = 0, lost_reported_ = 0;
-  uint64_t failures_ = 0;
+  // Guarded by mu_: calls whose outcome was recorded (Slot::failed_at,
+  // Slot::succeeded_at).
+  uint64_t outcomes_ = 0;
 };
 
 }  // namespace sdccache

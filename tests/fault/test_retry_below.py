@@ -29,14 +29,21 @@ def main():
         data = b"B" * 4096
         second.pwrite(data, 0)  # acknowledged, buffered
         touch(trig)
-        try:
-            second.flush()  # written on this thread: the write fails, retry reopens
-            check(False, "flush succeeded while every plugin write fails")
-        except nbd.Error as e:
-            check(e.errnum == errno.EIO, "flush while the plugin fails: %s" % e)
-        check(srv.proc.poll() is None,
-              "nbdkit exited (%s) when the retry filter reopened a plugin connection:\n%s"
-              % (srv.proc.poll(), srv.log_text()[-2000:]))
+        # Twice: the outage outlasts the retry filter's budget.  After the
+        # first failure the client left its own (failing) connection for
+        # the first client's, never used (with a multi-conn plugin, since
+        # 782c454), and the retry filter's reopen of that one from this
+        # thread aborted nbdkit.  It stays on its own while no other
+        # connection is known to work.
+        for attempt in range(2):
+            try:
+                second.flush()  # written on this thread: the write fails, retry reopens
+                check(False, "flush succeeded while every plugin write fails")
+            except nbd.Error as e:
+                check(e.errnum == errno.EIO, "flush %d while the plugin fails: %s" % (attempt, e))
+            check(srv.proc.poll() is None,
+                  "nbdkit exited (%s) when the retry filter reopened a plugin connection:\n%s"
+                  % (srv.proc.poll(), srv.log_text()[-2000:]))
         remove(trig)
         second.flush()
         check(read_file(img)[:4096] == data, "acknowledged write not in the image")

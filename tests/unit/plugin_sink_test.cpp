@@ -26,7 +26,7 @@ using test::GiveUp;
 
 // Two connections' contexts, a (the oldest) and b, in one sink.
 class PluginSinkTest : public ::testing::Test {
- protected:
+ public:
   void Open(bool multi_conn) {
     a.multi_conn = multi_conn;  // the first context speaks for the export
     sink = std::make_unique<PluginSink>(a.next(), &gate);
@@ -204,9 +204,9 @@ TEST_F(PluginSinkTest, BackgroundWritesLeaveAContextWhoseLastCallFailed) {
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
   // With multi-conn, a client's thread leaves its own connection too once
-  // a call through it failed (AvoidedByOwnClient): it kept writing through
-  // its own dead context, failing its FUA writes and its batches (everyone's
-  // data).
+  // a call through it failed and another has worked since (b, just now;
+  // AvoidedByOwnClientLocked): it kept writing through its own dead
+  // context, failing its FUA writes and its batches (everyone's data).
   {
     PluginSink::CallerScope own(a.next());
     EXPECT_EQ(Write(), 0) << "a's client wrote through its failing context again";
@@ -276,6 +276,7 @@ TEST_F(PluginSinkTest, AContextWhoseFlushFailedIsLeftByItsOwnClient) {
     EXPECT_EQ(Write(), EINVAL);  // its own, dead, context
   }
   EXPECT_NE(sink->Flush(), 0);
+  ASSERT_EQ(Write(), 0);  // background, through b: b is known to work
   for (int i = 0; i < 3; ++i) {
     {
       PluginSink::CallerScope own(a.next());
@@ -284,7 +285,7 @@ TEST_F(PluginSinkTest, AContextWhoseFlushFailedIsLeftByItsOwnClient) {
     EXPECT_EQ(sink->Flush(), 0) << "a flush failed on a's context, " << i;
   }
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
-  EXPECT_EQ(b.Count(&FakeContext::pwrites), 3);
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 4);
   EXPECT_EQ(a.Count(&FakeContext::flushes), 1);
   // Background calls still prefer b; a context that works again is used by
   // its own client once a call through it succeeds (here: the only one).
@@ -300,6 +301,50 @@ TEST_F(PluginSinkTest, AContextWhoseFlushFailedIsLeftByItsOwnClient) {
   }
   EXPECT_EQ(sink->Flush(), 0);
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 2);
+}
+
+// While no other context has had a call succeed since a client's own
+// context failed (an outage: every context failing, or the others never
+// used), the client stays on its own.  With nbdkit's retry filter below,
+// a failed write through another client's context made the retry filter
+// reopen that context from this thread, and nbdkit 1.32 aborted (losing
+// what was buffered); it can reopen the client's own.  Once another
+// context is known to work, the client leaves its own.
+void StaysOnItsFailingContextUntilAnotherWorks(PluginSinkTest* t, bool multi_conn) {
+  t->Open(multi_conn);
+  {
+    std::lock_guard<std::mutex> l(t->a.mu);
+    t->a.flush_error = EIO;
+    t->a.pwrite_error = EIO;
+  }
+  {
+    PluginSink::CallerScope own(t->a.next());
+    EXPECT_EQ(t->Write(), EIO);
+  }
+  if (!multi_conn) {
+    EXPECT_NE(t->sink->Flush(), 0);  // a's writes counted lost
+  }
+  {
+    PluginSink::CallerScope own(t->a.next());
+    EXPECT_EQ(t->Write(), EIO) << "left its own context while no other was known to work";
+  }
+  EXPECT_EQ(t->a.Count(&FakeContext::pwrites), 2);
+  EXPECT_EQ(t->b.Count(&FakeContext::pwrites), 0);
+  ASSERT_EQ(t->Write(), 0);  // background, through b (a is failing): b works
+  {
+    PluginSink::CallerScope own(t->a.next());
+    EXPECT_EQ(t->Write(), 0) << "stayed on its failing context once another worked";
+  }
+  EXPECT_EQ(t->a.Count(&FakeContext::pwrites), 2);
+  EXPECT_EQ(t->b.Count(&FakeContext::pwrites), 2);
+}
+
+TEST_F(PluginSinkTest, AClientStaysOnItsFailingContextUntilAnotherWorks) {
+  StaysOnItsFailingContextUntilAnotherWorks(this, /*multi_conn=*/true);
+}
+
+TEST_F(PluginSinkTest, AClientStaysOnItsFailingContextUntilAnotherWorksNoMultiConn) {
+  StaysOnItsFailingContextUntilAnotherWorks(this, /*multi_conn=*/false);
 }
 
 // A context that works but had one transient failure was never tried again

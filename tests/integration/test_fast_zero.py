@@ -113,6 +113,13 @@ def earlier_enotsup(tmp):
     assertion), losing what was buffered.  Without the filter the error
     belongs to the write and nothing aborts.  Now it fails with EIO, and
     the data is written once the plugin recovers."""
+    # Not under ASan: an nbdkit that has logged a strerror message there
+    # deadlocks at exit (libp11-kit's destructor; see tests/sanitizer/nbdkit),
+    # and this one logs the failures (dd, with the ASan runtime preloaded,
+    # also aborts in its aligned_alloc call).
+    if os.environ.get("SDCCACHE_ASAN_RT"):
+        print("FUA zero after a write-back's ENOTSUP: skipped under ASan")
+        return
     img = sdctest.make_image(tmp, SIZE, "enotsup.img")
     fail = os.path.join(tmp, "fail")
     args = ["eval", "get_size=echo %d" % SIZE, "can_write=exit 0", "can_flush=exit 0",

@@ -41,7 +41,17 @@ void* operator new(std::size_t n) {
   if (void* p = std::malloc(n ? n : 1)) return p;
   throw std::bad_alloc();
 }
+// new[] too: ASan's runtime defines its own operator new[] rather than
+// one that calls operator new, so bounce buffers (new uint8_t[]) were never
+// failed under it.
+void* operator new[](std::size_t n) { return operator new(n); }
 void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p) noexcept {
+  std::free(p);
+}
+void operator delete[](void* p, std::size_t) noexcept {
   std::free(p);
 }
 void operator delete(void* p, std::size_t) noexcept {

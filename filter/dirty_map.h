@@ -36,6 +36,16 @@ class DirtyMap {
       out->push_back(ranges_.At(p).Slice(offset, stop));
   }
 
+  // Where a Collect from offset must stop to take at most `k` (>= 1)
+  // ranges: the start of the (k+1)-th range that ends after offset, if it
+  // starts before stop; else stop.  Always past offset.
+  uint64_t CutAfter(uint64_t offset, uint64_t stop, size_t k) const {
+    RangeIndex::Pos p = FirstEndingAfter(offset);
+    for (size_t i = 0; i < k && !ranges_.AtEnd(p) && ranges_.KeyAt(p) < stop; ++i)
+      p = ranges_.Next(p);
+    return !ranges_.AtEnd(p) && ranges_.KeyAt(p) < stop ? ranges_.KeyAt(p) : stop;
+  }
+
   // Whether any buffered range shares a byte with [offset, offset+length).
   bool Overlaps(uint64_t offset, uint64_t length) const {
     if (length == 0) return false;

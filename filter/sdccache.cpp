@@ -580,6 +580,10 @@ static int sdccache_flush(nbdkit_next* next, void* handle, uint32_t flags, int* 
   });
 }
 
+// Buffered ranges one block status reply describes at most: bounds the
+// engine's lock hold and the reply (at most about twice as many extents).
+static constexpr size_t kExtentsRanges = 1024;
+
 static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset,
                             uint32_t flags, struct nbdkit_extents* extents, int* err) {
   auto* h = static_cast<Handle*>(handle);
@@ -589,7 +593,13 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
       GateHold gate(g->registry->gate());
       return next->extents(next, count, offset, flags, extents, err);
     }
-    Overlay ov = cache->writeback->Lookup(offset, count);
+    // Over at most kExtentsRanges buffered ranges (one with REQ_ONE, whose
+    // reply nbdkit cuts to one extent anyway): the reply may describe less
+    // than was asked, and the client asks again from where it ends.
+    uint64_t length = count;
+    Overlay ov = cache->writeback->LookupExtents(
+        offset, &length, (flags & NBDKIT_FLAG_REQ_ONE) ? 1 : kExtentsRanges);
+    count = static_cast<uint32_t>(length);
     std::vector<Extent> base;
     int can_extents;
     {

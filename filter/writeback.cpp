@@ -380,6 +380,19 @@ Overlay WriteBack::Lookup(uint64_t offset, uint64_t length) {
   return ov;
 }
 
+Overlay WriteBack::LookupExtents(uint64_t offset, uint64_t* length, size_t max_ranges) {
+  MutexLock l(&mu_);
+  uint64_t stop = offset + *length;
+  for (const Batch& b : batches_) stop = b.map.CutAfter(offset, stop, max_ranges);
+  stop = active_.CutAfter(offset, stop, max_ranges);
+  *length = stop - offset;
+  Overlay ov(offset, *length);
+  for (const Batch& b : batches_) b.map.Collect(offset, *length, &ov.pieces());  // disjoint
+  active_.Collect(offset, *length, &ov.pieces());
+  if (!ov.empty()) counters_.read_overlay_hits.fetch_add(1, std::memory_order_relaxed);
+  return ov;
+}
+
 bool WriteBack::FlushPending() const {
   return flush_req_seq_ > flushed_seq_ || flush_req_gen_ > flushed_gen_;
 }

@@ -118,6 +118,13 @@ class WriteBack {
   // Snapshot of buffered content over [offset, offset+length), for reads
   // and block status.  Take it before reading the plugin.
   Overlay Lookup(uint64_t offset, uint64_t length) EXCLUDES(mu_);
+  // The same for block status, over at most about `max_ranges` buffered
+  // ranges: *length is cut to where the snapshot ends (a reply may
+  // describe less than was asked).  Taking every range in the request
+  // cost O(ranges buffered there) per request, and qemu asks with REQ_ONE
+  // for the rest of the image each time, one extent per reply: a walk of
+  // the image (qemu-img map) cost O(N^2).
+  Overlay LookupExtents(uint64_t offset, uint64_t* length, size_t max_ranges) EXCLUDES(mu_);
 
   // Flush(), retried (at the backoff pace) until it succeeds or `limit`
   // has passed, or nbdkit is quitting (an attempt made off a client's

@@ -80,4 +80,60 @@ std::vector<Extent> Overlay::MergeExtents(const std::vector<Extent>& plugin) con
   return out;
 }
 
+std::vector<Extent> DataOnWholeSectors(const std::vector<Extent>& in, bool cut_short) {
+  constexpr uint64_t kSector = 512;
+  if (in.empty()) return in;
+  const uint64_t start = in.front().offset;
+  uint64_t end = in.back().offset + in.back().length;
+  // The data, widened, as sorted disjoint intervals.
+  std::vector<std::pair<uint64_t, uint64_t>> data;
+  for (const Extent& e : in) {
+    if (e.type != 0) continue;
+    const uint64_t lo = std::max(start, e.offset / kSector * kSector);
+    const uint64_t hi = std::min(end, (e.offset + e.length + kSector - 1) / kSector * kSector);
+    if (!data.empty() && lo <= data.back().second)
+      data.back().second = std::max(data.back().second, hi);
+    else
+      data.push_back({lo, hi});
+  }
+  if (cut_short && end % kSector != 0 && in.back().type != 0 &&
+      (data.empty() || data.back().second < end)) {
+    const uint64_t sector = end / kSector * kSector;
+    const uint64_t floor = std::max({start, sector, data.empty() ? start : data.back().second});
+    if (floor > start) {
+      end = floor;  // the last hole or zero ends where its sector starts
+    } else {
+      return {{start, end - start, 0}};  // all inside one sector: say data
+    }
+  }
+  std::vector<Extent> out;
+  auto add = [&](uint64_t lo, uint64_t hi, uint32_t type) {
+    if (lo >= hi) return;
+    if (!out.empty() && out.back().type == type && out.back().offset + out.back().length == lo)
+      out.back().length += hi - lo;
+    else
+      out.push_back({lo, hi - lo, type});
+  };
+  // Sweep the original extents, cutting the data intervals out of the
+  // others and adding the intervals where they start.
+  size_t d = 0;
+  for (const Extent& e : in) {
+    uint64_t pos = e.offset;
+    const uint64_t e_end = std::min(e.offset + e.length, end);
+    while (pos < e_end) {
+      while (d < data.size() && data[d].second <= pos) ++d;
+      if (d < data.size() && data[d].first <= pos) {  // inside widened data
+        const uint64_t hi = std::min(data[d].second, e_end);
+        add(pos, hi, 0);
+        pos = hi;
+      } else {
+        const uint64_t hi = d < data.size() ? std::min(e_end, data[d].first) : e_end;
+        add(pos, hi, e.type);
+        pos = hi;
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace sdccache

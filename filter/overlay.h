@@ -67,6 +67,19 @@ class PieceList {
   size_t n_ = 0;
 };
 
+// Widens every data extent (type 0) of `in` (contiguous, from its first
+// offset) to whole 512-byte sectors counted from byte 0, within the range
+// `in` covers, shortening or dropping the hole and zero extents it grows
+// over.  With `cut_short` (the reply ends before the request did), a last
+// hole or zero extent that ends inside a sector ends at that sector's
+// start instead (the client asks again from there), or, if it lies wholly
+// inside that sector and is the only extent left, is reported as data.
+// Clients that copy by sectors (qemu-img convert) round a hole or zero
+// extent up to whole sectors: a buffered write starting or ending inside
+// a sector next to one lost its first or last bytes in the copy.
+// Reporting data where there is none is always safe (it is read).
+std::vector<Extent> DataOnWholeSectors(const std::vector<Extent>& in, bool cut_short);
+
 class Overlay {
  public:
   Overlay(uint64_t offset, uint64_t length) : offset_(offset), length_(length) {}

@@ -596,6 +596,7 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
     // Over at most kExtentsRanges buffered ranges (one with REQ_ONE, whose
     // reply nbdkit cuts to one extent anyway): the reply may describe less
     // than was asked, and the client asks again from where it ends.
+    const uint64_t request_end = offset + count;
     uint64_t length = count;
     Overlay ov = cache->writeback->LookupExtents(
         offset, &length, (flags & NBDKIT_FLAG_REQ_ONE) ? 1 : kExtentsRanges);
@@ -629,7 +630,12 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
       }
     }
     if (base.empty()) base.push_back({offset, count, 0});  // unknown: data
-    for (const Extent& e : ov.MergeExtents(base))
+    std::vector<Extent> merged = ov.MergeExtents(base);
+    // Buffered ranges start and end at any byte; clients that copy by
+    // sectors must not see a hole or zero share a sector with data.
+    const bool cut_short =
+        !merged.empty() && merged.back().offset + merged.back().length < request_end;
+    for (const Extent& e : DataOnWholeSectors(merged, cut_short))
       if (nbdkit_add_extent(extents, e.offset, e.length, e.type) == -1) {
         *err = errno;
         return -1;

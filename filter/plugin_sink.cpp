@@ -86,8 +86,10 @@ PluginSink::Slot* PluginSink::FindLocked(nbdkit_next* next) {
 PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   if (caller_ != nullptr)
     for (Slot& c : contexts_)
-      if (c.next == caller_ && !c.leaving && c.size >= end && !AvoidedByOwnClientLocked(c))
-        return &c;
+      if (c.next == caller_ && !c.leaving && c.size >= end) {
+        Slot* instead = OwnLeftForLocked(c, end);
+        return instead ? instead : &c;
+      }
   for (Slot& c : contexts_)
     if (!c.leaving && c.size >= end && c.failed_at == 0) return &c;
   // All failing: the one that failed longest ago, so that one that failed
@@ -102,11 +104,14 @@ PluginSink::Slot* PluginSink::PickLocked(uint64_t end) {
   return contexts_.empty() ? nullptr : &contexts_.front();
 }
 
-bool PluginSink::AvoidedByOwnClientLocked(const Slot& c) const {
-  if (!c.flush_lost && !(multi_conn_ && c.failed_at != 0)) return false;
-  for (const Slot& o : contexts_)
-    if (&o != &c && !o.leaving && o.succeeded_at > c.failed_at) return true;
-  return false;
+PluginSink::Slot* PluginSink::OwnLeftForLocked(const Slot& own, uint64_t end) {
+  if (!own.flush_lost && !(multi_conn_ && own.failed_at != 0)) return nullptr;
+  Slot* best = nullptr;
+  for (Slot& o : contexts_)
+    if (&o != &own && !o.leaving && o.size >= end && o.failed_at == 0 &&
+        o.succeeded_at > own.failed_at && (best == nullptr || o.succeeded_at > best->succeeded_at))
+      best = &o;
+  return best;
 }
 
 bool PluginSink::OthersStayLocked(nbdkit_next* next) {

@@ -196,20 +196,22 @@ class PluginSink : public Sink {
     bool flush_lost = false;
   };
   Slot* FindLocked(nbdkit_next* next);
-  // Whether the client whose context `c` is leaves it too: once its flush
-  // failed and its writes were counted lost (flush_lost), and, with
-  // multi-conn, once a call through it failed (failed_at); in both cases
-  // only while another context has had a call succeed since.  A multi-conn
-  // plugin takes any context's writes as well as the next's; a client's
-  // thread that kept writing through its own dead one failed its own FUA
-  // requests, and its batches, which hold every client's data, failed the
-  // flushes of the others.  But while no other context is known to work
-  // (an outage, every context failing), the client stays on its own: a
-  // retry filter below can reopen only that one from its thread (nbdkit
-  // 1.32 aborts on another's, losing what is buffered).
-  bool AvoidedByOwnClientLocked(const Slot& c) const;
-  // The caller's context unless AvoidedByOwnClientLocked, else the oldest
-  // whose last call did not fail, not leaving and whose size reaches `end`
+  // The context a client's thread uses instead of its own, `own`, or null
+  // (it uses its own).  It leaves its own once its flush failed and its
+  // writes were counted lost (flush_lost), and, with multi-conn, once a
+  // call through it failed (failed_at): a multi-conn plugin takes any
+  // context's writes as well as the next's; a client's thread that kept
+  // writing through its own dead one failed its own FUA requests, and its
+  // batches, which hold every client's data, failed the flushes of the
+  // others.  It leaves it only for a context known to work: not failing
+  // now, and with a call succeeded since its own failed (the most recent
+  // such success).  While there is none (an outage, every context failing,
+  // or the others never used), it stays on its own: a retry filter below
+  // can reopen only that one from its thread (nbdkit 1.32 aborts on
+  // another's, losing what is buffered).
+  Slot* OwnLeftForLocked(const Slot& own, uint64_t end);
+  // The caller's context or the one OwnLeftForLocked gives, else the
+  // oldest whose last call did not fail, not leaving and whose size reaches `end`
   // (connections may have seen the image grow in between); else, of those
   // not leaving whose size reaches it, the one that failed longest ago (one
   // that failed once is tried again, not the same dead one every time);

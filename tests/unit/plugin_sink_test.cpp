@@ -46,7 +46,7 @@ class PluginSinkTest : public ::testing::Test {
   }
 
   PluginGate gate;
-  FakeContext a, b;
+  FakeContext a, b, c;  // c: attached by the tests that want a third
   std::unique_ptr<PluginSink> sink;
   char buf[512] = {};
 };
@@ -205,7 +205,7 @@ TEST_F(PluginSinkTest, BackgroundWritesLeaveAContextWhoseLastCallFailed) {
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
   // With multi-conn, a client's thread leaves its own connection too once
   // a call through it failed and another has worked since (b, just now;
-  // AvoidedByOwnClientLocked): it kept writing through its own dead
+  // OwnLeftForLocked): it kept writing through its own dead
   // context, failing its FUA writes and its batches (everyone's data).
   {
     PluginSink::CallerScope own(a.next());
@@ -345,6 +345,50 @@ TEST_F(PluginSinkTest, AClientStaysOnItsFailingContextUntilAnotherWorks) {
 
 TEST_F(PluginSinkTest, AClientStaysOnItsFailingContextUntilAnotherWorksNoMultiConn) {
   StaysOnItsFailingContextUntilAnotherWorks(this, /*multi_conn=*/false);
+}
+
+// A client that leaves its failing context goes to the one known to work
+// (the most recent success since its own failed), not to the oldest that
+// merely has not failed: that may be one never used, opened before a
+// remote restart, whose failure under a retry filter below would make it
+// reopen another client's context from this thread (nbdkit aborts).  And
+// a context that worked but fails now is no reason to leave.
+TEST_F(PluginSinkTest, AClientLeavesItsFailingContextForOneKnownToWork) {
+  Open(/*multi_conn=*/true);
+  sink->Attach(c.next());  // contexts: a, b (never used), c
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
+  {
+    PluginSink::CallerScope own(a.next());
+    EXPECT_EQ(Write(), EIO);
+  }
+  {
+    PluginSink::CallerScope own(c.next());  // c's client: c works
+    ASSERT_EQ(Write(), 0);
+  }
+  {
+    PluginSink::CallerScope own(a.next());
+    EXPECT_EQ(Write(), 0);
+  }
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 0) << "left for a context never used";
+  EXPECT_EQ(c.Count(&FakeContext::pwrites), 2);
+  // c fails now: a's client stays on its own (no other is known to work).
+  {
+    std::lock_guard<std::mutex> l(c.mu);
+    c.pwrite_error = EIO;
+  }
+  {
+    PluginSink::CallerScope own(c.next());
+    EXPECT_EQ(Write(), EIO);
+  }
+  {
+    PluginSink::CallerScope own(a.next());
+    EXPECT_EQ(Write(), EIO);
+  }
+  EXPECT_EQ(a.Count(&FakeContext::pwrites), 2) << "left its own for one failing now";
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 0);
 }
 
 // A context that works but had one transient failure was never tried again

@@ -205,8 +205,10 @@ class WriteBack {
   void ReconcileChargesLocked() REQUIRES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
   // Sends a write straight to the Sink if it may (see the .cpp); true if
-  // the Sink took it, false if it is to be buffered.
-  bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  // the Sink took it, false if it is to be buffered.  `any_plugin`: also
+  // when the plugin is latency-bound (a write the queue has no room for).
+  bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
+                   bool any_plugin = false) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);

@@ -78,11 +78,11 @@ def run_seed(plugin, seed, params):
             sdctest.check(int(st["read_overlay_hits"]) > 0, "no read met buffered data")
         if "queue-max-size=64K" in params or "queue-max-size=4K" in params:
             sdctest.check(int(st["writethrough_requests"]) > 0, "no write went through")
-        if "queue-max-size=64K" in params:
-            # In a 4K queue, half the queue starts a batch at the first write
-            # of 2K or more, and one writer at a time seldom finds it full;
-            # the 64K queue with threshold=64 still has writers wait.
-            sdctest.check(int(st["backpressure_waits"]) > 0, "no writer waited for room")
+        # Writers waiting for room are not required here: a write over half
+        # the queue that finds no room is written through, and one writer at
+        # a time seldom fills the queue with smaller ones (the memory
+        # plugin's run of seed 55 never did).  test_backpressure and the
+        # unit tests make writers wait for certain.
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
     if img is not None:  # after shutdown too
         sdctest.check(sdctest.disk_read(img, 0, SIZE) == model.read(0, SIZE),

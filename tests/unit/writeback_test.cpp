@@ -621,6 +621,50 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4 * 4096), std::string(4 * 4096, 'p'));
 }
 
+// Writes taking more than half the bound: one is buffered, and while the
+// queue has no room for the next, that one goes straight to the plugin
+// (nothing older overlaps it), whatever the plugin's speed.  Buffered,
+// each waited for room until the one before it had been written back: a
+// slow plugin saw them one at a time.  Here, with b1 held in the plugin
+// (sent straight, or buffered if a's write-back ended first), b2 and b3
+// complete.
+TEST(WriteBackTest, WritesOverHalfTheQueueDoNotWaitForEachOther) {
+  constexpr uint64_t kQueue = 1 << 20, kSize = 600 << 10;
+  FakeSink sink(4 << 20);
+  WriteBackOptions o = Opts(1000, kQueue);
+  o.bypass_min = 0;  // no bypass for being large: only for finding no room
+  WriteBack wb(&sink, o);
+  auto data = [](char c) { return std::string(kSize, c); };
+  const std::string a = data('a'), b1 = data('1'), b2 = data('2'), b3 = data('3');
+  ASSERT_EQ(wb.Write(a.data(), kSize, 0, false), 0);  // buffered
+  sink.HoldAt(1 << 20);
+  std::future<int> first = std::async(std::launch::async, [&] {
+    return wb.Write(b1.data(), kSize, 1 << 20, false);  // held in the plugin
+  });
+  sink.AwaitWritesStarted(2);  // a's write-back, and b1's write
+  auto bounded = [&](const std::string& d, uint64_t off) {
+    std::future<int> w =
+        std::async(std::launch::async, [&, off] { return wb.Write(d.data(), kSize, off, false); });
+    if (w.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+      sink.ReleaseAt();  // the old way: it waited for room until b1 was written
+      ADD_FAILURE() << "a write over half the queue waited for the one before it";
+    }
+    return w.get();
+  };
+  EXPECT_EQ(bounded(b2, 2 << 20), 0);
+  EXPECT_EQ(bounded(b3, 3 << 20), 0);
+  sink.ReleaseAt();
+  EXPECT_EQ(first.get(), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  const std::vector<uint8_t> disk = sink.Disk();
+  for (const auto& [off, d] : {std::pair<uint64_t, const std::string*>{0, &a},
+                               {1 << 20, &b1},
+                               {2 << 20, &b2},
+                               {3 << 20, &b3}})
+    EXPECT_TRUE(std::equal(d->begin(), d->end(), disk.begin() + off)) << "at " << off;
+  EXPECT_GE(StatOf(wb, "bypass_writes"), 1u);
+}
+
 // Block status takes at most max_ranges buffered ranges per map (active and
 // each batch in flight), cutting the length where the snapshot ends: it
 // took every range in the request, O(N) per request, and qemu walks an

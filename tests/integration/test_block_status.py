@@ -27,17 +27,8 @@ def walk(h, req_one):
     offset = 0
     requests = 0
     while offset < SIZE:
-        reply = []
-
-        def cb(meta, off, entries, err):
-            if meta == nbd.CONTEXT_BASE_ALLOCATION:
-                pos = off
-                for i in range(0, len(entries), 2):
-                    reply.append((pos, entries[i], entries[i + 1]))
-                    pos += entries[i]
-            return 0
         count = min(SIZE - offset, 0xffffffff & ~(BLOCK - 1))
-        h.block_status(count, offset, cb, nbd.CMD_FLAG_REQ_ONE if req_one else 0)
+        reply = sdctest.extents_of(h, count, offset, nbd.CMD_FLAG_REQ_ONE if req_one else 0)
         requests += 1
         check(reply and reply[0][0] == offset, "a reply does not start at %d: %r" % (offset, reply[:2]))
         check(all(n > 0 for _, n, _ in reply), "an empty extent at %d" % offset)

@@ -159,21 +159,6 @@ def read_only_first(tmp):
     print("read-only first: reads see the writer's buffered data")
 
 
-def extents_of(h, count, offset):
-    """[(offset, length, type)] from one block status request."""
-    got = []
-
-    def cb(meta, off, entries, err):
-        if meta == nbd.CONTEXT_BASE_ALLOCATION:
-            pos = off
-            for i in range(0, len(entries), 2):
-                got.append((pos, entries[i], entries[i + 1]))
-                pos += entries[i]
-        return 0
-    h.block_status(count, offset, cb)
-    return got
-
-
 def extents_past_request(tmp):
     img = sdctest.make_image(tmp, 4 * MiB, "sparse.img")  # one hole
     with sdctest.start_server(["file", img], ["threshold=1000", "max-age=1h"],
@@ -190,7 +175,7 @@ def extents_past_request(tmp):
         sdctest.check(sdctest.disk_read(img, 64 * KiB, len(data)) == bytes(len(data)),
                       "the write reached the file at once; the test needs it buffered")
         for count in (4 * KiB, 64 * KiB, 1 * MiB):
-            ext = extents_of(h, count, 0)
+            ext = sdctest.extents_of(h, count, 0)
             print("block status [0,+%d):" % count, ext)
             sdctest.check(ext and ext[0][0] == 0, "no extents for [0,+%d)" % count)
             for off, length, typ in ext:
@@ -198,7 +183,7 @@ def extents_past_request(tmp):
                     sdctest.check(typ & 3 == 0, "block status [0,+%d) reports buffered data "
                                   "at 64 KiB as hole/zero: %r" % (count, ext))
         # Asked for enough, the buffered data is reported as data.
-        ext = extents_of(h, 1 * MiB, 0)
+        ext = sdctest.extents_of(h, 1 * MiB, 0)
         sdctest.check(any(off <= 64 * KiB < off + n and t & 3 == 0 for off, n, t in ext),
                       "buffered data at 64 KiB not reported as data: %r" % ext)
         h.shutdown()

@@ -506,3 +506,19 @@ def start_server(*args, **kwargs):
     error, and under ASan nbdkit 1.32 deadlocks at exit after logging a %m
     message)."""
     return Server(*args, **kwargs)
+
+
+def extents_of(h, count, offset, flags=0):
+    """[(offset, length, type)] of base:allocation from one block status
+    request (the handle must have asked for that meta context)."""
+    got = []
+
+    def cb(meta, off, entries, err):
+        if meta == nbd.CONTEXT_BASE_ALLOCATION:
+            pos = off
+            for i in range(0, len(entries), 2):
+                got.append((pos, entries[i], entries[i + 1]))
+                pos += entries[i]
+        return 0
+    h.block_status(count, offset, cb, flags)
+    return got

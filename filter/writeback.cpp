@@ -381,14 +381,8 @@ void WriteBack::WakeForRoom() {
 }
 
 Overlay WriteBack::Lookup(uint64_t offset, uint64_t length) {
-  Overlay ov(offset, length);
-  {
-    MutexLock l(&mu_);
-    for (const Batch& b : batches_) b.map.Collect(offset, length, &ov.pieces());  // disjoint
-    active_.Collect(offset, length, &ov.pieces());
-  }
-  if (!ov.empty()) counters_.read_overlay_hits.fetch_add(1, std::memory_order_relaxed);
-  return ov;
+  MutexLock l(&mu_);
+  return SnapshotLocked(offset, length);
 }
 
 Overlay WriteBack::LookupExtents(uint64_t offset, uint64_t* length, size_t max_ranges) {
@@ -397,9 +391,13 @@ Overlay WriteBack::LookupExtents(uint64_t offset, uint64_t* length, size_t max_r
   for (const Batch& b : batches_) stop = b.map.CutAfter(offset, stop, max_ranges);
   stop = active_.CutAfter(offset, stop, max_ranges);
   *length = stop - offset;
-  Overlay ov(offset, *length);
-  for (const Batch& b : batches_) b.map.Collect(offset, *length, &ov.pieces());  // disjoint
-  active_.Collect(offset, *length, &ov.pieces());
+  return SnapshotLocked(offset, *length);
+}
+
+Overlay WriteBack::SnapshotLocked(uint64_t offset, uint64_t length) {
+  Overlay ov(offset, length);
+  for (const Batch& b : batches_) b.map.Collect(offset, length, &ov.pieces());  // disjoint
+  active_.Collect(offset, length, &ov.pieces());
   if (!ov.empty()) counters_.read_overlay_hits.fetch_add(1, std::memory_order_relaxed);
   return ov;
 }

@@ -210,6 +210,9 @@ class WriteBack {
   bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                    bool any_plugin = false) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
+  // Lookup's and LookupExtents' snapshot of [offset, offset+length): the
+  // running batches' pieces, then active_'s (newer last).
+  Overlay SnapshotLocked(uint64_t offset, uint64_t length) REQUIRES(mu_);
   int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);

@@ -313,6 +313,21 @@ std::vector<DirtyRange> Ranges(int n, bool paired, uint8_t fill) {
   return plan;
 }
 
+// `n` adjacent ranges of `size` bytes filled with `fill`, from offset 0:
+// joined into runs of up to max_write, through bounce buffers.
+std::vector<DirtyRange> AdjacentRanges(int n, uint32_t size, uint8_t fill) {
+  const std::vector<uint8_t> payload(size, fill);
+  std::vector<DirtyRange> plan;
+  for (int i = 0; i < n; ++i) {
+    DirtyRange r;
+    r.offset = static_cast<uint64_t>(i) * size;
+    r.length = size;
+    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
+    plan.push_back(std::move(r));
+  }
+  return plan;
+}
+
 // Out of memory while it writes a batch, BatchWriter either throws before
 // it has written anything, or fails the request that wanted the memory
 // (ENOMEM) and goes on; no thread dies of it.  Every range it reports
@@ -386,15 +401,7 @@ TEST(WriteBackOomTest, CoalescedRunsAreWrittenWithoutABounceBuffer) {
   exempt = true;
   FakeSink sink(8 << 20);
   BatchWriter writer(&sink, 1, 1 << 20);
-  const std::vector<uint8_t> payload(32768, 3);
-  std::vector<DirtyRange> plan;
-  for (int i = 0; i < 8 * 32; ++i) {  // 8 MiB of 32 KiB ranges: 8 runs of 1 MiB
-    DirtyRange r;
-    r.offset = static_cast<uint64_t>(i) * 32768;
-    r.length = 32768;
-    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
-    plan.push_back(std::move(r));
-  }
+  const std::vector<DirtyRange> plan = AdjacentRanges(8 * 32, 32768, 3);  // 8 runs of 1 MiB
   auto write_async = [&](std::vector<char>* written, uint64_t* calls) {
     return std::async(std::launch::async,
                       [&, written, calls] { return writer.Write(plan, written, calls); });
@@ -448,15 +455,7 @@ TEST(WriteBackOomTest, ABounceBufferThatCannotBeKeptIsUncharged) {
     std::atomic<bool> arm{false};
   } sink(1 << 20);
   BatchWriter writer(&sink, 1, 1 << 20);
-  const std::vector<uint8_t> payload(32768, 4);
-  std::vector<DirtyRange> plan;
-  for (int i = 0; i < 32; ++i) {  // one run of 1 MiB
-    DirtyRange r;
-    r.offset = static_cast<uint64_t>(i) * 32768;
-    r.length = 32768;
-    r.chunk = ChunkRef(Chunk::Create(payload.data(), payload.size(), nullptr));
-    plan.push_back(std::move(r));
-  }
+  const std::vector<DirtyRange> plan = AdjacentRanges(32, 32768, 4);  // one run of 1 MiB
   auto write = [&] {
     std::future<int> f = std::async(std::launch::async, [&] {
       std::vector<char> written;

@@ -53,15 +53,28 @@ bool StatsFile::Check(const std::string& path) {
     } else if (!S_ISREG(st.st_mode)) {
       why = "exists and is not a regular file";
     } else {
+      // Up to the end of the longest first key: an export name (at most
+      // 4096 bytes in NBD) each of whose bytes the file may write as %XX.
+      std::string head(3 * 4096 + 64, '\0');
+      size_t got = 0;
       int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-      char head[256];
-      ssize_t n = fd == -1 ? -1 : read(fd, head, sizeof head);
-      if (fd != -1) close(fd);
+      ssize_t n = fd == -1 ? -1 : 0;
+      while (fd != -1 && got < head.size()) {
+        n = read(fd, head.data() + got, head.size() - got);
+        if (n == -1 && errno == EINTR) continue;
+        if (n <= 0) break;
+        got += static_cast<size_t>(n);
+      }
+      if (fd != -1) {
+        const int saved = errno;
+        close(fd);
+        errno = saved;
+      }
       if (n == -1) {
         nbdkit_error("sdccache-statsfile: %s: %s", path.c_str(), std::strerror(errno));
         return false;
       }
-      if (!LooksLikeStats(std::string_view(head, static_cast<size_t>(n))))
+      if (!LooksLikeStats(std::string_view(head.data(), got)))
         why = "exists and is not a stats file (it is not replaced)";
     }
     if (why != nullptr) {
@@ -113,7 +126,7 @@ bool StatsFile::WriteNow() {
   const std::string tmp = path_ + ".tmp";
   int fd = CreateTemp(tmp);
   if (fd == -1) {
-    nbdkit_error("sdccache: sdccache-statsfile: %s: %s", tmp.c_str(), std::strerror(errno));
+    Failed("", tmp);
     return false;
   }
   size_t done = 0;
@@ -121,7 +134,7 @@ bool StatsFile::WriteNow() {
     ssize_t n = write(fd, text.data() + done, text.size() - done);
     if (n == -1) {
       if (errno == EINTR) continue;
-      nbdkit_error("sdccache: sdccache-statsfile: write %s: %s", tmp.c_str(), std::strerror(errno));
+      Failed("write ", tmp);
       close(fd);
       unlink(tmp.c_str());
       return false;
@@ -130,13 +143,23 @@ bool StatsFile::WriteNow() {
   }
   close(fd);
   if (rename(tmp.c_str(), path_.c_str()) == -1) {
-    nbdkit_error("sdccache: sdccache-statsfile: rename %s: %s", path_.c_str(),
-                 std::strerror(errno));
+    Failed("rename ", path_);
     unlink(tmp.c_str());
     return false;
   }
+  if (failed_errno_ != 0)
+    nbdkit_debug("sdccache: sdccache-statsfile: %s written again", path_.c_str());
+  failed_errno_ = 0;
   last_ = std::move(text);
   return true;
+}
+
+void StatsFile::Failed(const char* what, const std::string& file) {
+  const int e = errno;
+  if (e != failed_errno_)
+    nbdkit_error("sdccache: sdccache-statsfile: %s%s: %s", what, file.c_str(), std::strerror(e));
+  failed_errno_ = e;
+  errno = e;
 }
 
 void StatsFile::Loop() {

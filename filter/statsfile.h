@@ -36,6 +36,9 @@ class StatsFile {
 
  private:
   void Loop();
+  // Logs "WHAT FILE: strerror(errno)" unless this errno was logged last;
+  // keeps errno.
+  void Failed(const char* what, const std::string& file);
 
   const std::string path_;
   const bool json_;
@@ -45,6 +48,9 @@ class StatsFile {
   bool kicked_ = false;   // guarded by mu_
   bool stopping_ = false; // guarded by mu_
   std::string last_;      // used by the writer thread only
+  // The errno of the failures being logged (0: the last write worked); a
+  // failure is logged once, not once per batch.  Writer thread only.
+  int failed_errno_ = 0;
   std::thread thread_;
 };
 

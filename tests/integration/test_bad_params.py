@@ -156,8 +156,28 @@ def main():
                   (p.returncode, p.stderr.decode(errors="replace")))
     with open(victim, "rb") as f:
         sdctest.check(f.read() == b"precious", "the stats file was written through a symlink")
+    # A stats file whose first key is long: several exports, the first
+    # named with 4096 bytes (NBD's most) that the file writes as %XX.
+    long_stats = os.path.join(tmp, "long.stats")
+    for fmt in ("text", "json"):
+        with sdctest.start_server(["memory", "1M"], ["sdccache-statsfile=" + long_stats,
+                                                     "sdccache-statsformat=" + fmt],
+                                  tmpdir=sdctest.scratch_dir(prefix="sdc-badparams-")) as srv:
+            for name in (" " * 4096, "b"):
+                h = srv.connect(name)
+                h.pwrite(b"x" * 512, 0)
+                h.flush()
+                h.shutdown()
+            sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        with open(long_stats, "rb") as f:
+            sdctest.check(f.read(10 * 1024).count(b"%20") > 3000,
+                          "the first key is not the long name's")
+        p = run_stats(long_stats, fmt)
+        sdctest.check(p.returncode == 0, "an earlier %s stats file with a long first key "
+                      "refused: %r" % (fmt, p.stderr.decode(errors="replace")))
     print("stats file: a regular file and the control socket's path refused, an earlier "
-          "stats file replaced, a symlink at PATH.tmp not followed")
+          "stats file replaced (one with a 4096-byte export name too), a symlink at "
+          "PATH.tmp not followed")
 
     # In the background (no -f, no --run) the usual path mistakes are still
     # reported on stderr with a failing exit status: they are checked

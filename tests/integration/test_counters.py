@@ -126,10 +126,49 @@ def zero_calls():
                   "the stats filter below saw: %r" % writes)
 
 
+def stats_dir_gone():
+    """While the stats file cannot be written (its directory removed), the
+    failure is logged once, not once per batch; the file comes back with
+    its directory."""
+    tmp = sdctest.scratch_dir(prefix="sdc-counters-")
+    sdir = os.path.join(tmp, "statsdir")
+    os.mkdir(sdir)
+    stats_path = os.path.join(sdir, "stats")
+    ctl_path = os.path.join(tmp, "ctl.sock")
+    with sdctest.start_server(["memory", "16M"],
+                              ["threshold=1", "max-age=0", "sdccache-statsfile=" + stats_path,
+                               "control=" + ctl_path], tmpdir=tmp) as srv:
+        h = srv.connect()
+        os.remove(stats_path)
+        os.rmdir(sdir)
+        # Each batch kicks the stats file's writer, at most every 50 ms.
+        for i in range(40):
+            h.pwrite(bytes([i + 1]) * BLOCK, i * BLOCK)
+            sdctest.wait_until(lambda i=i: int(sdctest.control_stats(ctl_path)
+                                               ["batches_flushed"]) > i,
+                               10, "batch %d written back" % i)
+            sdctest.wait_until(lambda: "stats.tmp" in srv.log_text(), 10,
+                               "the failure logged")
+            if i % 10 == 9:
+                # Past the writer's 50 ms pause, so the next batch retries.
+                sdctest.assert_stays(lambda: True, 0.06, "a pause")
+        lines = [ln for ln in srv.log_text().splitlines() if "stats.tmp" in ln]
+        sdctest.check(len(lines) == 1, "a lasting stats file failure logged %d times: %r"
+                      % (len(lines), lines[:3]))
+        os.mkdir(sdir)
+        h.pwrite(b"z" * BLOCK, 0)
+        sdctest.wait_until(lambda: os.path.exists(stats_path), 10,
+                           "the stats file written again once its directory is back")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("stats file: a lasting failure logged once; written again once it can be")
+
+
 def main():
     scenario(json_format=False)
     scenario(json_format=True)
     zero_calls()
+    stats_dir_gone()
 
 
 if __name__ == "__main__":

@@ -33,11 +33,14 @@ def main():
     tmp = sdctest.scratch_dir(prefix="sdc-serve-")
     img = os.path.join(tmp, "disk.img")
     sock, ctl, stats = (os.path.join(tmp, n) for n in ("nbd.sock", "ctl.sock", "stats"))
-    env = dict(os.environ, SDCCACHE_SOCKET=sock, SDCCACHE_CONTROL=ctl, SDCCACHE_STATS=stats)
+    # Paths relative to the directory it is started in, as a user types
+    # them (the script itself changes to the source tree).
+    env = dict(os.environ, SDCCACHE_SOCKET="nbd.sock", SDCCACHE_CONTROL="ctl.sock",
+               SDCCACHE_STATS="stats")
     log = os.path.join(tmp, "serve.log")
     with open(log, "wb") as logf:
-        proc = sdctest.track(subprocess.Popen([SERVE, img, "64M"], env=env, stdout=logf,
-                                              stderr=subprocess.STDOUT), log)
+        proc = sdctest.track(subprocess.Popen([SERVE, "disk.img", "64M"], env=env, cwd=tmp,
+                                              stdout=logf, stderr=subprocess.STDOUT), log)
 
     def out():
         with open(log, errors="replace") as f:
@@ -47,7 +50,8 @@ def main():
     sdctest.wait_until(lambda: os.path.exists(stats) or proc.poll() is not None, 30,
                        "scripts/serve to start nbdkit")
     sdctest.check(proc.poll() is None, "scripts/serve exited (%s):\n%s" % (proc.returncode, out()))
-    sdctest.check(os.path.getsize(img) == 64 * MiB, "the image was not created with 64M")
+    sdctest.check(os.path.exists(img) and os.path.getsize(img) == 64 * MiB,
+                  "./disk.img was not created with 64M:\n" + out())
     with open("/proc/%d/comm" % proc.pid) as f:
         comm = f.read().strip()
     sdctest.check(comm == "nbdkit", "scripts/serve's process is %r, not nbdkit itself" % comm)

@@ -117,17 +117,22 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   // put off for ever), and would then hold more than the bound.
   const uint64_t need = WriteCharge(count);
   if (need > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
-  if (opts_.bypass_min != 0 && count >= opts_.bypass_min && WriteBypass(buf, count, offset, fua))
-    return 0;
+  Bypass bypass = Bypass::kDeclined;
+  if (opts_.bypass_min != 0 && count >= opts_.bypass_min) {
+    bypass = WriteBypass(buf, count, offset, fua);
+    if (bypass == Bypass::kSent) return 0;
+  }
   // A write taking more than half the bound fits beside no other such
   // write: buffered, each waited for room until the one before it had been
   // written back, so a slow plugin saw them one at a time (1020 KiB writes
   // with queue-max-size=1M, QD8 over delay-write=1ms: 3x slower than
   // without the filter, and than 1028 KiB ones, written through).  When
   // the queue has no room for it now, it goes straight to the plugin if it
-  // may (nothing older overlaps it, ...), whatever the plugin's speed.
-  if (need > opts_.queue_max_bytes / 2 && account_.used() + need > opts_.queue_max_bytes &&
-      WriteBypass(buf, count, offset, fua, /*any_plugin=*/true))
+  // may (nothing older overlaps it, ...), whatever the plugin's speed;
+  // not a second time if the plugin has just failed it.
+  if (bypass != Bypass::kFailed && need > opts_.queue_max_bytes / 2 &&
+      account_.used() + need > opts_.queue_max_bytes &&
+      WriteBypass(buf, count, offset, fua, /*any_plugin=*/true) == Bypass::kSent)
     return 0;
   void* pooled = nullptr;
   if (!ReserveRoom(need, count, &pooled)) return ESHUTDOWN;
@@ -253,13 +258,13 @@ bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
 // backing off after a failure.  If the plugin fails it, the write is
 // buffered instead and retried like any other: sent or buffered, a write
 // that returns 0 is never lost.
-bool WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
-                            bool any_plugin) {
+WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset,
+                                         bool fua, bool any_plugin) {
   MutexLock l(&mu_);
   if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
       (!any_plugin && batch_writer_.latency_bound()) || active_.Overlaps(offset, count) ||
       OverlapsBatches(offset, count) || OverlapsBypass(offset, count))
-    return false;
+    return Bypass::kDeclined;
   const std::pair<uint64_t, uint64_t> mine{offset, count};
   bypass_.push_back(mine);
   mu_.Unlock();  // no lock across plugin I/O
@@ -273,11 +278,11 @@ bool WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bo
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
   if (err != 0) {
     CountFailedCallLocked(err);
-    return false;
+    return Bypass::kFailed;
   }
   ++write_gen_;
   counters_.bypass_writes.fetch_add(1, std::memory_order_relaxed);
-  return true;
+  return Bypass::kSent;
 }
 
 int WriteBack::Flush(Trigger why) {

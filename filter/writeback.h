@@ -204,11 +204,16 @@ class WriteBack {
   // requests, written ranges), down to kRangeCharge per range held.
   void ReconcileChargesLocked() REQUIRES(mu_);
   int WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
-  // Sends a write straight to the Sink if it may (see the .cpp); true if
-  // the Sink took it, false if it is to be buffered.  `any_plugin`: also
-  // when the plugin is latency-bound (a write the queue has no room for).
-  bool WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
-                   bool any_plugin = false) EXCLUDES(mu_);
+  // Sends a write straight to the Sink if it may (see the .cpp).
+  // `any_plugin`: also when the plugin is latency-bound (a write the queue
+  // has no room for).
+  enum class Bypass {
+    kSent,      // the Sink took it
+    kDeclined,  // not sent: to be buffered
+    kFailed,    // the Sink failed it (counted): to be buffered, not sent again
+  };
+  Bypass WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
+                     bool any_plugin = false) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   // Lookup's and LookupExtents' snapshot of [offset, offset+length): the
   // running batches' pieces, then active_'s (newer last).

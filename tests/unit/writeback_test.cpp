@@ -1499,6 +1499,36 @@ TEST(WriteBackTest, AFailedBypassWriteIsCountedLikeABatchWrite) {
   EXPECT_EQ(wb.counters().last_error.load(), EIO);
 }
 
+// A write over half the queue that finds no room, and that the plugin
+// fails as a bypass write, is buffered: it was sent straight to the plugin
+// a second time at once (two failed calls, flush_errors 2, for one write).
+TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
+  constexpr uint64_t kQueue = 256 << 10, kSize = 160 << 10;
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000, kQueue);
+  o.bypass_min = 128 << 10;
+  WriteBack wb(&sink, o);
+  TimeAsCpuBound(wb);
+  const std::string small(100 << 10, 's'), big(kSize, 'B');
+  ASSERT_EQ(wb.Write(small.data(), small.size(), 0, false), 0);  // below bypass-min: buffered
+  ASSERT_EQ(wb.queued_requests(), 1u);
+  const uint64_t started_before = sink.writes_started();
+  sink.FailNext(1, EIO);
+  // Over half the queue, no room beside the 100 KiB: its bypass write
+  // fails (and a second one would have worked).
+  std::future<int> w = std::async(std::launch::async, [&] {
+    return wb.Write(big.data(), kSize, 512 << 10, false);
+  });
+  ASSERT_EQ(w.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  EXPECT_EQ(w.get(), 0);
+  EXPECT_EQ(wb.counters().flush_errors.load(), 1u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 0u);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  const std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_TRUE(std::equal(big.begin(), big.end(), disk.begin() + (512 << 10)));
+  EXPECT_GE(sink.writes_started() - started_before, 2u);
+}
+
 // The same for a write-through, whose failure the client gets.
 TEST(WriteBackTest, AFailedWriteThroughIsCounted) {
   FakeSink sink(kDisk);

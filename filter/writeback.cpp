@@ -258,8 +258,8 @@ bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
 // backing off after a failure.  If the plugin fails it, the write is
 // buffered instead and retried like any other: sent or buffered, a write
 // that returns 0 is never lost.
-WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset,
-                                         bool fua, bool any_plugin) {
+WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
+                                         bool any_plugin) {
   MutexLock l(&mu_);
   if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
       (!any_plugin && batch_writer_.latency_bound()) || active_.Overlaps(offset, count) ||

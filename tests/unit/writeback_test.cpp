@@ -1516,9 +1516,8 @@ TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
   sink.FailNext(1, EIO);
   // Over half the queue, no room beside the 100 KiB: its bypass write
   // fails (and a second one would have worked).
-  std::future<int> w = std::async(std::launch::async, [&] {
-    return wb.Write(big.data(), kSize, 512 << 10, false);
-  });
+  std::future<int> w =
+      std::async(std::launch::async, [&] { return wb.Write(big.data(), kSize, 512 << 10, false); });
   ASSERT_EQ(w.wait_for(std::chrono::seconds(30)), std::future_status::ready);
   EXPECT_EQ(w.get(), 0);
   EXPECT_EQ(wb.counters().flush_errors.load(), 1u);

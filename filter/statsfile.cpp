@@ -156,6 +156,9 @@ bool StatsFile::WriteNow() {
 
 void StatsFile::Failed(const char* what, const std::string& file) {
   const int e = errno;
+  // The file may be gone: the next try writes it even if the counters went
+  // back to what it last held (pause, then resume).
+  last_.clear();
   if (e != failed_errno_)
     nbdkit_error("sdccache: sdccache-statsfile: %s%s: %s", what, file.c_str(), std::strerror(e));
   failed_errno_ = e;

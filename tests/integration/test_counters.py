@@ -161,6 +161,24 @@ def stats_dir_gone():
                            "the stats file written again once its directory is back")
         h.shutdown()
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    # The counters back to what the file last held when it can be written
+    # again (pause, then resume): it is written all the same.
+    os.mkdir(os.path.join(tmp, "second"))
+    sdir = os.path.join(tmp, "second", "statsdir")
+    os.mkdir(sdir)
+    stats_path = os.path.join(sdir, "stats")
+    with sdctest.start_server(["memory", "16M"],
+                              ["sdccache-statsfile=" + stats_path, "control=" + ctl_path],
+                              tmpdir=os.path.join(tmp, "second")) as srv:
+        os.remove(stats_path)
+        os.rmdir(sdir)
+        sdctest.check(sdctest.control_command(ctl_path, "pause")[1] == "ok", "pause")
+        sdctest.wait_until(lambda: "stats.tmp" in srv.log_text(), 10, "the failure logged")
+        sdctest.check(sdctest.control_command(ctl_path, "resume")[1] == "ok", "resume")
+        os.mkdir(sdir)
+        sdctest.wait_until(lambda: os.path.exists(stats_path), 10,
+                           "the stats file written again, holding what it held before")
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
     print("stats file: a lasting failure logged once; written again once it can be")
 
 

@@ -5,6 +5,7 @@
 import os
 import signal
 import subprocess
+import urllib.parse
 
 import nbd
 
@@ -30,7 +31,9 @@ def children_of(pid):
 
 
 def main():
-    tmp = sdctest.scratch_dir(prefix="sdc-serve-")
+    # A space and a non-ASCII letter in every path (the URI it prints
+    # percent-encodes them).
+    tmp = sdctest.scratch_dir(prefix="sdc-serve \u00fc-")
     img = os.path.join(tmp, "disk.img")
     sock, ctl, stats = (os.path.join(tmp, n) for n in ("nbd.sock", "ctl.sock", "stats"))
     # Paths relative to the directory it is started in, as a user types
@@ -56,7 +59,7 @@ def main():
         comm = f.read().strip()
     sdctest.check(comm == "nbdkit", "scripts/serve's process is %r, not nbdkit itself" % comm)
     sdctest.check(children_of(proc.pid) == [], "scripts/serve runs more than one nbdkit:\n" + out())
-    uri = "nbd+unix:///?socket=" + sock
+    uri = "nbd+unix:///?socket=" + urllib.parse.quote(sock, safe="/._~-")
     sdctest.check("nbdinfo '%s'" % uri in out(), "serve did not print how to connect:\n" + out())
 
     writer, reader = nbd.NBD(), nbd.NBD()

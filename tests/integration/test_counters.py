@@ -186,7 +186,11 @@ def main():
     scenario(json_format=False)
     scenario(json_format=True)
     zero_calls()
-    stats_dir_gone()
+    # Under ASan (the sanitizer run sets SDCCACHE_ASAN_RT), an nbdkit that
+    # has logged an errno message deadlocks at exit in libp11-kit's
+    # destructor (tests/sanitizer/nbdkit).
+    if not os.environ.get("SDCCACHE_ASAN_RT"):
+        stats_dir_gone()
 
 
 if __name__ == "__main__":

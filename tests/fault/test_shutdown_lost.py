@@ -89,6 +89,12 @@ def check_lost(srv, img, tmp, ranges):
     st = sdctest.read_stats_file(os.path.join(tmp, "stats"))
     check(st is not None and int(st["flush_errors"]) >= 2,
           "the disconnect did not retry the plugin: final stats %r" % st)
+    # What the man page tells scripts to look at: the status does not show
+    # the loss, the last stats file does.
+    check(int(st["queued_requests"]) == len(ranges),
+          "the last stats file shows %s requests still buffered, %d were lost" %
+          (st["queued_requests"], len(ranges)))
+    check(srv.proc.returncode == 0, "nbdkit exit status %d" % srv.proc.returncode)
     print("  lost %d bytes in %d requests, as logged; %s plugin errors" %
           (written, len(ranges), st["flush_errors"]))
 

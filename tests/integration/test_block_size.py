@@ -3,6 +3,8 @@
 # and refused only in the background, after it was acknowledged, it could
 # never be written, and every later flush would fail.
 import errno
+import os
+import re
 
 import nbd
 import sdctest
@@ -46,6 +48,35 @@ def main():
         sdctest.check("could not be written" not in log, "data lost at exit:\n" + log[-2000:])
         sdctest.check("minimum block size 4096" in log, "the refusal was not logged:\n" + log)
     print("misaligned write, zero, trim refused with EINVAL; aligned ones flushed")
+    coalesced_up_to_the_maximum(sdctest.scratch_dir(prefix="sdc-blocksize-"))
+
+
+def coalesced_up_to_the_maximum(tmp):
+    """Write-back coalesces adjacent writes no further than the maximum the
+    layer below advertises: the man page's answer to a splitting layer
+    (blocksize) that advertises none is blocksize-policy's maximum."""
+    logfile = os.path.join(tmp, "plugin.log")
+    with sdctest.start_server(["memory", str(4 * SIZE), "blocksize-maximum=65536",
+                               "logfile=" + logfile],
+                              ["threshold=1000", "max-age=1h"],
+                              under=["blocksize-policy", "log"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        data = bytes(range(256)) * 16
+        for i in range(256):  # 1 MiB in adjacent 4 KiB writes
+            h.pwrite(data, i * 4096)
+        h.flush()
+        sdctest.check(h.pread(1 << 20, 0) == data * 256, "the writes not read back")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    with open(logfile) as f:
+        sizes = [int(m.group(1), 16) for m in
+                 (re.search(r"Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)", ln) for ln in f)
+                 if m]
+    sdctest.check(sizes and sum(sizes) == 1 << 20, "plugin writes %r" % sizes[:20])
+    sdctest.check(max(sizes) == 65536, "plugin writes up to %d bytes, the maximum is 65536"
+                  % max(sizes))
+    print("write-back coalesced 1 MiB of 4 KiB writes into %d plugin writes of at most %d"
+          % (len(sizes), max(sizes)))
 
 
 if __name__ == "__main__":

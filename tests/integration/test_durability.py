@@ -1,5 +1,8 @@
 # Durability in the backing file: after a flush, a FUA write, and a disconnect.
 
+import os
+import re
+
 import sdctest
 
 import nbd
@@ -10,6 +13,51 @@ BLOCK = 4096
 def absent(img, off, what):
     sdctest.check(sdctest.disk_read(img, off, BLOCK) == bytes(BLOCK),
                   "%s reached the file before anything asked for it" % what)
+
+
+def reached_plugin_durably(logfile, offset, count, what):
+    """The log filter below saw a write of [offset, offset+count) succeed
+    with FUA, or a flush succeed after it: the plugin was asked to make it
+    durable (reading the backing file only shows it was written, as the
+    page cache holds it either way)."""
+    with open(logfile) as f:
+        lines = f.read().splitlines()
+    want = re.compile(r"Write id=(\d+) offset=0x%x count=0x%x fua=(\d)" % (offset, count))
+    last = None
+    for i, ln in enumerate(lines):
+        m = want.search(ln)
+        if m:
+            last = (i, m.group(1), m.group(2) == "1")
+    sdctest.check(last is not None, "%s: no plugin write of [%d,+%d) in the log" %
+                  (what, offset, count))
+    i, wid, fua = last
+    done = [ln for ln in lines[i:] if "...Write id=%s return=0" % wid in ln]
+    sdctest.check(done, "%s: the plugin write did not succeed" % what)
+    flushed = any(re.search(r"\.\.\.Flush id=\d+ return=0", ln) for ln in lines[i:])
+    sdctest.check(fua or flushed, "%s: the plugin wrote it without FUA and was not flushed "
+                  "after it:\n%s" % (what, "\n".join(lines[i:])))
+
+
+def plugin_asked_for_durability():
+    """A flush, a FUA write and a FUA write too large to buffer (written
+    through) return only once the plugin was asked to make them durable."""
+    tmp = sdctest.scratch_dir(prefix="sdc-durable-log-")
+    img = sdctest.make_image(tmp, 4 << 20)
+    logfile = os.path.join(tmp, "plugin.log")
+    with sdctest.start_server(["file", img, "logfile=" + logfile],
+                              ["threshold=1000", "max-age=1h", "queue-max-size=64K"],
+                              under=["log"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        h.pwrite(b"\x41" * BLOCK, 0)
+        h.flush()
+        reached_plugin_durably(logfile, 0, BLOCK, "a flushed write")
+        h.pwrite(b"\x42" * BLOCK, 8 * BLOCK, nbd.CMD_FLAG_FUA)
+        reached_plugin_durably(logfile, 8 * BLOCK, BLOCK, "a FUA write")
+        h.pwrite(b"\x43" * (128 << 10), 1 << 20, nbd.CMD_FLAG_FUA)  # over queue-max-size
+        reached_plugin_durably(logfile, 1 << 20, 128 << 10, "a FUA write written through")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("flush, FUA write and FUA write-through: the plugin was asked to make each durable")
 
 
 def main():
@@ -102,3 +150,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    plugin_asked_for_durability()

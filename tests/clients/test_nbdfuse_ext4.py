@@ -60,19 +60,19 @@ class Stack:
         check(rc == 0, "nbdkit exit status %d:\n%s" % (rc, self.srv.log_text()))
 
     def kill_all(self):
-        """Cleanup after a failure: kill by PID, then lazy-unmount (never
+        """Cleanup after a failure: lazy-unmount, then kill by PID (never
         fails, so that every step runs)."""
-        for p in (self.fs, self.fuse):
-            if p is not None:
-                p.kill()
-        self.srv.kill()
         for d in (self.fs_dir, self.nbd_dir):
-            if os.path.ismount(d):
+            if sdctest.mounted(d):
                 try:
                     subprocess.run([sdctest.fusermount(), "-u", "-z", d], timeout=10,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 except subprocess.TimeoutExpired:
                     print("fusermount -u -z %s timed out" % d)
+        for p in (self.fs, self.fuse):
+            if p is not None:
+                p.kill()
+        self.srv.kill()
 
 
 def write_files(root, rng):

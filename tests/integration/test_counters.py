@@ -173,8 +173,11 @@ def stats_dir_gone():
         sdctest.wait_until(lambda: "stats.tmp" in srv.log_text(), 10, "the failure logged")
         sdctest.check(sdctest.control_command(ctl_path, "resume")[1] == "ok", "resume")
         os.mkdir(sdir)
-        sdctest.wait_until(lambda: os.path.exists(stats_path), 10,
-                           "the stats file written again, holding what it held before")
+        st = sdctest.wait_stats(stats_path, lambda st: True, 10,
+                                "the stats file written again, holding what it held before")
+        ctl = sdctest.control_stats(ctl_path)
+        sdctest.check(st["paused"] == "0" and st == ctl,
+                      "the stats file %r, control stats %r" % (st, ctl))
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
     print("stats file: a lasting failure logged once; written again once it can be")
 

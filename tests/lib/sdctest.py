@@ -9,6 +9,7 @@ import atexit
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -104,6 +105,23 @@ def fusermount():
     return "fusermount3" if shutil.which("fusermount3") else "fusermount"
 
 
+def mounted(path):
+    """Whether `path` is a mount point, from /proc/self/mountinfo:
+    os.path.ismount() says False for a FUSE mount whose daemon has died
+    (lstat fails with ENOTCONN), which still needs unmounting."""
+    want = os.path.abspath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                               line.split()[4])
+                if point == want:
+                    return True
+    except OSError:
+        return os.path.ismount(path)
+    return False
+
+
 def _cleanup():
     for p in _procs:
         try:
@@ -127,7 +145,7 @@ def _cleanup():
             print("---- last %d lines of %s ----" % (min(len(lines), 60), log), file=sys.stderr)
             print("\n".join(lines[-60:]), file=sys.stderr)
     for m in _mounts:
-        if os.path.ismount(m):
+        if mounted(m):
             subprocess.run([fusermount(), "-u", "-z", m], timeout=10,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if os.environ.get("SDCTEST_KEEP"):

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <future>
 #include <mutex>
 #include <thread>
 
@@ -36,6 +37,15 @@ void AwaitPoll(const char* what, Pred pred) {
     if (std::chrono::steady_clock::now() > deadline) GiveUp(what);
     std::this_thread::yield();
   }
+}
+
+// The result of a call running on another thread (std::async), once it
+// has ended: aborts, naming `what`, if it has not within kPatience (a bare
+// get() would wait for ever, and so would the future's destructor).
+template <class T>
+T Get(std::future<T>& f, const char* what) {
+  if (f.wait_for(kPatience) != std::future_status::ready) GiveUp(what);
+  return f.get();
 }
 
 // Aborts, naming `what`, unless it is destroyed within kPatience: for a

@@ -115,10 +115,10 @@ TEST_F(PluginSinkTest, OfTwoLeavingTogetherOneIsTheLast) {
   AwaitDetaching(1);
   const bool b_left = sink->Detach(b.next(), /*unless_last=*/true);
   a.Hold(&FakeContext::hold_pwrite, false);
-  EXPECT_EQ(write.get(), 0);
+  EXPECT_EQ(test::Get(write, "write"), 0);
   if (leave_a.wait_for(test::kPatience) != std::future_status::ready)
     GiveUp("a's Detach to return");
-  const bool a_left = leave_a.get();
+  const bool a_left = test::Get(leave_a, "leave_a");
   EXPECT_FALSE(a_left && b_left) << "both contexts left: nothing would write the buffered data";
   // The one told it is the last writes out, then goes.
   if (!a_left) {
@@ -144,8 +144,8 @@ TEST_F(PluginSinkTest, AFlushWaitsForALeavingContextsWrites) {
   EXPECT_EQ(flush.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
       << "a flush returned before the writes made through a leaving context were flushed";
   a.Hold(&FakeContext::hold_flush, false);
-  EXPECT_EQ(flush.get(), 0);
-  EXPECT_TRUE(leave_a.get());
+  EXPECT_EQ(test::Get(flush, "flush"), 0);
+  EXPECT_TRUE(test::Get(leave_a, "leave_a"));
   EXPECT_GE(a.Count(&FakeContext::flushes_finished), 1);
 }
 
@@ -164,7 +164,7 @@ TEST_F(PluginSinkTest, NoWriteGoesToALeavingContext) {
   a.WaitFor([&] { return a.flushes > 0; });  // Detach is flushing a
   EXPECT_EQ(Write(), ENOTCONN) << "a write went to a leaving context";
   a.Hold(&FakeContext::hold_flush, false);
-  EXPECT_TRUE(leave_a.get());
+  EXPECT_TRUE(test::Get(leave_a, "leave_a"));
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
 }
 

@@ -219,7 +219,7 @@ TEST(RegistryTest, AskingAWritersPluginHoldsUpNoOtherConnection) {
   b.Hold(&FakeContext::hold_can_fua, false);
   get_b.join();
   EXPECT_TRUE(done) << "other connections waited while b's plugin was asked";
-  EXPECT_TRUE(others.get());
+  EXPECT_TRUE(test::Get(others, "others"));
   EXPECT_EQ(x->sink->attached(), 2u);
   EXPECT_EQ(reg.Leave(x, b.next(), false), 0);
   EXPECT_EQ(reg.Leave(x, a.next(), false), 0);

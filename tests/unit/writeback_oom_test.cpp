@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "await.h"
 #include "batch_writer.h"
 #include "chunk.h"
 #include "dirty_map.h"
@@ -68,7 +69,7 @@ TEST(WriteBackOomTest, AFailedInsertKeepsOlderAcknowledgedData) {
   flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
   ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready)
       << "a flush after the failed insert hangs";
-  EXPECT_EQ(flush.get(), 0);
+  EXPECT_EQ(test::Get(flush, "flush"), 0);
   const std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 100), a);
 }
@@ -124,13 +125,13 @@ void SweepFlushAllocations(bool plugin_fails_once) {
     fail_at = 0;
     const bool reached = news_counted.load() >= k;
     ASSERT_TRUE(done) << "a flush hangs";
-    const int err = flush.get();
+    const int err = test::Get(flush, "flush");
     EXPECT_TRUE(err == 0 || err == ENOMEM || err == EIO) << "flush: " << err;
     sink.FailNext(0, 0);
     flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
     ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready)
         << "the flush after it hangs";
-    EXPECT_EQ(flush.get(), 0) << "the flush after it";
+    EXPECT_EQ(test::Get(flush, "flush"), 0) << "the flush after it";
     const std::vector<uint8_t> disk = sink.Disk();
     ASSERT_TRUE(std::equal(disk.begin(), disk.end(), model.begin()))
         << "the plugin does not hold what was acknowledged";
@@ -264,7 +265,7 @@ TEST(WriteBackOomTest, QueuedBytesCountAFailedBatchWaitingToMergeBack) {
     sink.Release();
     fail_at = 0;
     const bool reached = news_counted.load() >= k;
-    flush.get();
+    test::Get(flush, "flush");
     lowest = std::min(lowest, wb.queued_bytes());
     EXPECT_GE(lowest, 8u * 4096) << "queued_bytes fell while nothing was written";
     EXPECT_EQ(wb.queued_bytes(), (newer ? 12u : 8u) * 4096);
@@ -365,7 +366,7 @@ TEST(WriteBackOomTest, ABatchOutOfMemoryThrowsBeforeWritingOrFailsARequest) {
     });
     ASSERT_EQ(write.wait_for(std::chrono::seconds(10)), std::future_status::ready)
         << "a batch hangs";
-    const int err = write.get();
+    const int err = test::Get(write, "write");
     fail_at = 0;
     const bool reached = news_counted.load() >= k;
     EXPECT_TRUE(err == 0 || err == ENOMEM) << err;
@@ -416,7 +417,7 @@ TEST(WriteBackOomTest, CoalescedRunsAreWrittenWithoutABounceBuffer) {
     std::fprintf(stderr, "FAIL: a batch hangs out of memory\n");
     std::_Exit(1);
   }
-  EXPECT_EQ(write.get(), 0) << "nothing written while the copy could not be had";
+  EXPECT_EQ(test::Get(write, "write"), 0) << "nothing written while the copy could not be had";
   EXPECT_EQ(std::count(written.begin(), written.end(), 1), 8 * 32);
   EXPECT_EQ(calls, 8u * 32) << "range by range";
   const std::vector<uint8_t> disk = sink.Disk();
@@ -431,7 +432,7 @@ TEST(WriteBackOomTest, CoalescedRunsAreWrittenWithoutABounceBuffer) {
     std::fprintf(stderr, "FAIL: the batch after it waits for bounce buffers that do not exist\n");
     std::_Exit(1);
   }
-  EXPECT_EQ(write.get(), 0);
+  EXPECT_EQ(test::Get(write, "write"), 0);
   EXPECT_EQ(calls, 8u);
 }
 
@@ -466,7 +467,7 @@ TEST(WriteBackOomTest, ABounceBufferThatCannotBeKeptIsUncharged) {
       std::fprintf(stderr, "FAIL: a batch waits for bounce buffers that do not exist\n");
       std::_Exit(1);  // the future's destructor would wait for it
     }
-    return f.get();
+    return test::Get(f, "f");
   };
   sink.arm = true;
   for (int i = 0; i < 8; ++i) {
@@ -507,13 +508,13 @@ TEST(WriteBackOomTest, AttemptsOutOfMemoryBackOff) {
   const uint64_t attempts = wb.counters().flush_errors.load();
   fail_all = false;
   ASSERT_TRUE(done) << "a flush hangs";
-  EXPECT_EQ(flush.get(), ENOMEM);
+  EXPECT_EQ(test::Get(flush, "flush"), ENOMEM);
   EXPECT_GE(attempts, 1u);
   EXPECT_LE(attempts, 20u) << "attempts out of memory do not back off";
   std::printf("%llu attempts in 300 ms\n", static_cast<unsigned long long>(attempts));
   flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
   ASSERT_EQ(flush.wait_for(std::chrono::seconds(10)), std::future_status::ready);
-  EXPECT_EQ(flush.get(), 0);
+  EXPECT_EQ(test::Get(flush, "flush"), 0);
   const std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(std::string(disk.begin(), disk.begin() + 4096), a);
   EXPECT_EQ(std::string(disk.begin() + 8192, disk.begin() + 8192 + 4096), a);

@@ -328,7 +328,7 @@ TEST(WriteBackTest, BatchWhoseWritesWereLostBeforeItsFlushIsWrittenAgain) {
   ASSERT_EQ(sink.writes(), 1u);
   sink.Lose();
   sink.ReleaseFlush();
-  EXPECT_EQ(flush.get(), EIO) << "a flush reported lost writes as flushed";
+  EXPECT_EQ(test::Get(flush, "flush"), EIO) << "a flush reported lost writes as flushed";
   EXPECT_EQ(ReadThrough(wb, sink, 0, 3), "abc");
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   EXPECT_EQ(sink.writes(), 2u) << "the batch was not written again";
@@ -357,7 +357,7 @@ TEST(WriteBackTest, WriteThroughWithoutMultiConnIsFlushedBeforeItReturns) {
   sink.AwaitFlushesStarted(2);
   sink.Lose();
   sink.ReleaseFlush();
-  EXPECT_EQ(write.get(), EIO) << "acknowledged a write-through whose write was lost";
+  EXPECT_EQ(test::Get(write, "write"), EIO) << "acknowledged a write-through whose write was lost";
 }
 
 // A plugin that keeps failing: the flusher waits for each retry, even when
@@ -422,7 +422,7 @@ TEST(WriteBackTest, FlushDoesNotWaitForLaterWrites) {
   // Written while the flush is in flight: belongs to the next epoch.
   ASSERT_EQ(wb.Write("b", 1, 1, false), 0);
   sink.Release();
-  EXPECT_EQ(flushed.get(), 0);
+  EXPECT_EQ(test::Get(flushed, "flushed"), 0);
   EXPECT_EQ(sink.Disk()[0], 'a');
   EXPECT_EQ(wb.queued_requests(), 1u);  // "b" is still buffered
 }
@@ -455,11 +455,11 @@ TEST(WriteBackTest, NextBatchRunsWhileAPluginFlushIsInFlight) {
   EXPECT_EQ(t.first.wait_for(milliseconds(0)), std::future_status::timeout);
   EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
   t.sink.ReleaseFlushes(1);
-  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_EQ(test::Get(t.first, "t.first"), 0);
   t.sink.AwaitFlushesStarted(2);  // the second waiter's own plugin flush
   EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
   t.sink.ReleaseFlush();
-  EXPECT_EQ(t.second.get(), 0);
+  EXPECT_EQ(test::Get(t.second, "t.second"), 0);
   EXPECT_EQ(t.sink.flushes(), 2u);
 }
 
@@ -472,12 +472,12 @@ TEST(WriteBackTest, FlushThatStartedEarlierDoesNotCoverLaterWrites) {
   WriteBack& wb = t.wb;
   sink.AwaitWrites(2);
   sink.ReleaseFlushes(1);  // the first plugin flush succeeds
-  EXPECT_EQ(t.first.get(), 0);
+  EXPECT_EQ(test::Get(t.first, "t.first"), 0);
   sink.AwaitFlushesStarted(2);
   EXPECT_EQ(t.second.wait_for(milliseconds(50)), std::future_status::timeout);
   sink.FailFlush(EIO);
   sink.ReleaseFlushes(1);  // the second fails
-  EXPECT_EQ(t.second.get(), EIO);
+  EXPECT_EQ(test::Get(t.second, "t.second"), EIO);
   sink.FailFlush(0);
   sink.ReleaseFlush();
   EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
@@ -525,8 +525,8 @@ TEST(WriteBackTest, DisjointBatchRunsBesideAHeldOne) {
   EXPECT_EQ(t.second.wait_for(milliseconds(0)), std::future_status::timeout);
   EXPECT_EQ(ReadThrough(t.wb, sink, 0, 1), "a");
   sink.ReleaseAt();
-  EXPECT_EQ(t.first.get(), 0);
-  EXPECT_EQ(t.second.get(), 0);
+  EXPECT_EQ(test::Get(t.first, "t.first"), 0);
+  EXPECT_EQ(test::Get(t.second, "t.second"), 0);
   EXPECT_EQ(sink.Disk()[0], 'a');
   EXPECT_EQ(t.wb.queued_requests(), 0u);
 }
@@ -541,8 +541,8 @@ TEST(WriteBackTest, OverlappingBatchWaitsForTheOneInFlight) {
   EXPECT_FALSE(sink.WritesStartWithin(2, milliseconds(200)));
   EXPECT_EQ(ReadThrough(t.wb, sink, 0, 2), "bc");
   sink.ReleaseAt();
-  EXPECT_EQ(t.first.get(), 0);
-  EXPECT_EQ(t.second.get(), 0);
+  EXPECT_EQ(test::Get(t.first, "t.first"), 0);
+  EXPECT_EQ(test::Get(t.second, "t.second"), 0);
   EXPECT_EQ(ReadThrough(t.wb, sink, 0, 2), "bc");
   EXPECT_EQ(sink.Disk()[0], 'b');
 }
@@ -560,8 +560,8 @@ TEST(WriteBackTest, OlderBatchFailingBesideANewerOneIsKept) {
   sink.AwaitWrites(1);  // "b" is in the plugin
   sink.FailFrom(0, EIO);
   sink.ReleaseAt();     // "a" fails
-  EXPECT_EQ(t.first.get(), EIO);
-  EXPECT_EQ(t.second.get(), EIO);
+  EXPECT_EQ(test::Get(t.first, "t.first"), EIO);
+  EXPECT_EQ(test::Get(t.second, "t.second"), EIO);
   EXPECT_EQ(ReadThrough(wb, sink, 0, 1), "a");
   ASSERT_EQ(wb.Write("c", 1, 1, false), 0);  // newer, beside the kept "a"
   sink.FailFrom(0, 0);
@@ -649,12 +649,12 @@ TEST(WriteBackTest, WritesOverHalfTheQueueDoNotWaitForEachOther) {
       sink.ReleaseAt();  // the old way: it waited for room until b1 was written
       ADD_FAILURE() << "a write over half the queue waited for the one before it";
     }
-    return w.get();
+    return test::Get(w, "w");
   };
   EXPECT_EQ(bounded(b2, 2 << 20), 0);
   EXPECT_EQ(bounded(b3, 3 << 20), 0);
   sink.ReleaseAt();
-  EXPECT_EQ(first.get(), 0);
+  EXPECT_EQ(test::Get(first, "first"), 0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   const std::vector<uint8_t> disk = sink.Disk();
   for (const auto& [off, d] : {std::pair<uint64_t, const std::string*>{0, &a},
@@ -709,7 +709,7 @@ TEST(WriteBackTest, LookupExtentsTakesAtMostMaxRanges) {
   EXPECT_EQ(wb.LookupExtents(kGap / 2, &len, 2).pieces().size(), 4u);
   EXPECT_EQ(len, 2 * kGap) << "cut at the newer map's third range (the batch's is later)";
   sink.Release();
-  EXPECT_EQ(flush.get(), 0);
+  EXPECT_EQ(test::Get(flush, "flush"), 0);
 }
 
 // Zeroes and trims carry no data, but each adds an index entry: they are
@@ -741,7 +741,7 @@ TEST(WriteBackTest, ZeroesAndTrimsAreBoundedByTheQueue) {
   EXPECT_LT(done.load(), 20000u) << "all buffered while the plugin took none";
   EXPECT_LE(wb.memory_bytes(), 2 * kLimit) << "index entries unbounded while the plugin is held";
   sink.Release();
-  writer.get();
+  test::Get(writer, "writer");
   EXPECT_LE(peak, 2 * kLimit) << "index entries unbounded";
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   EXPECT_EQ(wb.queued_requests(), 0u);
@@ -913,8 +913,8 @@ TEST(WriteBackTest, AWriterWaitingForRoomGivesUpWhenGone) {
   gone = true;
   ASSERT_EQ(write.wait_for(test::kPatience), std::future_status::ready);
   ASSERT_EQ(zero.wait_for(test::kPatience), std::future_status::ready);
-  EXPECT_EQ(write.get(), ESHUTDOWN);
-  EXPECT_EQ(zero.get(), ESHUTDOWN);
+  EXPECT_EQ(test::Get(write, "write"), ESHUTDOWN);
+  EXPECT_EQ(test::Get(zero, "zero"), ESHUTDOWN);
   EXPECT_EQ(wb.queued_requests(), 2u) << "a request that gave up was buffered";
   sink.Fail(0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
@@ -1106,8 +1106,8 @@ TEST(WriteBackTest, WriteOverABypassWriteInFlightWaitsForIt) {
   EXPECT_EQ(sink.Disk()[0], 'C');
   EXPECT_EQ(newer.wait_for(milliseconds(100)), std::future_status::timeout);
   sink.ReleaseAt();
-  EXPECT_EQ(bypass.get(), 0);
-  EXPECT_EQ(newer.get(), 0);
+  EXPECT_EQ(test::Get(bypass, "bypass"), 0);
+  EXPECT_EQ(test::Get(newer, "newer"), 0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(disk[kLarge], 'A');
@@ -1132,9 +1132,9 @@ TEST(WriteBackTest, EachBypassWriteClearsOnlyItsOwnBytes) {
   auto over_first = std::async(std::launch::async, [&] { return wb.Write("a", 1, kLarge + 10, false); });
   EXPECT_EQ(over_first.wait_for(milliseconds(100)), std::future_status::timeout);
   sink.ReleaseAt();
-  EXPECT_EQ(held.get(), 0);
-  EXPECT_EQ(over_first.get(), 0);
-  EXPECT_EQ(over_second.get(), 0);
+  EXPECT_EQ(test::Get(held, "held"), 0);
+  EXPECT_EQ(test::Get(over_first, "over_first"), 0);
+  EXPECT_EQ(test::Get(over_second, "over_second"), 0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   std::vector<uint8_t> disk = sink.Disk();
   EXPECT_EQ(disk[kLarge], 'A');
@@ -1247,11 +1247,11 @@ TEST(WriteBackTest, ParkWaitsForTheBatchInThePlugin) {
       << "parked with a batch in the plugin";
   EXPECT_FALSE(t.wb.parked());
   t.sink.ReleaseAt();
-  EXPECT_TRUE(park.get());
+  EXPECT_TRUE(test::Get(park, "park"));
   EXPECT_TRUE(t.wb.parked());
   // Its batch was written, but the plugin flush it then needs cannot start
   // on a parked export (in nbdkit: no writer, so no context to flush).
-  EXPECT_EQ(t.first.get(), ENOTCONN);
+  EXPECT_EQ(test::Get(t.first, "t.first"), ENOTCONN);
   EXPECT_EQ(t.sink.Disk()[0], 'a');
 }
 
@@ -1328,7 +1328,7 @@ TEST(WriteBackTest, QuittingEndsTheLastConnectionsRetriesAtOnce) {
       ADD_FAILURE() << "still retrying after " << test::kPatience.count() << " s";
       sink.Fail(0);  // lets it end
     }
-    EXPECT_EQ(done.get(), ESHUTDOWN);
+    EXPECT_EQ(test::Get(done, "done"), ESHUTDOWN);
     if (!quitting) {
       EXPECT_GT(StatOf(wb, "flush_errors"), 1u) << "a remote's ESHUTDOWN was not retried";
     }
@@ -1378,7 +1378,7 @@ TEST(WriteBackTest, QuittingRetriesGoOnWhileTheyMakeProgress) {
   if (done.wait_for(test::kPatience) != std::future_status::ready) {
     ADD_FAILURE() << "still retrying after " << test::kPatience.count() << " s";
   }
-  EXPECT_EQ(done.get(), 0) << "gave up while retries still wrote";
+  EXPECT_EQ(test::Get(done, "done"), 0) << "gave up while retries still wrote";
   for (int i = 0; i < 6; ++i) EXPECT_EQ(sink.Disk()[i * 8192], 'r') << i;
 }
 
@@ -1519,7 +1519,7 @@ TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
   std::future<int> w =
       std::async(std::launch::async, [&] { return wb.Write(big.data(), kSize, 512 << 10, false); });
   ASSERT_EQ(w.wait_for(std::chrono::seconds(30)), std::future_status::ready);
-  EXPECT_EQ(w.get(), 0);
+  EXPECT_EQ(test::Get(w, "w"), 0);
   EXPECT_EQ(wb.counters().flush_errors.load(), 1u);
   EXPECT_EQ(wb.counters().bypass_writes.load(), 0u);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);

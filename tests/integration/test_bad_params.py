@@ -200,7 +200,9 @@ def main():
         cmd = [sdctest.NBDKIT, "-U", os.path.join(run_dir, "nbd.sock"), "-P", pidfile,
                "--filter=" + sdctest.FILTER, "null", "1M"] + params
         p = sdctest.run_command(cmd, timeout=5, check_rc=False)
-        if os.path.exists(pidfile):  # a daemon started after all: stop it
+        # A daemon started after all: stop it.  Its pidfile may come just
+        # after the parent exits 0 (nbdkit writes it in the child).
+        if p.returncode == 0 or os.path.exists(pidfile):
             sdctest.stop_daemon(sdctest.daemon_from_pidfile(pidfile, 5))
         err = p.stderr.decode(errors="replace")
         keys = [param.split("=", 1)[0] for param in params]

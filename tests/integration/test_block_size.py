@@ -4,7 +4,6 @@
 # never be written, and every later flush would fail.
 import errno
 import os
-import re
 
 import nbd
 import sdctest
@@ -68,10 +67,8 @@ def coalesced_up_to_the_maximum(tmp):
         sdctest.check(h.pread(1 << 20, 0) == data * 256, "the writes not read back")
         h.shutdown()
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
-    with open(logfile) as f:
-        sizes = [int(m.group(1), 16) for m in
-                 (re.search(r"Write id=\d+ offset=0x[0-9a-f]+ count=0x([0-9a-f]+)", ln) for ln in f)
-                 if m]
+    sizes = [int(f["count"], 16) for kind, returned, f in sdctest.log_filter_calls(logfile)
+             if kind == "Write" and not returned]
     sdctest.check(sizes and sum(sizes) == 1 << 20, "plugin writes %r" % sizes[:20])
     sdctest.check(max(sizes) == 65536, "plugin writes up to %d bytes, the maximum is 65536"
                   % max(sizes))

@@ -1,7 +1,6 @@
 # Durability in the backing file: after a flush, a FUA write, and a disconnect.
 
 import os
-import re
 
 import sdctest
 
@@ -20,22 +19,23 @@ def reached_plugin_durably(logfile, offset, count, what):
     with FUA, or a flush succeed after it: the plugin was asked to make it
     durable (reading the backing file only shows it was written, as the
     page cache holds it either way)."""
-    with open(logfile) as f:
-        lines = f.read().splitlines()
-    want = re.compile(r"Write id=(\d+) offset=0x%x count=0x%x fua=(\d)" % (offset, count))
+    calls = sdctest.log_filter_calls(logfile)
     last = None
-    for i, ln in enumerate(lines):
-        m = want.search(ln)
-        if m:
-            last = (i, m.group(1), m.group(2) == "1")
+    for i, (kind, returned, f) in enumerate(calls):
+        if (kind == "Write" and not returned and int(f["offset"], 16) == offset and
+                int(f["count"], 16) == count):
+            last = i
     sdctest.check(last is not None, "%s: no plugin write of [%d,+%d) in the log" %
                   (what, offset, count))
-    i, wid, fua = last
-    done = [ln for ln in lines[i:] if "...Write id=%s return=0" % wid in ln]
-    sdctest.check(done, "%s: the plugin write did not succeed" % what)
-    flushed = any(re.search(r"\.\.\.Flush id=\d+ return=0", ln) for ln in lines[i:])
+    after = calls[last:]
+    wid, fua = after[0][2]["id"], after[0][2]["fua"] == "1"
+    sdctest.check(any(kind == "Write" and returned and f["id"] == wid and f.get("return") == "0"
+                      for kind, returned, f in after),
+                  "%s: the plugin write did not succeed" % what)
+    flushed = any(kind == "Flush" and returned and f.get("return") == "0"
+                  for kind, returned, f in after)
     sdctest.check(fua or flushed, "%s: the plugin wrote it without FUA and was not flushed "
-                  "after it:\n%s" % (what, "\n".join(lines[i:])))
+                  "after it: %r" % (what, after))
 
 
 def plugin_asked_for_durability():

@@ -16,15 +16,9 @@ SIZE = 4 * MiB
 def plugin_requests(log):
     """(kind, offset, count) of the Write and Zero calls nbdkit's log filter
     (under the filter) saw."""
-    out = []
-    with open(log) as f:
-        for line in f:
-            parts = line.split()
-            for kind in ("Write", "Zero"):
-                if kind in parts:
-                    fields = dict(p.split("=", 1) for p in parts if "=" in p)
-                    out.append((kind, int(fields["offset"], 16), int(fields["count"], 16)))
-    return out
+    return [(kind, int(f["offset"], 16), int(f["count"], 16))
+            for kind, returned, f in sdctest.log_filter_calls(log)
+            if kind in ("Write", "Zero") and not returned]
 
 
 def emulated_zeroes(tmp):

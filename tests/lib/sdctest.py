@@ -540,3 +540,22 @@ def extents_of(h, count, offset, flags=0):
         return 0
     h.block_status(count, offset, cb, flags)
     return got
+
+
+def log_filter_calls(path):
+    """The calls nbdkit's log filter (logfile=PATH) recorded, in order, as
+    (kind, returned, fields): kind such as "Write", "Zero" or "Flush";
+    returned, whether the line is the "...Kind" one of a call's end; fields,
+    its key=value words (strings: id, offset, count, fua, return, ...)."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            words = line.split()[2:]  # after the date and time
+            if words and words[0].startswith("connection="):
+                words = words[1:]
+            if not words:
+                continue
+            kind = words[0]
+            fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+            out.append((kind.lstrip("."), kind.startswith("..."), fields))
+    return out

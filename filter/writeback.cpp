@@ -479,6 +479,8 @@ void WriteBack::FlusherLoop() {
         if (opts_.max_age.count() > 0) wake = std::min(wake, active_since_ + opts_.max_age);
         if (active_requests_ >= threshold_) wake = std::min(wake, threshold_at_ + opts_.gather);
       }
+      if (active_.empty() && account_.pooled() == 0 && account_.used() > 0)
+        ++waits_on_held_buffers_;
       if (wake == Clock::time_point::max())
         work_.Wait();
       else
@@ -899,6 +901,11 @@ uint64_t WriteBack::memory_bytes() {
 uint32_t WriteBack::threshold() {
   MutexLock l(&mu_);
   return threshold_;
+}
+
+uint64_t WriteBack::waits_on_held_buffers() {
+  MutexLock l(&mu_);
+  return waits_on_held_buffers_;
 }
 
 std::string WriteBack::DebugString() {

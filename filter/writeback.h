@@ -175,6 +175,9 @@ class WriteBack {
   uint32_t threshold() EXCLUDES(mu_);
   // For tests: the buffered sets as "active | flushing" DirtyMap strings.
   std::string DebugString() EXCLUDES(mu_);
+  // For tests: how often the flusher has gone to wait with nothing
+  // buffered or pooled while a buffer was still held (by a read, say).
+  uint64_t waits_on_held_buffers() EXCLUDES(mu_);
 
   // Called after each batch with (trigger, requests, bytes, plugin writes,
   // duration in µs, errno); from the thread that ran it (the flusher or a
@@ -310,6 +313,7 @@ class WriteBack {
   uint64_t batch_data_bytes_ GUARDED_BY(mu_) = 0;  // data bytes in batches_
   Clock::time_point active_since_ GUARDED_BY(mu_);  // when it came
   Clock::time_point last_work_ GUARDED_BY(mu_);  // end of the last batch
+  uint64_t waits_on_held_buffers_ GUARDED_BY(mu_) = 0;
   Clock::time_point threshold_at_ GUARDED_BY(mu_);  // when active_ reached threshold_
   uint32_t threshold_ GUARDED_BY(mu_);
   bool paused_ GUARDED_BY(mu_) = false;

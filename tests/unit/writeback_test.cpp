@@ -819,9 +819,10 @@ TEST(WriteBackTest, APoolFilledLateIsReleasedWhenIdle) {
     Overlay ov = wb.Lookup(0, block.size());  // a read in progress
     ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
     ASSERT_EQ(wb.queued_requests(), 0u);
-    // Not a wait for a condition: time for the flusher to go to sleep with
-    // nothing pooled, the state the read's end used to leave unseen.
-    std::this_thread::sleep_for(milliseconds(200));
+    // The flusher goes to sleep with nothing pooled: the state the read's
+    // end used to leave unseen.
+    test::AwaitPoll("the flusher to wait while the read holds its buffer",
+                    [&] { return wb.waits_on_held_buffers() > 0; });
     ASSERT_EQ(StatOf(wb, "pooled_bytes"), 0u);
   }  // the read ends: its buffer goes to the pool
   ASSERT_GT(StatOf(wb, "pooled_bytes"), 0u);

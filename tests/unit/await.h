@@ -15,9 +15,26 @@ namespace sdccache::test {
 
 inline constexpr std::chrono::seconds kPatience{20};
 
+// The scratch directory (from mkdtemp) that GiveUp removes before it
+// aborts, as abort() runs no destructor: a test sets it while it uses it.
+// Fixed size, so that GiveUp allocates nothing (a test may give up while
+// its operator new is set to fail).
+struct ScratchDir {
+  std::mutex mu;
+  char path[64] = {};
+};
+inline ScratchDir scratch_dir;
+
 [[noreturn]] inline void GiveUp(const char* what) {
   std::fprintf(stderr, "gave up after %lld s waiting for %s\n",
                static_cast<long long>(kPatience.count()), what);
+  {
+    std::lock_guard<std::mutex> l(scratch_dir.mu);
+    char cmd[96];
+    if (scratch_dir.path[0] &&
+        std::snprintf(cmd, sizeof cmd, "rm -rf '%s'", scratch_dir.path) < int{sizeof cmd})
+      (void)!std::system(cmd);
+  }
   std::abort();
 }
 

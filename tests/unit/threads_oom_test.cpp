@@ -33,14 +33,23 @@ std::string Slurp(const std::string& path) {
   return s.str();
 }
 
-// A private directory, removed with what the test made in it.
+// A private directory, removed with what the test made in it, also when
+// the test gives up (test::GiveUp).
 struct TempDir {
   TempDir() {
     char tmpl[] = "/tmp/sdc-oom-XXXXXX";
     EXPECT_NE(mkdtemp(tmpl), nullptr);
     path = tmpl;
+    std::lock_guard<std::mutex> l(test::scratch_dir.mu);
+    std::snprintf(test::scratch_dir.path, sizeof test::scratch_dir.path, "%s", tmpl);
   }
-  ~TempDir() { (void)!std::system(("rm -rf " + path).c_str()); }
+  ~TempDir() {
+    {
+      std::lock_guard<std::mutex> l(test::scratch_dir.mu);
+      test::scratch_dir.path[0] = '\0';
+    }
+    (void)!std::system(("rm -rf " + path).c_str());
+  }
   std::string path;
 };
 

@@ -82,10 +82,12 @@ class FaultyOps:
 
     A failed FUA request leaves its range holding either the old or the new
     content (NBD leaves it unspecified); the range is read back, must be one
-    of the two, and the model takes what was read."""
+    of the two, and the model takes what was read.  With `disk` (the
+    plugin's image file, which no other connection writes to), the file must
+    hold the model after each flush that succeeded."""
 
-    def __init__(self, h, model, size, seed, hot=256 * 1024):
-        self.h, self.model, self.size = h, model, size
+    def __init__(self, h, model, size, seed, hot=256 * 1024, disk=None):
+        self.h, self.model, self.size, self.disk = h, model, size, disk
         self.rng = random.Random(seed)
         self.hot = min(hot, size)
         self.seed = seed
@@ -137,6 +139,10 @@ class FaultyOps:
                 try:
                     h.flush()
                     self.flush_ok += 1
+                    if self.disk:
+                        check_same(read_file(self.disk), model.read(0, self.size),
+                                   "seed %d op %d: disk after a flush that succeeded" %
+                                   (self.seed, i))
                 except nbd.Error as e:
                     check(e.errnum == errno.EIO, "flush failed with %s, want EIO" % e)
                     self.flush_failures += 1

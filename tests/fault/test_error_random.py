@@ -32,7 +32,7 @@ def run(seed, threshold, count, rate="30%"):
         h = srv.connect()
         h2 = srv.connect()
         model = Model(SIZE)
-        ops = FaultyOps(h, model, SIZE, seed)
+        ops = FaultyOps(h, model, SIZE, seed, disk=img)
         ops.run(count)
         # A second connection sees the same content while failures go on.
         check_same(h2.pread(SIZE, 0), model.read(0, SIZE), "second connection while failing")

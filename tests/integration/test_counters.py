@@ -56,11 +56,17 @@ def scenario(json_format):
         sdctest.check(int(st["memory_bytes"]) >= 3 * BLOCK, "memory_bytes %r" % st["memory_bytes"])
         sdctest.check(int(st["peak_queued_bytes"]) >= 3 * BLOCK, "peak_queued_bytes")
 
-        for i in range(3, 5):
-            h.pwrite(bytes([i + 1]) * BLOCK, offs[i])
+        # A request that replaces buffered data counts as a request (as for
+        # threshold), while its bytes replace those it covers.
+        h.pwrite(b"\x01" * BLOCK, offs[0])
+        check_both(srv, stats_path, json_format,
+                   {"queued_requests": 4, "queued_bytes": 3 * BLOCK, "batches_flushed": 0},
+                   "after a 4th write over the 1st")
+
+        h.pwrite(b"\x04" * BLOCK, offs[3])
         check_both(srv, stats_path, json_format,
                    {"batches_flushed": 1, "queued_bytes": 0, "queued_requests": 0,
-                    "requests_flushed": 5, "bytes_flushed": 5 * BLOCK,
+                    "requests_flushed": 5, "bytes_flushed": 4 * BLOCK,
                     "flushes_threshold": 1, "flushes_client": 0},
                    "after the 5th write")
 

@@ -431,6 +431,8 @@ static int sdccache_finalize(nbdkit_next*, void* handle) {
   return 0;
 }
 
+static constexpr size_t kMaxNbdString = 4096;  // NBD_MAX_STRING
+
 static const char* sdccache_export_description(nbdkit_next* next, void* handle) {
   auto* h = static_cast<Handle*>(handle);
   try {
@@ -440,7 +442,12 @@ static const char* sdccache_export_description(nbdkit_next* next, void* handle) 
       base = next->export_description(next);
     }
     std::string summary = CacheOf(h) ? g->registry->Summary() : "sdccache: read-only pass-through";
-    if (base && *base) return nbdkit_printf_intern("%s (%s)", base, summary.c_str());
+    if (base && *base) {
+      // nbdkit drops a description longer than NBD's 4096-byte string
+      // limit, which would take the plugin's own with it: keep that one.
+      if (std::strlen(base) + summary.size() + 3 > kMaxNbdString) return base;
+      return nbdkit_printf_intern("%s (%s)", base, summary.c_str());
+    }
     return nbdkit_strdup_intern(summary.c_str());
   } catch (...) {
     return nullptr;

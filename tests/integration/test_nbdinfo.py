@@ -78,5 +78,23 @@ def main():
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
 
 
+def plugin_descriptions():
+    """The plugin's description comes first, with the summary after it; one
+    too long for both within NBD's 4096 bytes comes alone (nbdkit would drop
+    the whole string)."""
+    for base, want in (("a disk", "a disk (sdccache: threshold="), ("d" * 4050, "d" * 4050)):
+        tmp = sdctest.scratch_dir(prefix="sdc-nbdinfo-desc-")
+        with sdctest.start_server(["memory", "1M", "exportdesc=fixed:" + base], ["threshold=7"],
+                                  under=["exportname"], tmpdir=tmp) as srv:
+            out = sdctest.run_command(["nbdinfo", "--json", srv.uri], timeout=30)
+            desc = json.loads(out.stdout.decode())["exports"][0].get("description")
+            sdctest.check(desc is not None and desc.startswith(want) and
+                          (len(base) < 4000 or desc == base),
+                          "description %r, want it to start with %r" % (desc, want[:40]))
+            sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("plugin descriptions: ok")
+
+
 if __name__ == "__main__":
     main()
+    plugin_descriptions()

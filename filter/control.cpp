@@ -1,13 +1,8 @@
 // ControlSocket: line commands to steer write-back at run time.
 #include "control.h"
 
-#include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <exception>
-#include <new>
-#include <system_error>
 #include <fcntl.h>
+#include <nbdkit-filter.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
@@ -15,7 +10,13 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <nbdkit-filter.h>
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <system_error>
 
 #include "params.h"
 #include "registry.h"
@@ -60,10 +61,25 @@ bool Inspect(const std::string& path, sockaddr_un* addr, bool* stale) {
     if (!S_ISSOCK(st.st_mode)) {
       why = "exists and is not a socket";
     } else {
-      int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-      if (probe != -1 && connect(probe, reinterpret_cast<sockaddr*>(addr), sizeof *addr) == 0)
+      // Stale only if nobody is bound to it (ECONNREFUSED).  Without
+      // blocking: a listener whose backlog is full is in use, not a reason
+      // to hang.  A datagram socket (EPROTOTYPE), or one this user may not
+      // connect to (EACCES), may well be another process's: not replaced.
+      const int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+      int err = errno;
+      if (probe != -1) {
+        err = connect(probe, reinterpret_cast<sockaddr*>(addr), sizeof *addr) == 0 ? 0 : errno;
+        close(probe);
+      }
+      if (probe != -1 && (err == 0 || err == EAGAIN || err == EINPROGRESS)) {
         why = "is in use by another process";
-      if (probe != -1) close(probe);
+      } else if (probe == -1 || err != ECONNREFUSED) {
+        nbdkit_error(
+            "sdccache: control: %s is a socket that may be in use (connect: %s); "
+            "remove it if it is not",
+            path.c_str(), std::strerror(err));
+        return false;
+      }
     }
     if (why != nullptr) {
       nbdkit_error("sdccache: control: %s %s", path.c_str(), why);
@@ -150,13 +166,46 @@ void ControlSocket::Loop() {
   // Named for top -H, gdb, and the thread-failure test's shim, which
   // leaves the client threads started here out of its count.
   pthread_setname_np(pthread_self(), "sdccache-ctl");
+  // Clients refused for being too many, told so and kept until they close
+  // or kRefusedLingerMs pass, their input read and dropped: closing one
+  // whose command was still unread would reset the connection, and the
+  // client lose the answer.  Fixed arrays: nothing here may throw.
+  struct Refused {
+    int fd;
+    std::chrono::steady_clock::time_point until;
+  };
+  Refused refused[kMaxRefused];
+  size_t n_refused = 0;
+  auto drop_refused = [&](size_t i) {
+    close(refused[i].fd);
+    refused[i] = refused[--n_refused];
+  };
   while (true) {
-    pollfd fds[2] = {{listen_fd_, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
-    if (poll(fds, 2, -1) == -1) {
-      if (errno == EINTR) continue;
-      return;
+    pollfd fds[2 + kMaxRefused] = {{listen_fd_, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
+    const auto now = std::chrono::steady_clock::now();
+    int timeout = -1;
+    for (size_t i = 0; i < n_refused; ++i) {
+      fds[2 + i] = {refused[i].fd, POLLIN, 0};
+      const auto left =
+          std::chrono::ceil<std::chrono::milliseconds>(refused[i].until - now).count();
+      const int ms = static_cast<int>(std::clamp<int64_t>(left, 0, kRefusedLingerMs));
+      timeout = timeout == -1 ? ms : std::min(timeout, ms);
     }
-    if (fds[1].revents) return;
+    if (poll(fds, static_cast<nfds_t>(2 + n_refused), timeout) == -1) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (fds[1].revents) break;
+    const auto after = std::chrono::steady_clock::now();
+    for (size_t i = n_refused; i-- > 0;) {  // drop_refused moves only later ones
+      bool done = after >= refused[i].until;
+      if (!done && fds[2 + i].revents) {
+        char buf[512];
+        const ssize_t r = recv(refused[i].fd, buf, sizeof buf, MSG_DONTWAIT);
+        done = r == 0 || (r == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+      }
+      if (done) drop_refused(i);
+    }
     if (!(fds[0].revents & POLLIN)) continue;
     int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd == -1) {
@@ -166,7 +215,7 @@ void ControlSocket::Loop() {
       // still ends the wait at once).
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
         pollfd stop = {stop_pipe_[0], POLLIN, 0};
-        if (poll(&stop, 1, kAcceptRetryMs) > 0) return;
+        if (poll(&stop, 1, kAcceptRetryMs) > 0) break;
       }
       continue;
     }
@@ -175,7 +224,10 @@ void ControlSocket::Loop() {
       if (clients_ >= kMaxClients) {
         static const char kBusy[] = "error too many control clients\n";
         (void)!send(fd, kBusy, sizeof kBusy - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-        close(fd);
+        shutdown(fd, SHUT_WR);
+        if (n_refused == kMaxRefused) drop_refused(0);
+        refused[n_refused++] = {
+            fd, std::chrono::steady_clock::now() + std::chrono::milliseconds(kRefusedLingerMs)};
         continue;
       }
       ++clients_;
@@ -197,6 +249,7 @@ void ControlSocket::Loop() {
       ClientDone(fd);
     }
   }
+  while (n_refused > 0) drop_refused(n_refused - 1);
 }
 
 void ControlSocket::Reap() {
@@ -211,9 +264,13 @@ void ControlSocket::Reap() {
 }
 
 void ControlSocket::ClientDone(int fd) {
+  {
+    // Uncounted first: once it sees EOF, the client may connect again at
+    // once, and must not be refused for its own old connection.
+    std::lock_guard<std::mutex> lock(clients_mu_);
+    --clients_;
+  }
   close(fd);
-  std::lock_guard<std::mutex> lock(clients_mu_);
-  --clients_;
 }
 
 // Waits until `fd` has `events` (true), the stop pipe is readable, the

@@ -41,6 +41,10 @@ class ControlSocket {
   // Clients served at once; more are answered "error too many control
   // clients" and disconnected.
   static constexpr int kMaxClients = 16;
+  // Refused clients kept (until they close, for at most kRefusedLingerMs)
+  // so that they read the refusal; past that many, one of them is closed.
+  static constexpr size_t kMaxRefused = 16;
+  static constexpr int kRefusedLingerMs = 1000;
   // Between tries to accept a client while nbdkit is out of descriptors.
   static constexpr int kAcceptRetryMs = 100;
 

@@ -51,6 +51,49 @@ def stale_socket_replaced(tmp):
     print("stale socket: replaced, and removed at exit")
 
 
+def others_sockets_kept(tmp):
+    """A socket that is not a stale stream socket is no control socket to
+    replace: another process's datagram socket (say /dev/log) is refused
+    and keeps working; a listener whose backlog is full is in use, and
+    nbdkit says so at once instead of hanging in connect."""
+    dgram = os.path.join(tmp, "dgram.sock")
+    owner = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    owner.bind(dgram)
+    p = sdctest.run_nbdkit(["memory", "1M", "control=" + dgram])
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and "may be in use" in err,
+                  "control= on a live datagram socket: exit %d: %r" % (p.returncode, err))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
+        c.sendto(b"still mine", dgram)  # FileNotFoundError if it was removed
+    owner.settimeout(5)
+    sdctest.check(owner.recv(64) == b"still mine", "the datagram socket's owner lost it")
+    owner.close()
+    print("datagram socket: refused: %s" % err.strip().splitlines()[-1])
+
+    busy = os.path.join(tmp, "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(busy)
+    listener.listen(0)
+    queued = []
+    while True:  # fill the backlog: the next connect would block
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        queued.append(c)
+        try:
+            c.connect(busy)
+        except BlockingIOError:
+            break
+        sdctest.check(len(queued) < 100, "the backlog never filled")
+    p = sdctest.run_nbdkit(["memory", "1M", "control=" + busy], timeout=10)
+    err = p.stderr.decode(errors="replace")
+    sdctest.check(p.returncode != 0 and "in use" in err,
+                  "control= on a busy listener: exit %d: %r" % (p.returncode, err))
+    sdctest.check(os.path.exists(busy), "the busy listener's socket was removed")
+    for c in queued + [listener]:
+        c.close()
+    print("busy listener: refused: %s" % err.strip().splitlines()[-1])
+
+
 def stuck_client(ctl):
     """A control client that sends commands and never reads the replies,
     until the server's send is stuck on it (its sends time out for 0.5 s)."""
@@ -163,6 +206,32 @@ def idle_client(tmp):
         # 20 s: on a loaded 2-core machine the 16 accepts can take seconds.
         sdctest.wait_until(refused, 20, "a client past %d to be refused" % MAX_CLIENTS)
         print("client %d: %r" % (MAX_CLIENTS + 1, answers[-1]))
+        # A refused client that sent its command at once reads the whole
+        # refusal, then EOF: no reset for its unread command.
+        told = 0
+        for _ in range(20):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.settimeout(5)
+                got = b""
+                try:
+                    c.connect(ctl)
+                    c.sendall(b"help\n")
+                    while True:
+                        chunk = c.recv(4096)
+                        if not chunk:
+                            break
+                        got += chunk
+                        if got.endswith(b"ok\n"):  # served: an idle one was dropped
+                            break
+                except (BrokenPipeError, ConnectionResetError) as e:
+                    sdctest.fail("a refused control client lost its answer (%r, got %r)" % (e, got))
+                if got.startswith(b"error"):
+                    sdctest.check(got == b"error too many control clients\n",
+                                  "refusal read as %r" % got)
+                    told += 1
+        sdctest.check(told >= 10, "only %d of 20 clients were refused: the test tests little"
+                      % told)
+        print("%d refused clients read the whole refusal" % told)
         for c in idle:
             # Dropped: EOF.  A replacement top_up made while the server
             # still counted the client it replaced was refused instead (CI
@@ -336,6 +405,7 @@ def main():
     tmp = sdctest.scratch_dir(prefix="sdc-ctl-hostile-")
     live_socket_kept(tmp)
     stale_socket_replaced(tmp)
+    others_sockets_kept(tmp)
     export_names_in_counters(tmp)
     relative_paths_as_daemon(tmp)
     unread_replies(tmp)

@@ -178,7 +178,10 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   // A bypass write of these bytes is still in flight: this newer request
   // must not reach the plugin before it, so it waits (a client that sends
   // overlapping writes at once gets them in some order, but one order).
-  while (OverlapsBypass(r.offset, r.length)) done_.Wait();
+  while (OverlapsBypass(r.offset, r.length)) {
+    ++overlap_waits_;
+    done_.Wait();
+  }
   if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
   const bool was_empty = active_.empty();
   const bool was_half = HalfFull();
@@ -208,8 +211,23 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
 int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) {
   MutexLock l(&mu_);
   // Everything acknowledged before this request must reach the Sink first,
-  // or an older buffered overlap would land over it later.
-  if (int err = WaitFor(last_seq_, 0, false, Trigger::kBackpressure)) return err;
+  // or an older buffered overlap would land over it later.  Then, like a
+  // bypass write, it is in flight alone on its bytes: a newer request for
+  // them waits for it (Buffer), or could be written back before it lands
+  // and be read back, after both were acknowledged, first as the newest
+  // and then as overwritten.  Requests for its bytes that came while it
+  // waited are written first too; one in bypass_ (itself in flight) ends.
+  while (true) {
+    if (int err = WaitFor(last_seq_, 0, false, Trigger::kBackpressure)) return err;
+    if (OverlapsBypass(offset, count)) {
+      ++overlap_waits_;
+      done_.Wait();
+    } else if (!active_.Overlaps(offset, count) && !OverlapsBatches(offset, count)) {
+      break;
+    }
+  }
+  const std::pair<uint64_t, uint64_t> mine{offset, count};
+  bypass_.push_back(mine);
   counters_.writethrough_requests.fetch_add(1, std::memory_order_relaxed);
   mu_.Unlock();  // no lock across plugin I/O
   // Nothing keeps this write once the Sink has it.  With flush_before_release
@@ -222,6 +240,7 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   int err = sink_->Write(buf, count, offset, fua && !flush);
   if (err == 0 && flush) err = FlushSinceLosses(losses_before);
   mu_.Lock();
+  EndBypassLocked(mine);
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
   if (err) {
     CountFailedCallLocked(err);
@@ -241,6 +260,15 @@ void WriteBack::CountFailedCallLocked(int err) {
   // ENOTCONN only says no context was there (see RecordError).
   if (err != ENOTCONN || last_error_ == 0) last_error_ = err;
   counters_.last_error.store(last_error_, std::memory_order_relaxed);
+}
+
+void WriteBack::EndBypassLocked(std::pair<uint64_t, uint64_t> mine) {
+  // The entries are disjoint (OverlapsBypass before each was added), so
+  // this one is ours.
+  const auto it = std::find(bypass_.begin(), bypass_.end(), mine);
+  *it = bypass_.back();
+  bypass_.pop_back();
+  done_.SignalAll();  // for writers of the same bytes (Buffer, WriteThrough)
 }
 
 bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
@@ -270,11 +298,7 @@ WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64
   mu_.Unlock();  // no lock across plugin I/O
   const int err = batch_writer_.WriteTimed(buf, count, offset, fua);
   mu_.Lock();
-  // The entries are disjoint (OverlapsBypass above), so this one is ours.
-  const auto it = std::find(bypass_.begin(), bypass_.end(), mine);
-  *it = bypass_.back();
-  bypass_.pop_back();
-  done_.SignalAll();  // for writers of the same bytes (Buffer)
+  EndBypassLocked(mine);
   counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
   if (err != 0) {
     CountFailedCallLocked(err);
@@ -901,6 +925,11 @@ uint64_t WriteBack::memory_bytes() {
 uint32_t WriteBack::threshold() {
   MutexLock l(&mu_);
   return threshold_;
+}
+
+uint64_t WriteBack::overlap_waits() {
+  MutexLock l(&mu_);
+  return overlap_waits_;
 }
 
 uint64_t WriteBack::waits_on_held_buffers() {

@@ -178,6 +178,9 @@ class WriteBack {
   // For tests: how often the flusher has gone to wait with nothing
   // buffered or pooled while a buffer was still held (by a read, say).
   uint64_t waits_on_held_buffers() EXCLUDES(mu_);
+  // For tests: how often a request has waited for a bypass or write-through
+  // write of the same bytes to end.
+  uint64_t overlap_waits() EXCLUDES(mu_);
 
   // Called after each batch with (trigger, requests, bytes, plugin writes,
   // duration in µs, errno); from the thread that ran it (the flusher or a
@@ -218,6 +221,8 @@ class WriteBack {
   Bypass WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                      bool any_plugin = false) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
+  // Removes a bypass or write-through write's entry once it has ended.
+  void EndBypassLocked(std::pair<uint64_t, uint64_t> mine) REQUIRES(mu_);
   // Lookup's and LookupExtents' snapshot of [offset, offset+length): the
   // running batches' pieces, then active_'s (newer last).
   Overlay SnapshotLocked(uint64_t offset, uint64_t length) REQUIRES(mu_);
@@ -300,7 +305,8 @@ class WriteBack {
   // A batch starts beside running ones only if active_ has at most this
   // many ranges (the disjointness check is done under mu_).
   static constexpr size_t kMaxCheckedRanges = 256;
-  // Bypass writes in flight: (offset, length), pairwise disjoint.  A
+  // Bypass and write-through writes in flight: (offset, length), pairwise
+  // disjoint, and disjoint from active_ and batches_ (Buffer waits).  A
   // vector that keeps its capacity, so that a bypass write allocates
   // nothing (a list node each was a fair part of the filter's own cost on
   // fio's 64 KiB writes).
@@ -314,6 +320,7 @@ class WriteBack {
   Clock::time_point active_since_ GUARDED_BY(mu_);  // when it came
   Clock::time_point last_work_ GUARDED_BY(mu_);  // end of the last batch
   uint64_t waits_on_held_buffers_ GUARDED_BY(mu_) = 0;
+  uint64_t overlap_waits_ GUARDED_BY(mu_) = 0;
   Clock::time_point threshold_at_ GUARDED_BY(mu_);  // when active_ reached threshold_
   uint32_t threshold_ GUARDED_BY(mu_);
   bool paused_ GUARDED_BY(mu_) = false;

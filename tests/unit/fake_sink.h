@@ -14,7 +14,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
+#include <set>
 #include <vector>
 
 #include "await.h"
@@ -30,8 +32,10 @@ class FakeSink : public Sink {
     std::unique_lock<std::mutex> l(mu_);
     ++writes_started_;
     cv_.notify_all();
-    Await(l, "a held write's release",
-          [&] { return !held_ && !(hold_at_set_ && offset == hold_at_); });
+    ++waiting_at_[offset];
+    cv_.notify_all();
+    Await(l, "a held write's release", [&] { return !held_ && !hold_at_.count(offset); });
+    if (--waiting_at_[offset] == 0) waiting_at_.erase(offset);
     if (int e = Injected(fail_)) return e;
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     if (fail_at_err_ && offset == fail_at_) return fail_at_err_;
@@ -91,21 +95,35 @@ class FakeSink : public Sink {
     }
     cv_.notify_all();
   }
-  // Only writes that start at `offset` wait, until ReleaseAt().
-  void HoldAt(uint64_t offset) {
+  // Only writes that start at `offset` wait, until ReleaseAt(); with
+  // keep_others, also those at the offsets held before.
+  void HoldAt(uint64_t offset, bool keep_others = false) {
     {
       std::lock_guard<std::mutex> l(mu_);
-      hold_at_set_ = true;
-      hold_at_ = offset;
+      if (!keep_others) hold_at_.clear();
+      hold_at_.insert(offset);
     }
     cv_.notify_all();  // a write held at another offset goes on
   }
   void ReleaseAt() {
     {
       std::lock_guard<std::mutex> l(mu_);
-      hold_at_set_ = false;
+      hold_at_.clear();
     }
     cv_.notify_all();
+  }
+  void ReleaseAt(uint64_t offset) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      hold_at_.erase(offset);
+    }
+    cv_.notify_all();
+  }
+  // Blocks until a write that starts at `offset` is held.
+  void AwaitHeldAt(uint64_t offset) {
+    std::unique_lock<std::mutex> l(mu_);
+    Await(l, "a write to be held",
+          [&] { return waiting_at_.count(offset) && hold_at_.count(offset); });
   }
   // Flushes wait while held (writes do not); ReleaseFlushes(n) lets the
   // next n through in the order they arrived.
@@ -213,8 +231,9 @@ class FakeSink : public Sink {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<uint8_t> disk_;
-  bool held_ = false, flush_held_ = false, hold_at_set_ = false;
-  uint64_t hold_at_ = 0;
+  bool held_ = false, flush_held_ = false;
+  std::set<uint64_t> hold_at_;
+  std::map<uint64_t, int> waiting_at_;  // writes in Write() before the hold, by offset
   uint64_t flushes_started_ = 0, flushes_allowed_ = 0;
   int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
   uint64_t fail_next_ = 0, injected_ = 0, fail_from_ = 0;

@@ -1528,6 +1528,49 @@ TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
   EXPECT_GE(sink.writes_started() - started_before, 2u);
 }
 
+// A write-through in flight is alone on its bytes, as a bypass write is: a
+// newer write to them waits until it has landed.  Otherwise that write was
+// acknowledged and written back while the write-through was still at the
+// plugin, which could land over it: a read after both were acknowledged
+// returned the newer write (buffered), and once its batch had retired the
+// write-through (review A).
+TEST(WriteBackTest, ANewerWriteOverAWriteThroughInFlightWaitsForIt) {
+  constexpr uint64_t kLimit = 64 * 1024, kFar = kDisk / 2;
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000, kLimit);
+  o.bypass_min = 0;
+  WriteBack wb(&sink, o);
+  const std::string through(2 * kLimit, 'W'), newer(512, 'N'), far(512, 'M');
+  sink.HoldAt(0);
+  sink.HoldAt(kFar, /*keep_others=*/true);
+  auto w = std::async(std::launch::async,
+                      [&] { return wb.Write(through.data(), through.size(), 0, false); });
+  sink.AwaitHeldAt(0);  // the write-through is at the plugin
+  auto n = std::async(std::launch::async,
+                      [&] { return wb.Write(newer.data(), newer.size(), 4096, false); });
+  // The newer write is buffered (without the wait) or waits.
+  test::AwaitPoll("the newer write to be buffered or to wait", [&] {
+    return n.wait_for(std::chrono::seconds(0)) == std::future_status::ready ||
+           wb.overlap_waits() > 0;
+  });
+  ASSERT_EQ(wb.Write(far.data(), far.size(), kFar, false), 0);
+  // A batch runs and stays in flight at kFar.  Without the wait, the newer
+  // write was in it, and landed (offset order) before the batch got there.
+  auto flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  sink.AwaitHeldAt(kFar);
+  sink.ReleaseAt(0);  // the write-through lands
+  ASSERT_EQ(test::Get(w, "the write-through"), 0);
+  ASSERT_EQ(test::Get(n, "the newer write"), 0);
+  const std::string acknowledged = ReadThrough(wb, sink, 4096, 512);  // both are
+  sink.ReleaseAt(kFar);
+  ASSERT_EQ(test::Get(flush, "the flush"), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(ReadThrough(wb, sink, 4096, 512), acknowledged)
+      << "a read changed with no write in between";
+  EXPECT_EQ(acknowledged, newer);
+  EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
+}
+
 // The same for a write-through, whose failure the client gets.
 TEST(WriteBackTest, AFailedWriteThroughIsCounted) {
   FakeSink sink(kDisk);

@@ -592,7 +592,6 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
   if (err == 0) {
     retired = std::move(b.map);
     batches_.erase(it);
-    ++retiring_;
     ++write_gen_;
     UpdateWrittenSeq();
     if (flush_after) {  // the only batch running (CanStartBatch)
@@ -652,6 +651,13 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
     NoteQuittingLocked(err, client_thread);
   }
   ReconcileChargesLocked();
+  // What the batch retired, and its plan's references to buffers (a
+  // failed batch's too), are freed below without the lock: memory counts
+  // wait for that (retiring_).  The flusher, woken now, must see this
+  // batch as the last work, or it could take the export for idle (the
+  // last batch long ago) and release the pool as it fills.
+  ++retiring_;
+  last_work_ = Clock::now();
   done_.SignalAll();
   work_.Signal();  // the flusher may have waited for the batch to end
   BatchHook hook = hook_;
@@ -661,7 +667,7 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
   plan.clear();
   mu_.Lock();
   last_work_ = Clock::now();
-  if (err == 0 && --retiring_ == 0) done_.SignalAll();
+  if (--retiring_ == 0) done_.SignalAll();
   if (hook != nullptr) {
     mu_.Unlock();
     hook(opaque, why, requests, bytes, plugin_writes, us, err);

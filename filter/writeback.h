@@ -329,8 +329,9 @@ class WriteBack {
   bool stopping_ GUARDED_BY(mu_) = false;
   bool stopped_ GUARDED_BY(mu_) = false;
   bool parked_ GUARDED_BY(mu_) = false;  // Park(): no thread of ours runs
-  // Written batches being freed outside mu_: Stats() waits, so that it
-  // never reports queued bytes gone while their memory is still held.
+  // Batches ended (written or failed) whose buffers are being freed
+  // outside mu_: Stats() waits, so that it never reports queued bytes gone
+  // while their memory is still held.
   unsigned retiring_ GUARDED_BY(mu_) = 0;
   Trigger pending_why_ GUARDED_BY(mu_) = Trigger::kClient;
 

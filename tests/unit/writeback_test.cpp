@@ -772,7 +772,11 @@ TEST(WriteBackTest, ARangeRefusedForGoodDoesNotUseUpTheQueue) {
     }
   }
   EXPECT_EQ(wb.Flush(Trigger::kClient), EINVAL);
-  EXPECT_LE(wb.memory_bytes(), alone + 4096) << "charges of merged or written requests kept";
+  // Up to 3 spare index leaves (about 3.5 KiB each) and vector capacity
+  // may stay, depending on how many ranges piled up before the flusher
+  // caught up (the man page's index overhead); charges kept for the 5,000
+  // requests would be 128 bytes each.
+  EXPECT_LE(wb.memory_bytes(), alone + 16384) << "charges of merged or written requests kept";
   sink.FailAt(0, 0);
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
   EXPECT_EQ(wb.memory_bytes(), 0u);

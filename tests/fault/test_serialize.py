@@ -39,8 +39,8 @@ def run(thread_model, connections, seed, ops=40):
                 base = i * slice_len
                 # A number of requests, not a time: the plugin's calls
                 # (shell commands) slow down with the machine's load, and
-                # the checks below need some of each kind (seeded: each
-                # run sends at least 6 cache requests).
+                # the checks below need some of each kind to reach the
+                # plugin (a cache request for buffered bytes does not).
                 for _ in range(ops):
                     off = base + rng.randrange(0, slice_len - 8192)
                     n = rng.randint(1, 8192)
@@ -92,7 +92,10 @@ def run(thread_model, connections, seed, ops=40):
 def main():
     seed = int(os.environ.get("SEED", "3"))
     run("serialize_all_requests", 3, seed)
-    run("serialize_connections", 1, seed + 1)
+    run("serialize_connections", 1, seed + 1, ops=80)
+    # One connection's requests in turn: the flusher's calls beside the
+    # client's would be concurrent ones on that connection.
+    run("serialize_requests", 1, seed + 2, ops=120)
 
 
 if __name__ == "__main__":

@@ -76,5 +76,46 @@ def coalesced_up_to_the_maximum(tmp):
           % (len(sizes), max(sizes)))
 
 
+def pieces_within_the_maximum(tmp):
+    """Every plugin request the filter makes stays within the maximum the
+    plugin advertises (blocksize-policy refuses anything larger): adjacent
+    writes of a size that does not divide it, a buffered write larger than
+    it, and a zero the plugin cannot do, written as zeroed data."""
+    maximum = 65536
+    with sdctest.start_server(["memory", str(4 * SIZE), "blocksize-maximum=%d" % maximum,
+                               "blocksize-error-policy=error", "zeromode=none"],
+                              ["threshold=1000", "max-age=1h", "bypass-min=0"],
+                              under=["blocksize-policy", "nozero"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        h.set_strict_mode(0)  # libnbd would refuse the write over the maximum itself
+        model = bytearray(4 * SIZE)
+        for i in range(100):  # 300,000 bytes in adjacent 3000-byte writes
+            data = bytes([i + 1]) * 3000
+            h.pwrite(data, i * 3000)
+            model[i * 3000:(i + 1) * 3000] = data
+        h.flush()
+        big = bytes(range(256)) * 1024  # 256 KiB, buffered (bypass-min=0)
+        h.pwrite(big, SIZE)
+        model[SIZE:SIZE + len(big)] = big
+        h.flush()
+        h.zero(SIZE, 2 * SIZE - 4096)  # over data and beyond it
+        model[2 * SIZE - 4096:3 * SIZE - 4096] = bytes(SIZE)
+        h.pwrite(b"\xee" * maximum, 3 * SIZE)  # so that the zero has data to clear later
+        model[3 * SIZE:3 * SIZE + maximum] = b"\xee" * maximum
+        h.flush()
+        h.zero(maximum * 2, 3 * SIZE - maximum // 2)
+        model[3 * SIZE - maximum // 2:3 * SIZE + 3 * maximum // 2] = bytes(2 * maximum)
+        h.flush()
+        got = b"".join(h.pread(maximum, off) for off in range(0, 4 * SIZE, maximum))
+        sdctest.check(got == bytes(model), "what was written not read back")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        log = srv.log_text()
+        sdctest.check("larger than maximum" not in log, "a request over the maximum:\n" + log[-1500:])
+    print("adjacent 3000-byte writes, a 256 KiB write and zeroes of up to 1 MiB: plugin "
+          "requests within %d bytes" % maximum)
+
+
 if __name__ == "__main__":
     main()
+    pieces_within_the_maximum(sdctest.scratch_dir(prefix="sdc-blocksize-"))

@@ -140,8 +140,29 @@ def earlier_enotsup(tmp):
     print("FUA zero after a write-back's ENOTSUP: EIO, nbdkit still up, data written")
 
 
+def may_trim_kept(tmp):
+    """A buffered zero reaches the plugin with the client's say on holes: a
+    plain zero may trim (nbdkit's NBDKIT_FLAG_MAY_TRIM), one with NO_HOLE
+    must not."""
+    log = os.path.join(tmp, "trim.log")
+    with sdctest.start_server(["memory", str(SIZE), "logfile=" + log],
+                              ["threshold=1000", "max-age=1h"], under=["log"],
+                              tmpdir=tmp) as srv:
+        h = srv.connect()
+        h.zero(MiB, 0)
+        h.zero(MiB, 2 * MiB, nbd.CMD_FLAG_NO_HOLE)
+        h.flush()
+        zeroes = {int(f["offset"], 16): f["trim"] for kind, returned, f in
+                  sdctest.log_filter_calls(log) if kind == "Zero" and not returned}
+        sdctest.check(zeroes == {0: "1", 2 * MiB: "0"},
+                      "the plugin's zeroes (offset: may trim) were %r" % zeroes)
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("may trim kept: plugin zeroes", zeroes)
+
+
 def main():
-    for case in (emulated_zeroes, native_zeroes, not_offered, earlier_enotsup):
+    for case in (emulated_zeroes, native_zeroes, not_offered, earlier_enotsup, may_trim_kept):
         case(sdctest.scratch_dir(prefix="sdc-fastzero-"))
 
 

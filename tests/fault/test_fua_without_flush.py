@@ -1,4 +1,5 @@
-# A plugin that takes FUA but cannot flush: the filter advertises flush
+# A plugin that takes FUA but cannot flush (and one that flushes but has no
+# FUA, flush_without_fua): the filter advertises flush
 # (buffered writes are volatile), but a plugin flush does nothing there, so
 # every call it makes to the plugin carries FUA.  Without that, a client's
 # FUA write and flush were answered while nothing was durable.
@@ -37,5 +38,36 @@ def main():
         check(srv.stop() == 0, "nbdkit exit status")
 
 
+def flush_without_fua():
+    """The other way round: a plugin that flushes but has no FUA.  A FUA
+    write is acknowledged only after a plugin flush that came after its
+    plugin write, also one written straight through (larger than the queue,
+    through the Sink's own fallback, as the plugin is multi-conn)."""
+    tmp = faultlib.tmpdir()
+    img = sdctest.make_image(tmp, SIZE)
+    calls = os.path.join(tmp, "calls")
+    faultlib.write_file(calls, b"")
+    args = [a for a in faultlib.eval_file_plugin(img)
+            if not a.startswith(("pwrite=", "flush="))] + [
+        "pwrite=echo \"pwrite $3 $4\" >> %s; "
+        "dd of=%s seek=$4 conv=notrunc oflag=seek_bytes status=none" % (calls, img),
+        "flush=echo flush >> %s" % calls,
+        "can_fua=echo none",
+        "can_multi_conn=exit 0"]
+    with Server(args, ["threshold=1000", "max-age=0", "queue-max-size=64K"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        check(h.can_fua() and h.can_multi_conn(), "FUA and multi-conn advertised")
+        for what, n, off in (("written through", 128 * 1024, 0), ("buffered", 4096, 262144)):
+            faultlib.write_file(calls, b"")
+            h.pwrite(b"\x03" * n, off, sdctest.nbd.CMD_FLAG_FUA)
+            log = faultlib.read_file(calls).decode().split("\n")[:-1]
+            check(log and log[0].startswith("pwrite") and log[-1] == "flush",
+                  "a FUA write %s answered after plugin calls %r" % (what, log))
+        h.shutdown()
+        check(srv.stop() == 0, "nbdkit exit status")
+    print("plugin without FUA: FUA writes acknowledged after a plugin flush")
+
+
 if __name__ == "__main__":
     main()
+    flush_without_fua()

@@ -1532,6 +1532,32 @@ TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
   EXPECT_GE(sink.writes_started() - started_before, 2u);
 }
 
+// A plugin flush covers only what was written before it started: a write
+// buffered while the batch before the flush was at the plugin is not
+// covered, and the next client flush writes and flushes it (a flush that
+// claimed everything buffered when it started answered that next flush at
+// once, with the write never sent).
+TEST(WriteBackTest, APluginFlushCoversOnlyWhatWasWrittenBeforeIt) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.bypass_min = 0;
+  WriteBack wb(&sink, o);
+  const std::string x(4096, 'x'), y(4096, 'y');
+  ASSERT_EQ(wb.Write(x.data(), x.size(), 0, false), 0);
+  sink.Hold();
+  auto first = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  sink.AwaitWritesStarted(1);  // its batch is at the plugin
+  ASSERT_EQ(wb.Write(y.data(), y.size(), 65536, false), 0);
+  sink.Release();
+  ASSERT_EQ(test::Get(first, "the first flush"), 0);
+  const uint64_t flushes = sink.flushes();
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  std::string on_disk(y.size(), '\0');
+  sink.Read(on_disk.data(), on_disk.size(), 65536);
+  EXPECT_EQ(on_disk, y) << "a flush answered without the write buffered before it";
+  EXPECT_GT(sink.flushes(), flushes) << "a flush answered without a plugin flush after the write";
+}
+
 // A write-through in flight is alone on its bytes, as a bypass write is: a
 // newer write to them waits until it has landed.  Otherwise that write was
 // acknowledged and written back while the write-through was still at the

@@ -101,6 +101,23 @@ TEST_F(PluginSinkTest, ALeavingContextFlushesWhatWasWrittenThroughIt) {
   EXPECT_EQ(c.Count(&FakeContext::flushes), 0) << "c carried no writes";
 }
 
+// Without multi-conn, a flush reaches every context that carried writes
+// since its last flush: here both, a background write having gone through
+// a and a client's own (a write-through, say) through b.
+TEST_F(PluginSinkTest, AFlushReachesEveryContextWithUnflushedWrites) {
+  Open(/*multi_conn=*/false);
+  ASSERT_EQ(Write(), 0);  // background: through a
+  {
+    PluginSink::CallerScope own(b.next());
+    ASSERT_EQ(Write(), 0);
+  }
+  ASSERT_EQ(a.Count(&FakeContext::pwrites), 1);
+  ASSERT_EQ(b.Count(&FakeContext::pwrites), 1);
+  ASSERT_EQ(sink->Flush(), 0);
+  EXPECT_EQ(a.Count(&FakeContext::flushes), 1) << "a's write was not flushed";
+  EXPECT_EQ(b.Count(&FakeContext::flushes), 1) << "b's write was not flushed";
+}
+
 // Two connections leave at once while a background write uses the first
 // one's context.  The first waits for that write; meanwhile the second
 // leaves.  At least one of them must be told it is the last, to write what

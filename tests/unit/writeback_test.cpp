@@ -1532,6 +1532,33 @@ TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
   EXPECT_GE(sink.writes_started() - started_before, 2u);
 }
 
+// Without multi-conn, the ranges a failing batch did write are retired
+// only once a flush has covered them: if that flush fails too, they stay
+// buffered and are written again with the rest (retired anyway, another
+// connection's context might never see them, and a later flush would not
+// reach the context that carried them).
+TEST(WriteBackTest, WrittenRangesOfAFailedBatchStayUntilAFlushCoversThem) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.bypass_min = 0;
+  o.flush_before_release = true;
+  WriteBack wb(&sink, o);
+  const std::string good(4096, 'g'), bad(4096, 'b');
+  ASSERT_EQ(wb.Write(good.data(), good.size(), 0, false), 0);
+  ASSERT_EQ(wb.Write(bad.data(), bad.size(), 65536, false), 0);
+  sink.FailAt(65536, EIO);
+  sink.FailFlush(EIO);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), EIO);
+  ASSERT_GE(sink.writes(), 1u) << "the good range was not written: the test tests nothing";
+  EXPECT_EQ(wb.queued_requests(), 2u) << "a range written but never flushed was retired";
+  sink.FailAt(65536, 0);
+  sink.FailFlush(0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(ReadThrough(wb, sink, 0, 4096), good);
+  EXPECT_EQ(ReadThrough(wb, sink, 65536, 4096), bad);
+}
+
 // A plugin flush covers only what was written before it started: a write
 // buffered while the batch before the flush was at the plugin is not
 // covered, and the next client flush writes and flushes it (a flush that

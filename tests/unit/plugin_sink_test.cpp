@@ -118,6 +118,29 @@ TEST_F(PluginSinkTest, AFlushReachesEveryContextWithUnflushedWrites) {
   EXPECT_EQ(b.Count(&FakeContext::flushes), 1) << "b's write was not flushed";
 }
 
+// A write that ends through a context while that context's flush runs is
+// not covered by it: the next flush reaches that context again.
+TEST_F(PluginSinkTest, AWriteDuringAContextsFlushIsFlushedByTheNext) {
+  Open(/*multi_conn=*/false);
+  ASSERT_EQ(Write(), 0);  // through a
+  {
+    PluginSink::CallerScope own(b.next());
+    ASSERT_EQ(Write(), 0);
+  }
+  b.Hold(&FakeContext::hold_flush, true);
+  auto flush = std::async(std::launch::async, [this] { return sink->Flush(); });
+  b.WaitFor([&] { return b.flushes == 1; });  // b's flush has begun
+  {
+    PluginSink::CallerScope own(b.next());
+    ASSERT_EQ(Write(), 0);  // ends while b's flush is held
+  }
+  b.Hold(&FakeContext::hold_flush, false);
+  ASSERT_EQ(test::Get(flush, "the first flush"), 0);
+  ASSERT_EQ(sink->Flush(), 0);
+  EXPECT_EQ(b.Count(&FakeContext::flushes), 2) << "b's last write was taken as flushed";
+  EXPECT_EQ(a.Count(&FakeContext::flushes), 1);
+}
+
 // Two connections leave at once while a background write uses the first
 // one's context.  The first waits for that write; meanwhile the second
 // leaves.  At least one of them must be told it is the last, to write what

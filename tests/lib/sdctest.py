@@ -57,6 +57,18 @@ def threads_of(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
+def thread_named(pid, name):
+    """Whether process `pid` has a thread called `name` (its comm)."""
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                if f.read().strip() == name:
+                    return True
+        except OSError:  # the thread ended meanwhile
+            pass
+    return False
+
+
 def daemon_from_pidfile(pidfile, timeout=10):
     """The PID a backgrounded nbdkit wrote to `pidfile` (waited for),
     registered so that the cleanup at exit kills it if the test has not
@@ -246,7 +258,9 @@ class Server:
                                            env=env), self.log)
         # Ready once nbdkit has written its pidfile (it accepts connections
         # then) and the filter's control socket accepts and its stats file
-        # exists: those come just after the pidfile, in .after_fork.
+        # exists: those come just after the pidfile, in .after_fork.  The
+        # control socket accepts once it listens, just before its thread
+        # starts: tests that count nbdkit's threads need that one counted.
         opts = dict(a.split("=", 1) for a in filter_args if "=" in a)
         self.control = opts.get("control")
         statsfile = opts.get("sdccache-statsfile")
@@ -254,6 +268,7 @@ class Server:
         def ready():
             return (pidfile_written(self.pidfile) and
                     control_accepts(self.control) and
+                    (self.control is None or thread_named(self.proc.pid, "sdccache-ctl")) and
                     (statsfile is None or os.path.exists(statsfile)))
         deadline = time.monotonic() + start_timeout
         while not ready():

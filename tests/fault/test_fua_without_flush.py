@@ -12,7 +12,10 @@ from sdctest import Server, check
 SIZE = 1 << 20
 
 
-def main():
+def logged_plugin(extra):
+    """An eval plugin over a new image whose writes append "pwrite COUNT
+    OFFSET FLAGS", and flushes "flush", to a call log, with `extra`:
+    (scratch dir, call log, plugin arguments)."""
     tmp = faultlib.tmpdir()
     img = sdctest.make_image(tmp, SIZE)
     calls = os.path.join(tmp, "calls")
@@ -21,8 +24,12 @@ def main():
             if not a.startswith(("pwrite=", "flush="))] + [
         "pwrite=echo \"pwrite $3 $4 $5\" >> %s; "
         "dd of=%s seek=$4 conv=notrunc oflag=seek_bytes status=none" % (calls, img),
-        "can_flush=exit 3",
-        "can_fua=echo native"]
+        "flush=echo flush >> %s" % calls]
+    return tmp, calls, args + list(extra)
+
+
+def main():
+    tmp, calls, args = logged_plugin(["can_flush=exit 3", "can_fua=echo native"])
     with Server(args, ["threshold=1000", "max-age=0"], tmpdir=tmp) as srv:
         h = srv.connect()
         check(h.can_flush() and h.can_fua(), "flush and FUA advertised")
@@ -43,17 +50,7 @@ def flush_without_fua():
     write is acknowledged only after a plugin flush that came after its
     plugin write, also one written straight through (larger than the queue,
     through the Sink's own fallback, as the plugin is multi-conn)."""
-    tmp = faultlib.tmpdir()
-    img = sdctest.make_image(tmp, SIZE)
-    calls = os.path.join(tmp, "calls")
-    faultlib.write_file(calls, b"")
-    args = [a for a in faultlib.eval_file_plugin(img)
-            if not a.startswith(("pwrite=", "flush="))] + [
-        "pwrite=echo \"pwrite $3 $4\" >> %s; "
-        "dd of=%s seek=$4 conv=notrunc oflag=seek_bytes status=none" % (calls, img),
-        "flush=echo flush >> %s" % calls,
-        "can_fua=echo none",
-        "can_multi_conn=exit 0"]
+    tmp, calls, args = logged_plugin(["can_fua=echo none", "can_multi_conn=exit 0"])
     with Server(args, ["threshold=1000", "max-age=0", "queue-max-size=64K"], tmpdir=tmp) as srv:
         h = srv.connect()
         check(h.can_fua() and h.can_multi_conn(), "FUA and multi-conn advertised")

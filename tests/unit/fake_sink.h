@@ -8,13 +8,13 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -32,10 +32,14 @@ class FakeSink : public Sink {
     std::unique_lock<std::mutex> l(mu_);
     ++writes_started_;
     cv_.notify_all();
-    ++waiting_at_[offset];
+    const bool noted = n_waiting_ < waiting_at_.size();
+    if (noted) waiting_at_[n_waiting_++] = offset;
     cv_.notify_all();
     Await(l, "a held write's release", [&] { return !held_ && !hold_at_.count(offset); });
-    if (--waiting_at_[offset] == 0) waiting_at_.erase(offset);
+    if (noted) {
+      auto* it = std::find(waiting_at_.begin(), waiting_at_.begin() + n_waiting_, offset);
+      *it = waiting_at_[--n_waiting_];
+    }
     if (int e = Injected(fail_)) return e;
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     if (fail_at_err_ && offset == fail_at_) return fail_at_err_;
@@ -122,8 +126,11 @@ class FakeSink : public Sink {
   // Blocks until a write that starts at `offset` is held.
   void AwaitHeldAt(uint64_t offset) {
     std::unique_lock<std::mutex> l(mu_);
-    Await(l, "a write to be held",
-          [&] { return waiting_at_.count(offset) && hold_at_.count(offset); });
+    Await(l, "a write to be held", [&] {
+      return std::find(waiting_at_.begin(), waiting_at_.begin() + n_waiting_, offset) !=
+                 waiting_at_.begin() + n_waiting_ &&
+             hold_at_.count(offset);
+    });
   }
   // Flushes wait while held (writes do not); ReleaseFlushes(n) lets the
   // next n through in the order they arrived.
@@ -233,7 +240,11 @@ class FakeSink : public Sink {
   std::vector<uint8_t> disk_;
   bool held_ = false, flush_held_ = false;
   std::set<uint64_t> hold_at_;
-  std::map<uint64_t, int> waiting_at_;  // writes in Write() before the hold, by offset
+  // Offsets of the writes in Write() before the hold.  A fixed array:
+  // Write allocates nothing (the OOM tests fail the engine threads'
+  // allocations, and a plugin call never throws).
+  std::array<uint64_t, 64> waiting_at_{};
+  size_t n_waiting_ = 0;
   uint64_t flushes_started_ = 0, flushes_allowed_ = 0;
   int fail_ = 0, fail_flush_ = 0, fail_next_err_ = 0;
   uint64_t fail_next_ = 0, injected_ = 0, fail_from_ = 0;

@@ -16,8 +16,11 @@ MAX_CLIENTS = 16  # ControlSocket::kMaxClients
 def session(ctl):
     """Sends `help`, ends its input, and returns all it was sent."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        c.settimeout(10)
+        # Blocking: with a timeout set, a connect that finds the listen
+        # backlog full (the held clients not all accepted yet) fails with
+        # EAGAIN at once instead of waiting.
         c.connect(ctl)
+        c.settimeout(10)
         got = b""
         try:
             c.sendall(b"help\n")

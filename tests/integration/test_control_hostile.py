@@ -222,10 +222,10 @@ def idle_client(tmp):
         told = 0
         for _ in range(20):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-                c.settimeout(5)
                 got = b""
                 try:
-                    c.connect(ctl)
+                    c.connect(ctl)  # blocking: waits for room in the listen backlog
+                    c.settimeout(5)
                     c.sendall(b"help\n")
                     while True:
                         chunk = c.recv(4096)

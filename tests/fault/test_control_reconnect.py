@@ -15,12 +15,7 @@ MAX_CLIENTS = 16  # ControlSocket::kMaxClients
 
 def session(ctl):
     """Sends `help`, ends its input, and returns all it was sent."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-        # Blocking: with a timeout set, a connect that finds the listen
-        # backlog full (the held clients not all accepted yet) fails with
-        # EAGAIN at once instead of waiting.
-        c.connect(ctl)
-        c.settimeout(10)
+    with sdctest.connect_unix(ctl, 10) as c:
         got = b""
         try:
             c.sendall(b"help\n")
@@ -34,23 +29,35 @@ def session(ctl):
             return got
 
 
+def check_served(got, what):
+    sdctest.check(got.startswith(b"commands") and got.endswith(b"ok\n"), "%s: %r" % (what, got))
+
+
 def main(shim):
     tmp = faultlib.tmpdir()
     ctl = os.path.join(tmp, "ctl.sock")
     env = dict(os.environ, LD_PRELOAD=shim, SDCCACHE_SLOW_CLOSE_PATH=ctl)
     with sdctest.start_server(["memory", "1M"], ["control=" + ctl], tmpdir=tmp, env=env) as srv:
+        # start_server's readiness probe, accepted before this first
+        # session, has ended on the server too: only the accepting thread is
+        # left (a client's thread has its name, from the thread starting it).
+        check_served(session(ctl), "the first session")
+        sdctest.wait_until(lambda: sdctest.threads_named(srv.proc.pid, "sdccache-ctl") == 1,
+                           20, "the control clients before to end")
         held = []
-        for _ in range(MAX_CLIENTS - 1):
-            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            c.connect(ctl)
+        for _ in range(MAX_CLIENTS - 1):  # each counted once answered
+            c = sdctest.connect_unix(ctl, 10)
+            c.sendall(b"help\n")
+            got = b""
+            while not got.endswith(b"ok\n"):
+                chunk = c.recv(4096)
+                sdctest.check(chunk, "a held client was not answered: %r" % got)
+                got += chunk
             held.append(c)
-        # The 16th slot: each session must find it free, though the
-        # connection before it (the one before, or the readiness probe of
-        # start_server) has only just ended.
+        # The 16th slot: each session must find it free, though the one
+        # before it has only just ended.
         for i in range(5):
-            got = session(ctl)
-            sdctest.check(got.startswith(b"commands") and got.endswith(b"ok\n"),
-                          "session %d, right after a connection before it ended: %r" % (i, got))
+            check_served(session(ctl), "session %d, right after the one before it ended" % i)
         for c in held:
             c.close()
         sdctest.check(srv.stop() == 0, "nbdkit exit status")

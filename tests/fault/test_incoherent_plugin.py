@@ -12,6 +12,7 @@ import threading
 import faultlib
 import sdctest
 from sdctest import Server, check
+from faultlib import counter
 
 BLOCK = 4096
 
@@ -29,9 +30,8 @@ def writes_seen_by_every_connection(plugin):
         for i in range(50):
             data = bytes([i + 1]) * BLOCK
             (a, b)[i % 2].pwrite(data, i * BLOCK)
-            sdctest.wait_until(
-                lambda: int(sdctest.control_stats(ctl)["queued_requests"]) == 0, 20,
-                "write %d written back" % i)
+            sdctest.wait_until(lambda: counter(ctl, "queued_requests") == 0, 20,
+                               "write %d written back" % i)
             for name, h in (("A", a), ("B", b)):
                 if h.pread(BLOCK, i * BLOCK) != data:
                     stale.append((i, name))

@@ -221,11 +221,9 @@ def idle_client(tmp):
         # refusal, then EOF: no reset for its unread command.
         told = 0
         for _ in range(20):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            with sdctest.connect_unix(ctl, 5) as c:
                 got = b""
                 try:
-                    c.connect(ctl)  # blocking: waits for room in the listen backlog
-                    c.settimeout(5)
                     c.sendall(b"help\n")
                     while True:
                         chunk = c.recv(4096)

@@ -57,16 +57,16 @@ def threads_of(pid):
     return len(os.listdir("/proc/%d/task" % pid))
 
 
-def thread_named(pid, name):
-    """Whether process `pid` has a thread called `name` (its comm)."""
+def threads_named(pid, name):
+    """How many threads of process `pid` are called `name` (their comm)."""
+    n = 0
     for tid in os.listdir("/proc/%d/task" % pid):
         try:
             with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
-                if f.read().strip() == name:
-                    return True
+                n += f.read().strip() == name
         except OSError:  # the thread ended meanwhile
             pass
-    return False
+    return n
 
 
 def daemon_from_pidfile(pidfile, timeout=10):
@@ -259,16 +259,18 @@ class Server:
         # Ready once nbdkit has written its pidfile (it accepts connections
         # then) and the filter's control socket accepts and its stats file
         # exists: those come just after the pidfile, in .after_fork.  The
-        # control socket accepts once it listens, just before its thread
-        # starts: tests that count nbdkit's threads need that one counted.
+        # control socket listens just before its thread starts (and names
+        # itself): tests that count nbdkit's threads need that one counted.
         opts = dict(a.split("=", 1) for a in filter_args if "=" in a)
         self.control = opts.get("control")
         statsfile = opts.get("sdccache-statsfile")
 
         def ready():
+            # The thread first: each probe of control_accepts is a client
+            # the control socket serves later.
             return (pidfile_written(self.pidfile) and
+                    (self.control is None or threads_named(self.proc.pid, "sdccache-ctl") > 0) and
                     control_accepts(self.control) and
-                    (self.control is None or thread_named(self.proc.pid, "sdccache-ctl")) and
                     (statsfile is None or os.path.exists(statsfile)))
         deadline = time.monotonic() + start_timeout
         while not ready():
@@ -457,15 +459,35 @@ def control_accepts(sock_path):
         s.close()
 
 
+def connect_unix(path, timeout):
+    """A stream socket connected to the Unix socket `path`, with `timeout`
+    set.  A socket with a timeout connects without blocking, and that fails
+    at once with EAGAIN while the listen backlog is full (the server has
+    not accepted the clients before yet): retried until `timeout`."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(path)
+            return s
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                s.close()
+                raise
+            time.sleep(0.01)
+        except BaseException:
+            s.close()
+            raise
+
+
 def control_command(sock_path, line, timeout=30, newline=True):
     """Sends one line to the control socket; returns (body_lines, status),
     status being the final 'ok' or 'error ...' line.  Without `newline`,
     sends the line bare and shuts down the sending side, as
     `printf CMD | socat - UNIX-CONNECT:...` does."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s = connect_unix(sock_path, timeout)
     try:
-        s.connect(sock_path)
         s.sendall(line.encode() + (b"\n" if newline else b""))
         if not newline:
             s.shutdown(socket.SHUT_WR)

@@ -32,6 +32,11 @@ class PluginSinkTest : public ::testing::Test {
     sink->Attach(b.next());
   }
   int Write() { return sink->Write(buf, sizeof buf, 0, false); }
+  // A write by c's own client: through c while c works (PluginSink::CallerScope).
+  int WriteAs(FakeContext& c) {
+    PluginSink::CallerScope own(c.next());
+    return Write();
+  }
   std::future<int> WriteAsync() {
     return std::async(std::launch::async, [this] { return Write(); });
   }
@@ -107,10 +112,7 @@ TEST_F(PluginSinkTest, ALeavingContextFlushesWhatWasWrittenThroughIt) {
 TEST_F(PluginSinkTest, AFlushReachesEveryContextWithUnflushedWrites) {
   Open(/*multi_conn=*/false);
   ASSERT_EQ(Write(), 0);  // background: through a
-  {
-    PluginSink::CallerScope own(b.next());
-    ASSERT_EQ(Write(), 0);
-  }
+  ASSERT_EQ(WriteAs(b), 0);
   ASSERT_EQ(a.Count(&FakeContext::pwrites), 1);
   ASSERT_EQ(b.Count(&FakeContext::pwrites), 1);
   ASSERT_EQ(sink->Flush(), 0);
@@ -123,17 +125,11 @@ TEST_F(PluginSinkTest, AFlushReachesEveryContextWithUnflushedWrites) {
 TEST_F(PluginSinkTest, AWriteDuringAContextsFlushIsFlushedByTheNext) {
   Open(/*multi_conn=*/false);
   ASSERT_EQ(Write(), 0);  // through a
-  {
-    PluginSink::CallerScope own(b.next());
-    ASSERT_EQ(Write(), 0);
-  }
+  ASSERT_EQ(WriteAs(b), 0);
   b.Hold(&FakeContext::hold_flush, true);
   auto flush = std::async(std::launch::async, [this] { return sink->Flush(); });
   b.WaitFor([&] { return b.flushes == 1; });  // b's flush has begun
-  {
-    PluginSink::CallerScope own(b.next());
-    ASSERT_EQ(Write(), 0);  // ends while b's flush is held
-  }
+  ASSERT_EQ(WriteAs(b), 0);                   // ends while b's flush is held
   b.Hold(&FakeContext::hold_flush, false);
   ASSERT_EQ(test::Get(flush, "the first flush"), 0);
   ASSERT_EQ(sink->Flush(), 0);
@@ -244,10 +240,7 @@ TEST_F(PluginSinkTest, BackgroundWritesLeaveAContextWhoseLastCallFailed) {
   // a call through it failed and another has worked since (b, just now;
   // OwnLeftForLocked): it kept writing through its own dead
   // context, failing its FUA writes and its batches (everyone's data).
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), 0) << "a's client wrote through its failing context again";
-  }
+  EXPECT_EQ(WriteAs(a), 0) << "a's client wrote through its failing context again";
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 2);
   // A context that works again is used again once the others fail (the
@@ -267,10 +260,7 @@ TEST_F(PluginSinkTest, BackgroundWritesLeaveAContextWhoseLastCallFailed) {
     std::lock_guard<std::mutex> l(b.mu);
     b.pwrite_error = 0;
   }
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), 0);
-  }
+  EXPECT_EQ(WriteAs(a), 0);
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 3) << "a's client left its recovered context";
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 3);
 }
@@ -308,17 +298,11 @@ TEST_F(PluginSinkTest, AContextWhoseFlushFailedIsLeftByItsOwnClient) {
     a.flush_error = EINVAL;
     a.pwrite_error = EINVAL;
   }
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), EINVAL);  // its own, dead, context
-  }
+  EXPECT_EQ(WriteAs(a), EINVAL);  // its own, dead, context
   EXPECT_NE(sink->Flush(), 0);
   ASSERT_EQ(Write(), 0);  // background, through b: b is known to work
   for (int i = 0; i < 3; ++i) {
-    {
-      PluginSink::CallerScope own(a.next());
-      EXPECT_EQ(Write(), 0) << "a's client wrote through its dead context again";
-    }
+    EXPECT_EQ(WriteAs(a), 0) << "a's client wrote through its dead context again";
     EXPECT_EQ(sink->Flush(), 0) << "a flush failed on a's context, " << i;
   }
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 1);
@@ -332,10 +316,7 @@ TEST_F(PluginSinkTest, AContextWhoseFlushFailedIsLeftByItsOwnClient) {
     a.pwrite_error = 0;
   }
   ASSERT_TRUE(sink->Detach(b.next(), /*unless_last=*/false));
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), 0);
-  }
+  EXPECT_EQ(WriteAs(a), 0);
   EXPECT_EQ(sink->Flush(), 0);
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 2);
 }
@@ -354,24 +335,15 @@ void StaysOnItsFailingContextUntilAnotherWorks(PluginSinkTest* t, bool multi_con
     t->a.flush_error = EIO;
     t->a.pwrite_error = EIO;
   }
-  {
-    PluginSink::CallerScope own(t->a.next());
-    EXPECT_EQ(t->Write(), EIO);
-  }
+  EXPECT_EQ(t->WriteAs(t->a), EIO);
   if (!multi_conn) {
     EXPECT_NE(t->sink->Flush(), 0);  // a's writes counted lost
   }
-  {
-    PluginSink::CallerScope own(t->a.next());
-    EXPECT_EQ(t->Write(), EIO) << "left its own context while no other was known to work";
-  }
+  EXPECT_EQ(t->WriteAs(t->a), EIO) << "left its own context while no other was known to work";
   EXPECT_EQ(t->a.Count(&FakeContext::pwrites), 2);
   EXPECT_EQ(t->b.Count(&FakeContext::pwrites), 0);
   ASSERT_EQ(t->Write(), 0);  // background, through b (a is failing): b works
-  {
-    PluginSink::CallerScope own(t->a.next());
-    EXPECT_EQ(t->Write(), 0) << "stayed on its failing context once another worked";
-  }
+  EXPECT_EQ(t->WriteAs(t->a), 0) << "stayed on its failing context once another worked";
   EXPECT_EQ(t->a.Count(&FakeContext::pwrites), 2);
   EXPECT_EQ(t->b.Count(&FakeContext::pwrites), 2);
 }
@@ -397,18 +369,9 @@ TEST_F(PluginSinkTest, AClientLeavesItsFailingContextForOneKnownToWork) {
     std::lock_guard<std::mutex> l(a.mu);
     a.pwrite_error = EIO;
   }
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), EIO);
-  }
-  {
-    PluginSink::CallerScope own(c.next());  // c's client: c works
-    ASSERT_EQ(Write(), 0);
-  }
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), 0);
-  }
+  EXPECT_EQ(WriteAs(a), EIO);
+  ASSERT_EQ(WriteAs(c), 0);  // c's client: c works
+  EXPECT_EQ(WriteAs(a), 0);
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 0) << "left for a context never used";
   EXPECT_EQ(c.Count(&FakeContext::pwrites), 2);
   // c fails now: a's client stays on its own (no other is known to work).
@@ -416,14 +379,8 @@ TEST_F(PluginSinkTest, AClientLeavesItsFailingContextForOneKnownToWork) {
     std::lock_guard<std::mutex> l(c.mu);
     c.pwrite_error = EIO;
   }
-  {
-    PluginSink::CallerScope own(c.next());
-    EXPECT_EQ(Write(), EIO);
-  }
-  {
-    PluginSink::CallerScope own(a.next());
-    EXPECT_EQ(Write(), EIO);
-  }
+  EXPECT_EQ(WriteAs(c), EIO);
+  EXPECT_EQ(WriteAs(a), EIO);
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 2) << "left its own for one failing now";
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 0);
 }

@@ -227,6 +227,7 @@ std::unique_ptr<uint8_t[]> BatchWriter::AcquireBounce(size_t size) {
     if (same != bounce_idle_.end() && !same->second.empty()) {
       std::unique_ptr<uint8_t[]> buf = std::move(same->second.back());
       same->second.pop_back();
+      bounce_idle_bytes_ -= size;
       return buf;
     }
     if (bounce_bytes_ + size <= budget) {
@@ -244,6 +245,7 @@ std::unique_ptr<uint8_t[]> BatchWriter::AcquireBounce(size_t size) {
     if (other != bounce_idle_.rend()) {
       other->second.pop_back();
       bounce_bytes_ -= other->first;
+      bounce_idle_bytes_ -= other->first;
       continue;
     }
     bounce_free_.wait(l);
@@ -255,6 +257,7 @@ void BatchWriter::ReleaseBounce(std::unique_ptr<uint8_t[]> buf, size_t size) {
     std::lock_guard<std::mutex> l(bounce_mu_);
     try {
       bounce_idle_[size].push_back(std::move(buf));  // leaves buf as it was if it throws
+      bounce_idle_bytes_ += size;
     } catch (const std::bad_alloc&) {
       // No memory to keep it: freed (buf, on return), and uncharged.  Its
       // charge stayed, and eight such 1 MiB ones held the whole budget.
@@ -263,6 +266,24 @@ void BatchWriter::ReleaseBounce(std::unique_ptr<uint8_t[]> buf, size_t size) {
   }
   bounce_free_.notify_all();  // waiters may want different sizes
 }
+
+size_t BatchWriter::coalescing_bytes() const {
+  return bounce_bytes_.load();
+}
+
+bool BatchWriter::coalescing_idle() const {
+  return bounce_idle_bytes_.load() > 0;
+}
+
+void BatchWriter::ReleaseIdleBuffers() {
+  std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> idle;
+  {
+    std::lock_guard<std::mutex> l(bounce_mu_);
+    idle.swap(bounce_idle_);
+    bounce_bytes_ -= bounce_idle_bytes_.exchange(0);
+  }
+  bounce_free_.notify_all();  // room for a waiter's size now
+}  // freed here, without the lock
 
 void BatchWriter::WorkerLoop(Worker* self) {
   while (true) {

@@ -65,6 +65,14 @@ class BatchWriter {
   // them again as they want them.  No Write() may be running.
   void StopHelpers();
 
+  // Memory of the coalescing buffers allocated (in use or kept for reuse).
+  size_t coalescing_bytes() const;
+  // Whether some of that memory is kept for reuse with nothing using it.
+  bool coalescing_idle() const;
+  // Hands the buffers kept for reuse back to the system (the others are
+  // freed as their requests end, when nothing uses them).
+  void ReleaseIdleBuffers();
+
   // One plugin write from the caller's thread, timed like a batch's probe
   // (so that a plugin that turns slow is noticed while every write goes
   // straight to it).
@@ -175,10 +183,13 @@ class BatchWriter {
   uint64_t batches_ = 0;  // probe_mu_
   std::mutex bounce_mu_;
   std::condition_variable bounce_free_;
-  // Guarded by bounce_mu_: idle buffers by size, and the bytes of all
-  // buffers allocated (idle and in use).
+  // Guarded by bounce_mu_: idle buffers by size.
   std::map<size_t, std::vector<std::unique_ptr<uint8_t[]>>> bounce_idle_;
-  size_t bounce_bytes_ = 0;
+  // Changed under bounce_mu_, read without it (counters, the flusher's
+  // idle timer): the bytes of all buffers allocated (idle and in use), and
+  // of the idle ones.
+  std::atomic<size_t> bounce_bytes_{0};
+  std::atomic<size_t> bounce_idle_bytes_{0};
   const size_t max_helpers_;
   mutable std::mutex idle_mu_;
   // Guarded by idle_mu_: every helper started (and slots reserved for

@@ -483,9 +483,10 @@ void WriteBack::FlusherLoop() {
       // A buffer still held (by a read, or by the thread that ran the
       // last batch) reaches the pool later without waking us: keep the
       // timer armed while anything is charged or pooled.
-      if (active_.empty() && (account_.pooled() > 0 || account_.used() > 0)) {
+      const bool idle_buffers = account_.pooled() > 0 || batch_writer_.coalescing_idle();
+      if (active_.empty() && (idle_buffers || account_.used() > 0)) {
         const auto release_at = last_work_ + kIdleRelease;
-        if (now >= release_at && account_.pooled() > 0) {
+        if (now >= release_at && idle_buffers) {
           mu_.Unlock();
           ReleaseIdleMemory();
           mu_.Lock();
@@ -684,6 +685,7 @@ int WriteBack::FlushSinceLosses(uint64_t losses_before) {
 
 void WriteBack::ReleaseIdleMemory() {
   account_.Drain();
+  batch_writer_.ReleaseIdleBuffers();
 #ifdef __GLIBC__
   // Chunks are allocated by nbdkit's request threads and freed by others,
   // so their pages sit free in several malloc arenas: hand them back too.
@@ -979,6 +981,7 @@ CounterList WriteBack::Stats() {
     add("queued_zero_bytes", total - data);
     add("memory_bytes", MemoryBytesLocked());
     add("pooled_bytes", account_.pooled());
+    add("coalescing_bytes", batch_writer_.coalescing_bytes());
     uint64_t age = 0;
     if (since != Clock::time_point::max())
       age = static_cast<uint64_t>(duration_cast<milliseconds>(Clock::now() - since).count());

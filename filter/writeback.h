@@ -155,8 +155,9 @@ class WriteBack {
   // std::system_error, still parked, if it cannot.
   void Unpark() EXCLUDES(mu_);
   bool parked() EXCLUDES(mu_);
-  // Returns the pool of chunk buffers and malloc's free pages to the
-  // system (the flusher does after kIdleRelease with nothing buffered).
+  // Returns the pool of chunk buffers, the coalescing buffers kept for
+  // reuse and malloc's free pages to the system (the flusher does after
+  // kIdleRelease with nothing buffered).
   void ReleaseIdleMemory() EXCLUDES(mu_);
 
   void Pause() EXCLUDES(mu_);   // no threshold/age batches until Resume

@@ -243,11 +243,41 @@ def idle_exports(tmp):
     print("idle exports: no threads kept; data, write-back and counters come back")
 
 
+def coalescing_buffers(tmp):
+    """The buffers adjacent writes are copied into to be written back as one
+    are handed back once an export's last writer has gone: they were kept
+    until nbdkit exited, up to 8 MiB for each export name ever written."""
+    control = os.path.join(tmp, "control.sock")
+    with sdctest.start_server(["memory", "16M"], ["threshold=1048576", "max-age=1h",
+                                                  "control=" + control],
+                              tmpdir=tmp) as srv:
+        names = ["c%d" % i for i in range(3)]
+        for name in names:
+            h = srv.connect(name)
+            for i in range(64):  # one run of 256 KiB, written back as one
+                h.pwrite(b"\x5a" * (4 * KiB), i * 4 * KiB)
+            h.flush()
+            held = int(export_stat(sdctest.control_stats(control), name, "coalescing_bytes"))
+            sdctest.check(held > 0, "%s: coalescing_bytes %d after a coalesced flush: the "
+                          "test needs a coalescing buffer" % (name, held))
+            h.shutdown()
+            del h
+            sdctest.wait_until(
+                lambda: export_stat(sdctest.control_stats(control), name,
+                                    "coalescing_bytes") == "0",
+                20, "%s's coalescing buffers (%d bytes) to be handed back once it was left"
+                % (name, held))
+        rc = srv.stop(signal.SIGTERM, timeout=30)
+        sdctest.check(rc == 0, "nbdkit exited %d:\n%s" % (rc, log_tail(srv)))
+    print("coalescing buffers: handed back when each export was left")
+
+
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     tmp = sdctest.scratch_dir(prefix="sdc-conn-")
     cases = [("aborted", aborted_handshake), ("read-only", read_only_first),
-             ("extents", extents_past_request), ("idle-exports", idle_exports)]
+             ("extents", extents_past_request), ("idle-exports", idle_exports),
+             ("coalescing-buffers", coalescing_buffers)]
     for name, case in cases:
         if which in ("all", name):
             case(sdctest.scratch_dir(prefix=name + "-", dir=tmp))  # own socket and log

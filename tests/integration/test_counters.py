@@ -9,7 +9,7 @@ BLOCK = 4096
 ALL_KEYS = [
     "threshold", "paused", "plugin_latency_bound", "writeback_helpers", "queued_requests",
     "queued_bytes", "queued_zero_bytes",
-    "memory_bytes", "pooled_bytes", "oldest_dirty_age_ms", "peak_queued_bytes", "batches_flushed",
+    "memory_bytes", "pooled_bytes", "coalescing_bytes", "oldest_dirty_age_ms", "peak_queued_bytes", "batches_flushed",
     "requests_flushed", "bytes_flushed", "plugin_writes", "writethrough_requests", "bypass_writes",
     "flushes_threshold", "flushes_age", "flushes_client", "flushes_fua",
     "flushes_disconnect", "flushes_shutdown", "flushes_control", "flushes_backpressure",

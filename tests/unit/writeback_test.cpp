@@ -834,6 +834,31 @@ TEST(WriteBackTest, APoolFilledLateIsReleasedWhenIdle) {
                   [&] { return StatOf(wb, "pooled_bytes") == 0; });
 }
 
+// The buffers adjacent ranges are copied into to be written back as one
+// are kept for reuse, and handed back with the pool: when the last writer
+// leaves (ReleaseIdleMemory after Park) and after 2 s idle.  They were kept
+// until nbdkit exited, up to 8 MiB for every export name ever written.
+TEST(WriteBackTest, CoalescingBuffersAreReleasedWithThePool) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.bypass_min = 0;
+  WriteBack wb(&sink, o);
+  const std::string block(4096, 'c');
+  auto write_run = [&] {
+    const uint64_t before = sink.writes();
+    for (uint64_t i = 0; i < 64; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 4096, false), 0);
+    ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+    ASSERT_LT(sink.writes() - before, 64u) << "nothing was coalesced";
+    ASSERT_GT(StatOf(wb, "coalescing_bytes"), 0u);
+  };
+  write_run();
+  wb.ReleaseIdleMemory();
+  EXPECT_EQ(StatOf(wb, "coalescing_bytes"), 0u) << "kept when the export was left";
+  write_run();
+  test::AwaitPoll("the coalescing buffers of an idle export to be released",
+                  [&] { return StatOf(wb, "coalescing_bytes") == 0; });
+}
+
 // Overwrites of a working set that fits add no index entry, so they keep
 // no index charge: no writer waits for room, and nothing is written back
 // before the flush (each overwrite used to keep 128 bytes until the queue

@@ -161,6 +161,11 @@ bool MemoryAccount::Reserve(uint64_t bytes, const std::function<void()>& on_wait
   return !gave_up;
 }
 
+void MemoryAccount::Charge(uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  used_.fetch_add(bytes, std::memory_order_relaxed);
+}
+
 void MemoryAccount::Release(uint64_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mu_);

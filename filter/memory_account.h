@@ -46,6 +46,11 @@ class MemoryAccount {
                void** pooled = nullptr, const std::function<bool()>& give_up = nullptr);
   static constexpr std::chrono::milliseconds kGiveUpPoll{100};
   void Release(uint64_t bytes);
+  // Charges `bytes` at once, even past the limit (the next Reserve() waits
+  // until they are released, and evicts pooled buffers as needed): for
+  // what a caller learns it uses only once it holds an engine lock.
+  // Allocates nothing, and never waits for room.
+  void Charge(uint64_t bytes);
 
   // Pool of freed buffers of `bytes` (a Chunk::AllocationSize); Reserve()
   // takes from it, and frees pooled buffers when what it charges (a buffer

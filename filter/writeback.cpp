@@ -185,6 +185,7 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
   const bool was_empty = active_.empty();
   const bool was_half = HalfFull();
+  const size_t entries_before = active_.size();
   try {
     active_.Insert(std::move(r));  // a failed allocation changes nothing
   } catch (...) {
@@ -198,7 +199,13 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   }
   ++active_requests_;
   range_charges_ += kRangeCharge;  // reserved by the caller
-  ReconcileChargesLocked();        // an overwrite adds no entry: no charge kept
+  // A request inside a buffered range splits it in two: one entry more
+  // than its own, charged now (the next writer waits for it, if need be).
+  if (const size_t added = active_.size() - entries_before; added > 1) {
+    account_.Charge((added - 1) * kRangeCharge);
+    range_charges_ += (added - 1) * kRangeCharge;
+  }
+  ReconcileChargesLocked();  // an overwrite adds no entry: no charge kept
   counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
   if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0) ||
@@ -892,7 +899,9 @@ void WriteBack::ReconcileChargesLocked() {
   uint64_t ranges = active_.size();
   for (const Batch& b : batches_) ranges += b.map.size();
   const uint64_t held = ranges * kRangeCharge;
-  if (range_charges_ <= held) return;  // a split adds entries its request did not pay for
+  // Fewer charges than entries: a failed batch's ranges merged back under
+  // newer ones were split by them.
+  if (range_charges_ <= held) return;
   account_.Release(range_charges_ - held);
   range_charges_ = held;
 }

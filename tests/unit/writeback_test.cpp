@@ -834,6 +834,31 @@ TEST(WriteBackTest, APoolFilledLateIsReleasedWhenIdle) {
                   [&] { return StatOf(wb, "pooled_bytes") == 0; });
 }
 
+// A request that splits a buffered range adds two index entries, not one:
+// both are charged against the bound.  Only its own was, so small writes
+// scattered over a buffered zero range grew the index unaccounted for,
+// and memory_bytes passed queue-max-size by 441 KiB with a 4 MiB queue.
+TEST(WriteBackTest, EntriesASplitAddsAreChargedAgainstTheBound) {
+  constexpr uint64_t kLimit = 4 << 20, kSpan = 32 << 20;
+  FakeSink sink(kSpan);
+  WriteBackOptions o = Opts(1 << 20, kLimit);
+  o.bypass_min = 0;
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Zero(kSpan, 0, false, false), 0);
+  const std::string piece(512, 'p');
+  uint64_t worst = 0;
+  for (uint64_t i = 0; i < kSpan / 2048; ++i) {  // each splits the zero range
+    ASSERT_EQ(wb.Write(piece.data(), piece.size(), i * 2048, false), 0);
+    worst = std::max(worst, wb.memory_bytes());
+  }
+  ASSERT_GT(StatOf(wb, "backpressure_waits"), 0u) << "the bound was never reached";
+  // The spare index nodes the man page allows: a few tens of KiB.
+  EXPECT_LE(worst, kLimit + 32 * 1024)
+      << "memory_bytes passed queue-max-size by " << (worst > kLimit ? worst - kLimit : 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(wb.memory_bytes(), 0u);
+}
+
 // The buffers adjacent ranges are copied into to be written back as one
 // are kept for reuse, and handed back with the pool: when the last writer
 // leaves (ReleaseIdleMemory after Park) and after 2 s idle.  They were kept

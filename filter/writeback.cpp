@@ -217,6 +217,7 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
 
 int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bool fua) {
   MutexLock l(&mu_);
+  const uint64_t before = last_seq_;  // what FUA also covers
   // Everything acknowledged before this request must reach the Sink first,
   // or an older buffered overlap would land over it later.  Then, like a
   // bypass write, it is in flight alone on its bytes: a newer request for
@@ -244,7 +245,7 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   // is flushed, before acknowledging it.
   const bool flush = opts_.flush_before_release;
   const uint64_t losses_before = flush ? sink_->losses() : 0;
-  int err = sink_->Write(buf, count, offset, fua && !flush);
+  int err = sink_->Write(buf, count, offset, false);
   if (err == 0 && flush) err = FlushSinceLosses(losses_before);
   mu_.Lock();
   EndBypassLocked(mine);
@@ -254,7 +255,9 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
     return err;
   }
   ++write_gen_;
-  return 0;
+  // FUA: this write, and what came before it (written above, not flushed),
+  // durable, by a plugin flush as for a buffered FUA request.
+  return fua ? WaitFor(before, write_gen_, true, Trigger::kFua) : 0;
 }
 
 // A failed write made on a client's thread, outside any batch (a bypass
@@ -295,6 +298,10 @@ bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
 // that returns 0 is never lost.
 WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                                          bool any_plugin) {
+  // A FUA reply says that everything acknowledged before it is durable,
+  // and reports a failure to write any of it: a FUA write is buffered and
+  // waits for a flush, as a flush does.
+  if (fua) return Bypass::kDeclined;
   MutexLock l(&mu_);
   if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
       (!any_plugin && batch_writer_.latency_bound()) || active_.Overlaps(offset, count) ||

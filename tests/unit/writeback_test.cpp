@@ -1039,6 +1039,41 @@ void TimeAsCpuBound(WriteBack& wb) {
 
 constexpr uint32_t kLarge = 64 * 1024;  // WriteBackOptions::bypass_min
 
+// A FUA reply means that everything acknowledged before the request is
+// written and flushed, and a FUA request reports a failure to write it, as
+// a flush does.  A FUA write that went straight to the plugin (bypass, or
+// written through) made only itself durable, and a bypass one reported no
+// earlier failure.
+TEST(WriteBackTest, AFuaWriteNotBufferedStillCoversWhatCameBeforeIt) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  TimeAsCpuBound(wb);
+  const std::string big(kLarge, 'F');
+  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);  // buffered
+  uint64_t flushes = sink.flushes();
+  ASSERT_EQ(wb.Write(big.data(), kLarge, 2 * kLarge, /*fua=*/true), 0);
+  EXPECT_EQ(wb.queued_requests(), 0u) << "the older write is still buffered";
+  EXPECT_GT(sink.flushes(), flushes) << "nothing flushed the older write";
+  EXPECT_EQ(sink.Disk()[0], 'a');
+  sink.FailAt(0, EIO);
+  ASSERT_EQ(wb.Write("b", 1, 0, false), 0);
+  EXPECT_EQ(wb.Write(big.data(), kLarge, 2 * kLarge, /*fua=*/true), EIO)
+      << "the FUA write did not report that the older write failed";
+  sink.FailAt(0, 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+
+  // Written through (larger than the queue): the older data reaches the
+  // plugin first, and is flushed with it.
+  FakeSink small_sink(kDisk);
+  WriteBack through(&small_sink, Opts(1000, 4 * WriteBack::WriteCharge(4096)));
+  ASSERT_EQ(through.Write("c", 1, 0, false), 0);
+  flushes = small_sink.flushes();
+  ASSERT_EQ(through.Write(big.data(), kLarge, 2 * kLarge, /*fua=*/true), 0);
+  EXPECT_EQ(through.counters().writethrough_requests.load(), 1u);
+  EXPECT_GT(small_sink.flushes(), flushes) << "nothing flushed the older write";
+  EXPECT_EQ(small_sink.Disk()[0], 'c');
+}
+
 // Buffering a large write for a CPU-bound plugin only adds a copy: it goes
 // to the plugin before Write returns.  A smaller one is buffered.
 TEST(WriteBackTest, LargeWriteGoesStraightToACpuBoundPlugin) {

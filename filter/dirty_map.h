@@ -58,6 +58,10 @@ class DirtyMap {
   void Erase(uint64_t offset);
 
   bool empty() const { return ranges_.empty(); }
+  // Where the last range ends (0 if none).
+  uint64_t end_offset() const {
+    return empty() ? 0 : ranges_.At(ranges_.Prev(ranges_.End())).end();
+  }
   size_t size() const { return ranges_.size(); }
   uint64_t data_bytes() const { return data_bytes_; }  // live kData bytes
   uint64_t total_bytes() const { return total_bytes_; }  // all kinds

@@ -114,22 +114,25 @@ PluginSink::Slot* PluginSink::OwnLeftForLocked(const Slot& own, uint64_t end) {
   return best;
 }
 
-bool PluginSink::OthersStayLocked(nbdkit_next* next) {
+bool PluginSink::OthersStayLocked(nbdkit_next* next, uint64_t end) {
   for (const Slot& c : contexts_)
-    if (c.next != next && !c.leaving) return true;
+    if (c.next != next && !c.leaving && c.size >= end) return true;
   return false;
 }
 
-bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err) {
+bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
+                        uint64_t buffered_end) {
   std::unique_lock<std::mutex> l(mu_);
   if (FindLocked(next) == nullptr) return true;
-  // "Last" means no other context stays: when several leave at once, at
-  // least one of them is told so and writes what is still buffered.
-  if (unless_last && !OthersStayLocked(next)) return false;
+  // "Last" means no other context stays that can write what is buffered:
+  // when several leave at once, at least one of them is told so and writes
+  // it.  (A context that saw the export smaller than the data, the image
+  // having grown since it opened, cannot: the writes fail with ENOSPC.)
+  if (unless_last && !OthersStayLocked(next, buffered_end)) return false;
   FindLocked(next)->leaving = true;  // new calls go elsewhere
   auto idle = [&] { return FindLocked(next)->in_flight == 0; };
   idle_.wait(l, idle);
-  if (unless_last && !OthersStayLocked(next)) {
+  if (unless_last && !OthersStayLocked(next, buffered_end)) {
     FindLocked(next)->leaving = false;
     return false;
   }

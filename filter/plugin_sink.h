@@ -89,12 +89,15 @@ class PluginSink : public Sink {
   void Attach(nbdkit_next* next) { Attach(next, Ask(next, gate_)); }
   // Removes `next` once no background call uses it; new calls go to other
   // contexts meanwhile.  With `unless_last`, leaves it attached (and
-  // returns false) if no other context stays: the caller must first write
-  // everything buffered.  Without multi-conn, a plugin flush covers only
+  // returns false) if no other context stays that holds buffered_end
+  // bytes (where the data still buffered ends: only a context that saw
+  // the export at least that large can write it): the caller must first
+  // write everything buffered.  Without multi-conn, a plugin flush covers only
   // its own context's writes: if writes made through `next` are not yet
   // covered by a flush through it, flushes it before it goes, and sets
   // *flush_err if that fails.
-  bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr);
+  bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr,
+              uint64_t buffered_end = 0);
   // Contexts attached (leaving ones included).
   size_t attached();
   // Detach calls under way: contexts marked leaving (for tests).
@@ -217,7 +220,7 @@ class PluginSink : public Sink {
   // that failed once is tried again, not the same dead one every time);
   // else the oldest not leaving; else the oldest.
   Slot* PickLocked(uint64_t end = 0);
-  bool OthersStayLocked(nbdkit_next* next);
+  bool OthersStayLocked(nbdkit_next* next, uint64_t end);
   // A write, zero or trim of [offset, offset + count) through a leased
   // context: call(next, flags, &err), with FUA added to `flags` when the
   // plugin takes it (else a flush follows: FuaFallback).  ENOTCONN with no

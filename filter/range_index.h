@@ -45,6 +45,7 @@ class RangeIndex {
   size_t bytes() const;
 
   Pos Begin() const { return Pos{}; }
+  Pos End() const { return Pos{leaves_.size(), 0}; }
   bool AtEnd(Pos p) const { return p.leaf >= leaves_.size(); }
   const DirtyRange& At(Pos p) const { return leaves_[p.leaf]->Val(p.slot); }
   uint64_t KeyAt(Pos p) const { return leaves_[p.leaf]->keys[p.slot]; }

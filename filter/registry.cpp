@@ -99,9 +99,11 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
   // Detach flushes the context if background writes went through it since
   // its last flush (a plugin without multi-conn flushes per context).
   int detach_err = 0;
-  if (!cache->sink->Detach(writer, /*unless_last=*/true, &detach_err)) {
-    // The last connection of this export: nothing could write the buffered
-    // data after it, so keep trying (the plugin may recover) for a while.
+  if (!cache->sink->Detach(writer, /*unless_last=*/true, &detach_err,
+                           cache->writeback->buffered_end())) {
+    // The last connection of this export that can hold the buffered data
+    // (the others saw it smaller): nothing could write that data after it,
+    // so keep trying (the plugin may recover) for a while.
     // One disconnect is one flush in flushes_disconnect, counted above if
     // this writer wrote.
     err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect,

@@ -935,6 +935,13 @@ uint64_t WriteBack::queued_requests() {
   return QueuedRequestsLocked();
 }
 
+uint64_t WriteBack::buffered_end() {
+  MutexLock l(&mu_);
+  uint64_t end = active_.end_offset();
+  for (const Batch& b : batches_) end = std::max(end, b.map.end_offset());
+  return end;
+}
+
 uint64_t WriteBack::queued_bytes() {
   MutexLock l(&mu_);
   return active_.data_bytes() + batch_data_bytes_;

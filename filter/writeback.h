@@ -172,6 +172,8 @@ class WriteBack {
   // write goes straight to the plugin (WriteBypass).
   bool plugin_latency_bound() const { return batch_writer_.latency_bound(); }
   uint64_t queued_bytes() EXCLUDES(mu_);
+  // Where the last buffered range ends (0 with nothing buffered).
+  uint64_t buffered_end() EXCLUDES(mu_);
   uint64_t memory_bytes() EXCLUDES(mu_);
   uint32_t threshold() EXCLUDES(mu_);
   // For tests: the buffered sets as "active | flushing" DirtyMap strings.

@@ -55,6 +55,17 @@ class PluginSinkTest : public ::testing::Test {
   char buf[512] = {};
 };
 
+// A context that saw the export smaller than where the buffered data ends
+// cannot write all of it: it does not count as one that stays, so the
+// context leaving is told it is the last and writes the data first.  (It
+// left, and the data was stuck: every write-back failed with ENOSPC.)
+TEST_F(PluginSinkTest, AContextThatSawTheExportSmallerDoesNotStayForItsData) {
+  b.size = 1 << 20;  // b opened before the image grew
+  Open(/*multi_conn=*/true);
+  EXPECT_FALSE(sink->Detach(a.next(), /*unless_last=*/true, nullptr, /*buffered_end=*/2 << 20));
+  EXPECT_TRUE(sink->Detach(a.next(), /*unless_last=*/true, nullptr, /*buffered_end=*/1 << 20));
+}
+
 TEST_F(PluginSinkTest, WritesUseTheOldestContext) {
   Open(/*multi_conn=*/true);
   ASSERT_EQ(Write(), 0);

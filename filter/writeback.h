@@ -229,7 +229,10 @@ class WriteBack {
   // Lookup's and LookupExtents' snapshot of [offset, offset+length): the
   // running batches' pieces, then active_'s (newer last).
   Overlay SnapshotLocked(uint64_t offset, uint64_t length) REQUIRES(mu_);
-  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true) REQUIRES(mu_);
+  // With `kick`, the flusher starts an attempt now, even while it backs
+  // off after a failure; without, it makes its next one when due.
+  int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true,
+              bool kick = true) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);

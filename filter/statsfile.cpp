@@ -119,10 +119,15 @@ void StatsFile::Stop() {
   WriteNow();
 }
 
+bool StatsFile::StillThere() const {
+  struct stat st;
+  return stat(path_.c_str(), &st) == 0 && st.st_dev == last_dev_ && st.st_ino == last_ino_;
+}
+
 bool StatsFile::WriteNow() {
   CounterList list = registry_->Stats();
   std::string text = json_ ? RenderJson(list) : RenderText(list);
-  if (text == last_) return true;
+  if (text == last_ && StillThere()) return true;
   const std::string tmp = path_ + ".tmp";
   int fd = CreateTemp(tmp);
   if (fd == -1) {
@@ -141,6 +146,8 @@ bool StatsFile::WriteNow() {
     }
     done += static_cast<size_t>(n);
   }
+  struct stat st;
+  const bool known = fstat(fd, &st) == 0;
   close(fd);
   if (rename(tmp.c_str(), path_.c_str()) == -1) {
     Failed("rename ", path_);
@@ -151,6 +158,8 @@ bool StatsFile::WriteNow() {
     nbdkit_debug("sdccache: sdccache-statsfile: %s written again", path_.c_str());
   failed_errno_ = 0;
   last_ = std::move(text);
+  last_dev_ = known ? st.st_dev : 0;
+  last_ino_ = known ? st.st_ino : 0;
   return true;
 }
 

@@ -6,6 +6,8 @@
 // change, and once more at Stop().
 #pragma once
 
+#include <sys/types.h>
+
 #include <condition_variable>
 #include <mutex>
 #include <string>
@@ -48,6 +50,11 @@ class StatsFile {
   bool kicked_ = false;   // guarded by mu_
   bool stopping_ = false; // guarded by mu_
   std::string last_;      // used by the writer thread only
+  // The file last_ was written to (writer thread only): one removed or
+  // replaced since is written again even if the counters did not change.
+  dev_t last_dev_ = 0;
+  ino_t last_ino_ = 0;
+  bool StillThere() const;
   // The errno of the failures being logged (0: the last write worked); a
   // failure is logged once, not once per batch.  Writer thread only.
   int failed_errno_ = 0;

@@ -188,10 +188,33 @@ def stats_dir_gone():
     print("stats file: a lasting failure logged once; written again once it can be")
 
 
+def stats_file_removed_while_idle():
+    """A stats file removed (or replaced) while nothing changes comes back
+    within the once-a-second check: it stayed missing until a counter
+    changed."""
+    tmp = sdctest.scratch_dir(prefix="sdc-counters-")
+    stats_path = os.path.join(tmp, "stats")
+    with sdctest.start_server(["memory", "16M"], ["sdccache-statsfile=" + stats_path],
+                              tmpdir=tmp) as srv:
+        want = sdctest.parse_stats_text(open(stats_path).read())
+        os.remove(stats_path)
+        sdctest.wait_until(lambda: os.path.exists(stats_path), 5,
+                           "the removed stats file written again on an idle server")
+        with open(stats_path + ".mine", "w") as f:
+            f.write("not the counters\n")
+        os.rename(stats_path + ".mine", stats_path)
+        sdctest.wait_until(
+            lambda: sdctest.parse_stats_text(open(stats_path).read()) == want, 5,
+            "a replaced stats file written again on an idle server")
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("stats file: removed or replaced while idle, written again")
+
+
 def main():
     scenario(json_format=False)
     scenario(json_format=True)
     zero_calls()
+    stats_file_removed_while_idle()
     # Under ASan (the sanitizer run sets SDCCACHE_ASAN_RT), an nbdkit that
     # has logged an errno message deadlocks at exit in libp11-kit's
     # destructor (tests/sanitizer/nbdkit).

@@ -131,11 +131,19 @@ bool ControlSocket::Start() {
     bound_dev_ = st.st_dev;
     bound_ino_ = st.st_ino;
   }
+  // Failing from here, the socket is removed again: nbdkit then exits
+  // without .cleanup.
   if (pipe2(stop_pipe_, O_CLOEXEC) == -1) {
     nbdkit_error("sdccache: control: pipe: %s", std::strerror(errno));
+    Stop();
     return false;
   }
-  thread_ = std::thread([this] { Loop(); });
+  try {
+    thread_ = std::thread([this] { Loop(); });
+  } catch (...) {
+    Stop();
+    throw;
+  }
   return true;
 }
 

@@ -2,8 +2,9 @@
 // command per line: flush, stats, pause, resume, threshold N, help.
 // Each command gets "ok", "error <text>", or (stats) counter lines then "ok".
 //
-// One thread accepts and serves clients one at a time; a flush blocks only
-// the control client that asked.  A client idle for kClientIdleMs (sending
+// One thread accepts clients, and each client has a thread of its own
+// (at most 16 clients at a time); a flush blocks only the control client
+// that asked.  A client idle for kClientIdleMs (sending
 // nothing, or not reading its replies) is dropped, so that it holds up
 // neither the others nor shutdown.
 #pragma once

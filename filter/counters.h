@@ -2,7 +2,7 @@
 //
 // Written with relaxed atomics from the write path and the flusher; read
 // from any thread.  Gauges that need the engine lock (queued_*) are taken in
-// WriteBack::Snapshot().
+// WriteBack::Stats().
 #pragma once
 
 #include <array>

@@ -214,11 +214,12 @@ void Registry::Drain() {
     const std::string& name = c->name;
     Leftover left = c->writeback->Stop(std::chrono::milliseconds(0));
     if (left.bytes > 0 || left.requests > 0)
-      nbdkit_error("sdccache: export '%s': %llu requests, %llu bytes could not be written to "
-                   "the plugin (%s) and are lost: %s",
-                   name.c_str(), static_cast<unsigned long long>(left.requests),
-                   static_cast<unsigned long long>(left.bytes),
-                   left.error ? std::strerror(left.error) : "timed out", left.ranges.c_str());
+      nbdkit_error(
+          "sdccache: export '%s': %llu requests, %llu bytes could not be written to "
+          "the plugin (%s) and are lost: %s",
+          name.c_str(), static_cast<unsigned long long>(left.requests),
+          static_cast<unsigned long long>(left.bytes), std::strerror(left.error ? left.error : EIO),
+          left.ranges.c_str());
     else if (left.error)
       nbdkit_error("sdccache: export '%s': the final plugin flush failed: %s", name.c_str(),
                    std::strerror(left.error));

@@ -106,7 +106,12 @@ int AbsolutePath(const char* key, const char* value, std::string* out) {
     nbdkit_error("%s: cannot make '%s' an absolute path", key, value);
     return -1;
   }
-  *out = abs;
+  try {
+    *out = abs;
+  } catch (...) {
+    free(abs);
+    throw;  // to the caller's Guarded
+  }
   free(abs);
   return 0;
 }
@@ -169,7 +174,14 @@ bool Aligned(Handle* h, const char* what, uint64_t offset, uint32_t count, int* 
 static int loads = 0;
 
 static void sdccache_load() {
-  if (loads++ == 0) g = new Globals();
+  // .load cannot fail, and an exception must not reach nbdkit's C code:
+  // without memory, g stays null and .config or .get_ready says so.
+  if (loads++ == 0) g = new (std::nothrow) Globals();
+}
+
+static bool Loaded() {
+  if (g == nullptr) nbdkit_error("sdccache: out of memory when the filter was loaded");
+  return g != nullptr;
 }
 
 static void sdccache_unload() {
@@ -248,18 +260,26 @@ static int ConfigOwn(const std::string& k, const char* key, const char* value) {
 
 static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
                            const char* value) {
-  const std::string k = key;
-  const int r = ConfigOwn(k, key, value);
-  if (r == kNotOwn) return next(nxdata, key, value);  // for the layers below
-  if (r == -1) return -1;
-  // Which of two values was meant cannot be told: refuse, as with a bad value.
-  const auto [it, first] = g->given.emplace(k, value);
-  if (!first) {
-    nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key, it->second.c_str(),
-                 key, value);
+  if (!Loaded()) return -1;
+  int r;
+  int err = 0;
+  if (Guarded(key, &err, [&] {
+        const std::string k = key;
+        r = ConfigOwn(k, key, value);
+        if (r != 0) return 0;
+        // Which of two values was meant cannot be told: refuse, as with a
+        // bad value.
+        const auto [it, first] = g->given.emplace(k, value);
+        if (!first) {
+          nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key,
+                       it->second.c_str(), key, value);
+          r = -1;
+        }
+        return 0;
+      }) == -1)
     return -1;
-  }
-  return 0;
+  if (r == kNotOwn) return next(nxdata, key, value);  // for the layers below
+  return r;
 }
 
 #define sdccache_config_help                                                       \
@@ -287,6 +307,7 @@ static int sdccache_get_ready(int thread_model) {
                  loads);
     return -1;
   }
+  if (!Loaded()) return -1;
   g->thread_model = thread_model;
   int err = 0;
   return Guarded("get_ready", &err, [&] {
@@ -340,7 +361,14 @@ static int sdccache_after_fork(nbdkit_backend*) {
       g->stats_file =
           std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json, g->registry.get());
       g->registry->SetStatsFile(g->stats_file.get());
-      if (!g->stats_file->Start()) {
+      bool started = false;
+      try {
+        started = g->stats_file->Start();
+      } catch (...) {  // no thread for it: nbdkit exits, without .cleanup
+        if (g->control) g->control->Stop();
+        throw;
+      }
+      if (!started) {
         if (g->control) g->control->Stop();
         return -1;
       }
@@ -367,9 +395,9 @@ static void* sdccache_open(nbdkit_next_open* next, nbdkit_context* nxdata, int r
                            const char* exportname, int) {
   if (next(nxdata, readonly, exportname) == -1) return nullptr;
   try {
-    auto* h = new Handle();
+    auto h = std::make_unique<Handle>();
     h->exportname = exportname;
-    return h;
+    return h.release();
   } catch (...) {
     nbdkit_error("sdccache: open: out of memory");
     return nullptr;

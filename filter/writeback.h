@@ -1,6 +1,6 @@
 // WriteBack: the write-back engine of one export (no nbdkit dependency).
 //
-// Contract (see DESIGN.md):
+// Contract (the man page's DATA SAFETY section says it for users):
 //  - Write/Zero/Trim buffer the request and return; reads (Lookup) on any
 //    thread see it at once.  Requests are applied newest-wins.
 //  - A background flusher writes the buffered set to the Sink when
@@ -16,14 +16,17 @@
 //    flight at once).
 //  - Flush(): when it returns 0, everything buffered before the call is in
 //    the Sink and the Sink was flushed.  Requests made meanwhile do not wait.
-//    A FUA request is buffered, then flushed before it returns.
+//    A FUA request is buffered, then flushed before it returns (a FUA
+//    write-through, once written, is flushed the same way).
 //  - Bytes buffered are bounded by queue_max_bytes: a writer past it waits
-//    (never fails).  A single write that does not fit in the bound with its
+//    (it fails only when its client has gone, ESHUTDOWN, or out of memory,
+//    ENOMEM).  A single write that does not fit in the bound with its
 //    chunk's header and index entry (WriteCharge) is written through,
 //    after everything before it has reached the Sink (with
 //    flush_before_release, and flushed, before it returns).
-//  - A write of at least bypass_min bytes goes straight to a Sink timed as
-//    CPU-bound when nothing buffered or in flight overlaps it (WriteBypass);
+//  - A write of at least bypass_min bytes (not FUA) goes straight to a Sink
+//    timed as CPU-bound when nothing buffered or in flight overlaps it
+//    (WriteBypass);
 //    if the Sink fails it, it is buffered instead.
 //  - A failed Sink write keeps its batch buffered (merged under newer
 //    requests), is retried with capped exponential backoff, and fails every

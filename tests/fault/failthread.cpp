@@ -6,6 +6,9 @@
 // (named sdccache-ctl) starts its client threads: neither is counted.
 // The first threads a connection thread starts are the filter's, when
 // .prepare creates the export's cache, and write-back helpers come after.
+// With $SDCCACHE_FAIL_MAIN set, only those nbdkit's main thread starts are
+// counted: the filter's control socket and stats file threads, which
+// .after_fork starts, come first.
 #include <dlfcn.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -27,8 +30,10 @@ extern "C" __attribute__((visibility("default"))) int pthread_create(
   // whenever a client (the test's readiness probe) connects.
   char name[16] = "";
   pthread_getname_np(pthread_self(), name, sizeof name);
-  if (flag && at && gettid() != getpid() && std::strcmp(name, "sdccache-ctl") != 0 &&
-      access(flag, F_OK) == 0) {
+  const bool counts = std::getenv("SDCCACHE_FAIL_MAIN") != nullptr
+                          ? gettid() == getpid()
+                          : gettid() != getpid() && std::strcmp(name, "sdccache-ctl") != 0;
+  if (flag && at && counts && access(flag, F_OK) == 0) {
     const int n = ++counted, want = std::atoi(at);
     if (n == want || (n > want && std::strchr(at, '+') != nullptr)) return EAGAIN;
   }

@@ -331,9 +331,30 @@ void ControlSocket::Serve(int fd) {
       if (!SendAll(fd, reply)) return;
     }
     if (buf.find('\n') != std::string::npos || buf.size() > kMaxLine) {
-      SendAll(fd, "error line too long\n");
+      if (SendAll(fd, "error line too long\n")) Linger(fd);
       return;
     }
+  }
+}
+
+// Closing a client whose input is still unread resets the connection: it
+// would read ECONNRESET after the answer, not EOF.  So its input is read
+// and dropped until it closes, for at most kRefusedLingerMs.
+void ControlSocket::Linger(int fd) {
+  shutdown(fd, SHUT_WR);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(kRefusedLingerMs);
+  while (true) {
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(until - std::chrono::steady_clock::now())
+            .count();
+    if (left <= 0) return;
+    pollfd fds[2] = {{fd, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
+    const int n = poll(fds, 2, static_cast<int>(left));
+    if (n == -1 && errno == EINTR) continue;
+    if (n <= 0 || fds[1].revents) return;
+    char drop[512];
+    const ssize_t r = recv(fd, drop, sizeof drop, MSG_DONTWAIT);
+    if (r == 0 || (r == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;
   }
 }
 

@@ -52,6 +52,9 @@ class ControlSocket {
  private:
   void Loop();
   void Serve(int fd);
+  // After the last answer to a client with input still unread: reads and
+  // drops it until the client closes, for at most kRefusedLingerMs.
+  void Linger(int fd);
   void ClientDone(int fd);  // closes a client's socket and uncounts it
   bool WaitFor(int fd, short events);
   bool SendAll(int fd, const std::string& reply);

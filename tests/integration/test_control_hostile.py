@@ -410,6 +410,28 @@ def out_of_descriptors(tmp):
         sdctest.check(srv.stop() == 0, "nbdkit exit status")
 
 
+def long_line_answered(tmp):
+    """A client whose line is too long reads the error, then EOF: it was
+    closed with its further input unread, which reset the connection."""
+    ctl = os.path.join(tmp, "long.sock")
+    with sdctest.start_server(["memory", "1M"], ["control=" + ctl], tmpdir=tmp) as srv:
+        for i in range(5):
+            with sdctest.connect_unix(ctl, 5) as c:
+                c.sendall(b"x" * 4000)  # no newline; far more than one read
+                got = b""
+                try:
+                    while True:
+                        chunk = c.recv(4096)
+                        if not chunk:
+                            break
+                        got += chunk
+                except ConnectionResetError:
+                    sdctest.fail("a client with a too long line was reset (got %r)" % got)
+                sdctest.check(got == b"error line too long\n", "answer %r" % got)
+        sdctest.check(srv.stop() == 0, "nbdkit exit status")
+    print("a too long line: the error, then EOF")
+
+
 def main():
     tmp = sdctest.scratch_dir(prefix="sdc-ctl-hostile-")
     live_socket_kept(tmp)
@@ -418,6 +440,7 @@ def main():
     export_names_in_counters(tmp)
     relative_paths_as_daemon(tmp)
     unread_replies(tmp)
+    long_line_answered(tmp)
     idle_client(tmp)
     out_of_descriptors(tmp)
 

@@ -358,13 +358,13 @@ static int sdccache_after_fork(nbdkit_backend*) {
       if (!g->control->Start()) return -1;
     }
     if (!g->params.statsfile.empty()) {
-      g->stats_file =
-          std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json, g->registry.get());
-      g->registry->SetStatsFile(g->stats_file.get());
       bool started = false;
       try {
+        g->stats_file = std::make_unique<StatsFile>(g->params.statsfile, g->params.stats_json,
+                                                    g->registry.get());
+        g->registry->SetStatsFile(g->stats_file.get());
         started = g->stats_file->Start();
-      } catch (...) {  // no thread for it: nbdkit exits, without .cleanup
+      } catch (...) {  // no memory, or no thread: nbdkit exits, without .cleanup
         if (g->control) g->control->Stop();
         throw;
       }

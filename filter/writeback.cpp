@@ -185,7 +185,6 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   if (r.length == 0) return fua ? WaitFor(last_seq_, write_gen_, true, Trigger::kFua) : 0;
   const bool was_empty = active_.empty();
   const bool was_half = HalfFull();
-  const size_t entries_before = active_.size();
   try {
     active_.Insert(std::move(r));  // a failed allocation changes nothing
   } catch (...) {
@@ -199,13 +198,10 @@ int WriteBack::Buffer(DirtyRange r, bool fua) {
   }
   ++active_requests_;
   range_charges_ += kRangeCharge;  // reserved by the caller
-  // A request inside a buffered range splits it in two: one entry more
-  // than its own, charged now (the next writer waits for it, if need be).
-  if (const size_t added = active_.size() - entries_before; added > 1) {
-    account_.Charge((added - 1) * kRangeCharge);
-    range_charges_ += (added - 1) * kRangeCharge;
-  }
-  ReconcileChargesLocked();  // an overwrite adds no entry: no charge kept
+  // An overwrite adds no entry, and one over several ranges leaves fewer:
+  // their charges are given back (waking writers that wait).  One inside a
+  // buffered range splits it in two: one entry more than its own, charged.
+  ReconcileChargesLocked();
   counters_.RaisePeak(active_.data_bytes() + batch_data_bytes_);
   if (active_requests_ == threshold_) threshold_at_ = Clock::now();
   if (active_requests_ == threshold_ || (was_empty && opts_.max_age.count() > 0) ||
@@ -256,8 +252,10 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   }
   ++write_gen_;
   // FUA: this write, and what came before it (written above, not flushed),
-  // durable, by a plugin flush as for a buffered FUA request.
-  return fua ? WaitFor(before, write_gen_, true, Trigger::kFua) : 0;
+  // durable, by a plugin flush as for a buffered FUA request.  With
+  // flush_before_release both are already: each batch was flushed before
+  // its ranges left, and this write just now.
+  return fua && !flush ? WaitFor(before, write_gen_, true, Trigger::kFua) : 0;
 }
 
 // A failed write made on a client's thread, outside any batch (a bypass
@@ -328,7 +326,8 @@ int WriteBack::Flush(Trigger why) {
   return WaitFor(last_seq_, write_gen_, true, why);
 }
 
-int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count, bool kick) {
+int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count,
+                       const RetryWait* retry) {
   auto satisfied = [&]() REQUIRES(mu_) {
     return flush ? flushed_seq_ >= seq && flushed_gen_ >= gen : written_seq_ >= seq;
   };
@@ -343,8 +342,14 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool
     drain_req_seq_ = std::max(drain_req_seq_, seq);
   }
   pending_why_ = why;
-  if (kick) kick_ = true;
-  const uint64_t started_before = attempts_started_;
+  if (retry == nullptr) kick_ = true;
+  const uint64_t started_before = retry ? retry->attempts_before : attempts_started_;
+  auto sleep = [&]() REQUIRES(mu_) {
+    if (retry)
+      done_.WaitUntil(retry->deadline);
+    else
+      done_.Wait();
+  };
   bool leave_to_flusher = why == Trigger::kDisconnect;
   while (!satisfied()) {
     if (last_failed_attempt_ > started_before) return last_error_;
@@ -352,6 +357,7 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool
     // No writer is connected (Park): no Sink context is left to write or
     // flush through, and a batch run here could start helper threads.
     if (parked_) return ENOTCONN;
+    if (retry && Clock::now() >= retry->deadline) return ETIMEDOUT;
     // The caller does the work itself when nobody else is at it: handing
     // the batch and the plugin flush to other threads and waiting to be
     // woken costs several context switches per client flush, which is most
@@ -362,11 +368,11 @@ int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool
     // made here was aborted so (the client went while it waited).
     if (leave_to_flusher) {
       work_.Signal();
-      done_.Wait();
+      sleep();
     } else {
       const uint64_t attempt = attempts_started_ + 1;  // RunHere's, if it starts one
       if (!RunHere(seq, gen, flush))
-        done_.Wait();
+        sleep();
       else if (aborted_attempt_ == attempt)
         leave_to_flusher = true;
     }
@@ -837,17 +843,21 @@ int WriteBack::FlushUntil(milliseconds limit, Trigger why, bool count) {
     } else if (quitting_ && Clock::now() - progress_at >= kQuitPatience * opts_.retry_max) {
       break;
     }
-    // The flusher retries at the backoff's pace; wait for its next retry
-    // (or for the data to be flushed otherwise), unless that comes after
+    // The flusher retries at the backoff's pace: wait for the outcome of
+    // its next retry (or for the data to be flushed otherwise), until
     // `until`.  Kicking it here made attempts come in bursts (42 in 2 ms):
     // a failed attempt signals done_ as it ends, which woke this loop
-    // early, and a kick makes the flusher ignore the backoff.
+    // early, and a kick makes the flusher ignore the backoff.  Any attempt
+    // from here on counts: one the flusher starts just as this thread
+    // wakes must not make it wait for the one after.
+    const RetryWait retry{attempts_started_, until};
     while (Clock::now() < until && retry_at_ > Clock::now() && !stopped_ && !parked_ &&
            (flushed_seq_ < last_seq_ || flushed_gen_ < write_gen_))
       done_.WaitUntil(std::min(until, retry_at_));
-    if (Clock::now() >= until) break;
     // The same request tried again: counted once.
-    err = WaitFor(last_seq_, write_gen_, true, why, /*count=*/false, /*kick=*/false);
+    const int r = WaitFor(last_seq_, write_gen_, true, why, /*count=*/false, &retry);
+    if (r == ETIMEDOUT) break;  // the last attempt's error stands
+    err = r;
   }
   return err;
 }
@@ -914,10 +924,15 @@ void WriteBack::ReconcileChargesLocked() {
   uint64_t ranges = active_.size();
   for (const Batch& b : batches_) ranges += b.map.size();
   const uint64_t held = ranges * kRangeCharge;
-  // Fewer charges than entries: a failed batch's ranges merged back under
-  // newer ones were split by them.
-  if (range_charges_ <= held) return;
-  account_.Release(range_charges_ - held);
+  if (range_charges_ < held) {
+    // Entries nobody has paid for: a request split a buffered range, or a
+    // failed batch's ranges merged back under newer ones were split by
+    // them.  Charged now, past the bound if need be: the next writer waits
+    // until they are given back.
+    account_.Charge(held - range_charges_);
+  } else if (range_charges_ > held) {
+    account_.Release(range_charges_ - held);
+  }
   range_charges_ = held;
 }
 

@@ -232,10 +232,18 @@ class WriteBack {
   // Lookup's and LookupExtents' snapshot of [offset, offset+length): the
   // running batches' pieces, then active_'s (newer last).
   Overlay SnapshotLocked(uint64_t offset, uint64_t length) REQUIRES(mu_);
-  // With `kick`, the flusher starts an attempt now, even while it backs
-  // off after a failure; without, it makes its next one when due.
+  // Without `retry`, the flusher starts an attempt now, even while it
+  // backs off after a failure, and the call waits for the outcome of an
+  // attempt that starts after it.  With it (FlushUntil's retries), the
+  // flusher makes its next attempt when due; an attempt started after
+  // retry->attempts_before counts, and the call returns ETIMEDOUT at
+  // retry->deadline.
+  struct RetryWait {
+    uint64_t attempts_before;
+    Clock::time_point deadline;
+  };
   int WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count = true,
-              bool kick = true) REQUIRES(mu_);
+              const RetryWait* retry = nullptr) REQUIRES(mu_);
   void FlusherLoop() EXCLUDES(mu_);
   bool FlushPending() const REQUIRES(mu_);
   bool BatchDue(Clock::time_point now, Trigger* why) const REQUIRES(mu_);

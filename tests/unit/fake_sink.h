@@ -17,6 +17,7 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include "await.h"
@@ -40,6 +41,11 @@ class FakeSink : public Sink {
       auto* it = std::find(waiting_at_.begin(), waiting_at_.begin() + n_waiting_, offset);
       *it = waiting_at_[--n_waiting_];
     }
+    if (write_time_.count() > 0) {  // a plugin whose writes take a while
+      l.unlock();
+      std::this_thread::sleep_for(write_time_);
+      l.lock();
+    }
     if (int e = Injected(fail_)) return e;
     if (fail_from_err_ && offset >= fail_from_) return fail_from_err_;
     if (fail_at_err_ && offset == fail_at_) return fail_at_err_;
@@ -52,6 +58,8 @@ class FakeSink : public Sink {
   }
   int Zero(uint32_t count, uint64_t offset, bool, bool) override {
     std::unique_lock<std::mutex> l(mu_);
+    ++zeroes_started_;
+    cv_.notify_all();
     Await(l, "the sink's release", [this] { return !held_; });
     if (int e = Injected(fail_)) return e;
     std::memset(disk_.data() + offset, 0, count);
@@ -197,6 +205,11 @@ class FakeSink : public Sink {
     fail_at_ = offset;
     fail_at_err_ = err;
   }
+  // Each write takes this long (it fails or succeeds after it).
+  void SetWriteTime(std::chrono::milliseconds t) {
+    std::lock_guard<std::mutex> l(mu_);
+    write_time_ = t;
+  }
   void Fail(int err) {
     std::lock_guard<std::mutex> l(mu_);
     fail_ = err;
@@ -216,6 +229,10 @@ class FakeSink : public Sink {
   uint64_t writes() {
     std::lock_guard<std::mutex> l(mu_);
     return writes_;
+  }
+  uint64_t zeroes_started() {
+    std::lock_guard<std::mutex> l(mu_);
+    return zeroes_started_;
   }
   uint64_t writes_started() {
     std::lock_guard<std::mutex> l(mu_);
@@ -259,6 +276,8 @@ class FakeSink : public Sink {
     ++injected_;
     return fail_next_err_;
   }
+  uint64_t zeroes_started_ = 0;
+  std::chrono::milliseconds write_time_{0};
   uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
   uint64_t max_write_ = 0, losses_ = 0;
 };

@@ -442,6 +442,31 @@ TEST(WriteBackTest, FlushUntilRetriesAtTheBackoffsPace) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// FlushUntil returns at its limit: a retry the flusher started just as
+// FlushUntil woke for it made it wait for the one after, a whole backoff
+// past the limit (a plugin whose failing writes take a while: 3 of 18).
+TEST(WriteBackTest, FlushUntilEndsAtItsLimit) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.retry_min = milliseconds(150);
+  o.retry_max = milliseconds(500);
+  WriteBack wb(&sink, o);
+  sink.SetWriteTime(milliseconds(30));
+  sink.Fail(EIO);
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(wb.FlushUntil(milliseconds(700), Trigger::kDisconnect), EIO);
+    const auto spent =
+        std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - start);
+    // The limit, and the write under way then: not another backoff.
+    EXPECT_LT(spent.count(), 700 + 30 + 120) << "round " << i;
+  }
+  sink.Fail(0);
+  sink.SetWriteTime(milliseconds(0));
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
 TEST(WriteBackTest, FuaIsDurableBeforeReturn) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));
@@ -898,6 +923,38 @@ TEST(WriteBackTest, EntriesASplitAddsAreChargedAgainstTheBound) {
   EXPECT_EQ(wb.memory_bytes(), 0u);
 }
 
+// A request over several buffered ranges leaves fewer entries, and gives
+// their charges back: a writer waiting for room is woken.  (Counting the
+// entries it added wrapped around there, and took the charges back with
+// no wakeup: the writer slept on, with room free.)
+TEST(WriteBackTest, ARequestThatMergesRangesWakesAWriterWaitingForRoom) {
+  constexpr uint64_t kLimit = 64 << 10;
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1 << 20, kLimit);
+  o.bypass_min = 0;
+  WriteBack wb(&sink, o);
+  ASSERT_EQ(wb.Zero(512 << 10, 0, false, false), 0);
+  sink.Hold();
+  auto flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
+  test::AwaitPoll("the zero's batch at the sink", [&] { return sink.zeroes_started() > 0; });
+  // Small zeroes inside the range being written: no batch can start for
+  // them while it runs, so nothing frees room but the merge below.
+  for (uint64_t n = 0; n * 128 + 384 + WriteBack::WriteCharge(4096) / 2 <= kLimit; ++n)
+    ASSERT_EQ(wb.Zero(512, n * 1024, false, false), 0);
+  const std::string block(4096, 'a');
+  auto writer = std::async(std::launch::async,
+                           [&] { return wb.Write(block.data(), 4096, kDisk - 8192, false); });
+  test::AwaitPoll("the writer to wait for room",
+                  [&] { return StatOf(wb, "backpressure_waits") > 0; });
+  ASSERT_EQ(wb.Zero(512 << 10, 0, false, false), 0);  // one entry for all of them
+  EXPECT_EQ(writer.wait_for(std::chrono::seconds(10)), std::future_status::ready)
+      << "the writer was not woken, with room free";
+  sink.Release();
+  EXPECT_EQ(test::Get(writer, "the write"), 0);
+  EXPECT_EQ(test::Get(flush, "the flush"), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+}
+
 // The buffers adjacent ranges are copied into to be written back as one
 // are kept for reuse, and handed back with the pool: when the last writer
 // leaves (ReleaseIdleMemory after Park) and after 2 s idle.  They were kept
@@ -1111,6 +1168,19 @@ TEST(WriteBackTest, AFuaWriteNotBufferedStillCoversWhatCameBeforeIt) {
   EXPECT_EQ(through.counters().writethrough_requests.load(), 1u);
   EXPECT_GT(small_sink.flushes(), flushes) << "nothing flushed the older write";
   EXPECT_EQ(small_sink.Disk()[0], 'c');
+
+  // With flush_before_release (a plugin that is not multi-conn), a
+  // write-through is flushed as it is written, and so was the older data:
+  // one plugin flush for it, not two.
+  FakeSink per_context(kDisk);
+  WriteBackOptions fbr = Opts(1000, 4 * WriteBack::WriteCharge(4096));
+  fbr.flush_before_release = true;
+  WriteBack separate(&per_context, fbr);
+  ASSERT_EQ(separate.Write("d", 1, 0, false), 0);
+  ASSERT_EQ(separate.Flush(Trigger::kClient), 0);
+  flushes = per_context.flushes();
+  ASSERT_EQ(separate.Write(big.data(), kLarge, 2 * kLarge, /*fua=*/true), 0);
+  EXPECT_EQ(per_context.flushes(), flushes + 1);
 }
 
 // Buffering a large write for a CPU-bound plugin only adds a copy: it goes

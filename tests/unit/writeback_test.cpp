@@ -403,6 +403,13 @@ TEST(WriteBackTest, FlushRetriedUntilItsLimitIsCountedOnce) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// FlushUntil(limit) for a disconnect, which fails with EIO: how long it took.
+milliseconds FailingFlushUntil(WriteBack& wb, milliseconds limit) {
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(wb.FlushUntil(limit, Trigger::kDisconnect), EIO);
+  return std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - start);
+}
+
 // FlushUntil retries at the backoff's pace: each failed attempt signals
 // waiters, which woke FlushUntil, whose next WaitFor kicked the flusher
 // past the backoff, so attempts came in bursts (42 in 2 ms, over nbdkit).
@@ -414,13 +421,10 @@ TEST(WriteBackTest, FlushUntilRetriesAtTheBackoffsPace) {
   WriteBack wb(&sink, o);
   ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
   sink.Fail(EIO);
-  const auto start = std::chrono::steady_clock::now();
-  EXPECT_EQ(wb.FlushUntil(milliseconds(600), Trigger::kDisconnect), EIO);
-  const auto spent = std::chrono::steady_clock::now() - start;
+  const milliseconds spent = FailingFlushUntil(wb, milliseconds(600));
   // 20, 40, 80, 80, ... ms apart: at most 10 attempts in the 600 ms (and
   // any time spent past them), each one failed write.
-  const uint64_t allowed =
-      4 + static_cast<uint64_t>(std::chrono::duration_cast<milliseconds>(spent).count() / 80);
+  const uint64_t allowed = 4 + static_cast<uint64_t>(spent.count() / 80);
   EXPECT_GE(wb.counters().flush_errors.load(), 3u) << "the flush was not retried";
   EXPECT_LE(wb.counters().flush_errors.load(), allowed) << "attempts came faster than the backoff";
   EXPECT_LT(spent, milliseconds(600 + 80 + 200)) << "waited past its limit";
@@ -431,10 +435,7 @@ TEST(WriteBackTest, FlushUntilRetriesAtTheBackoffsPace) {
   const uint64_t before = wb.counters().flush_errors.load();
   ASSERT_EQ(wb.Write("y", 1, 0, false), 0);
   sink.FailFlush(EIO);
-  const auto again = std::chrono::steady_clock::now();
-  EXPECT_EQ(wb.FlushUntil(milliseconds(600), Trigger::kDisconnect), EIO);
-  const auto ms =
-      std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - again);
+  const milliseconds ms = FailingFlushUntil(wb, milliseconds(600));
   EXPECT_GE(wb.counters().flush_errors.load() - before, 3u) << "the flush was not retried";
   EXPECT_LE(wb.counters().flush_errors.load() - before, 4 + static_cast<uint64_t>(ms.count() / 80))
       << "plugin flushes came faster than the backoff";
@@ -455,12 +456,8 @@ TEST(WriteBackTest, FlushUntilEndsAtItsLimit) {
   sink.Fail(EIO);
   for (int i = 0; i < 6; ++i) {
     ASSERT_EQ(wb.Write("x", 1, 0, false), 0);
-    const auto start = std::chrono::steady_clock::now();
-    EXPECT_EQ(wb.FlushUntil(milliseconds(700), Trigger::kDisconnect), EIO);
-    const auto spent =
-        std::chrono::duration_cast<milliseconds>(std::chrono::steady_clock::now() - start);
     // The limit, and the write under way then: not another backoff.
-    EXPECT_LT(spent.count(), 700 + 30 + 120) << "round " << i;
+    EXPECT_LT(FailingFlushUntil(wb, milliseconds(700)).count(), 700 + 30 + 120) << "round " << i;
   }
   sink.Fail(0);
   sink.SetWriteTime(milliseconds(0));

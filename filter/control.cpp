@@ -168,6 +168,14 @@ void ControlSocket::Stop() {
   bound_ino_ = 0;
 }
 
+// Reads and drops what a client kept after its last answer has sent, without
+// waiting; whether it has closed its side (or the socket failed).
+static bool DropInput(int fd) {
+  char buf[512];
+  const ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+  return r == 0 || (r == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+
 // Each client has a thread of its own, so that one that is slow (a long
 // flush, a client that stops reading) holds up no other.
 void ControlSocket::Loop() {
@@ -207,11 +215,7 @@ void ControlSocket::Loop() {
     const auto after = std::chrono::steady_clock::now();
     for (size_t i = n_refused; i-- > 0;) {  // drop_refused moves only later ones
       bool done = after >= refused[i].until;
-      if (!done && fds[2 + i].revents) {
-        char buf[512];
-        const ssize_t r = recv(refused[i].fd, buf, sizeof buf, MSG_DONTWAIT);
-        done = r == 0 || (r == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-      }
+      if (!done && fds[2 + i].revents) done = DropInput(refused[i].fd);
       if (done) drop_refused(i);
     }
     if (!(fds[0].revents & POLLIN)) continue;
@@ -351,10 +355,7 @@ void ControlSocket::Linger(int fd) {
     pollfd fds[2] = {{fd, POLLIN, 0}, {stop_pipe_[0], POLLIN, 0}};
     const int n = poll(fds, 2, static_cast<int>(left));
     if (n == -1 && errno == EINTR) continue;
-    if (n <= 0 || fds[1].revents) return;
-    char drop[512];
-    const ssize_t r = recv(fd, drop, sizeof drop, MSG_DONTWAIT);
-    if (r == 0 || (r == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;
+    if (n <= 0 || fds[1].revents || DropInput(fd)) return;
   }
 }
 

@@ -261,23 +261,18 @@ static int ConfigOwn(const std::string& k, const char* key, const char* value) {
 static int sdccache_config(nbdkit_next_config* next, nbdkit_backend* nxdata, const char* key,
                            const char* value) {
   if (!Loaded()) return -1;
-  int r;
   int err = 0;
-  if (Guarded(key, &err, [&] {
-        const std::string k = key;
-        r = ConfigOwn(k, key, value);
-        if (r != 0) return 0;
-        // Which of two values was meant cannot be told: refuse, as with a
-        // bad value.
-        const auto [it, first] = g->given.emplace(k, value);
-        if (!first) {
-          nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key,
-                       it->second.c_str(), key, value);
-          r = -1;
-        }
-        return 0;
-      }) == -1)
+  const int r = Guarded(key, &err, [&] {
+    const std::string k = key;
+    if (const int own = ConfigOwn(k, key, value); own != 0) return own;
+    // Which of two values was meant cannot be told: refuse, as with a bad
+    // value.
+    const auto [it, first] = g->given.emplace(k, value);
+    if (first) return 0;
+    nbdkit_error("%s: given twice (%s=%s and %s=%s); give it once", key, key, it->second.c_str(),
+                 key, value);
     return -1;
+  });
   if (r == kNotOwn) return next(nxdata, key, value);  // for the layers below
   return r;
 }

@@ -35,6 +35,13 @@ WriteBackOptions Opts(uint32_t threshold, uint64_t queue_max = 64 << 20) {
   return o;
 }
 
+// Opts with every write buffered: none goes straight to the plugin for
+// being large (WriteBypass), only for finding no room.
+WriteBackOptions BufferedOpts(uint32_t threshold, uint64_t queue_max = 64 << 20) {
+  WriteBackOptions o = Opts(threshold, queue_max);
+  o.bypass_min = 0;
+  return o;
+}
 
 void AwaitEmptyQueue(WriteBack& wb) {
   test::AwaitPoll("the queue to empty", [&] { return wb.queued_requests() == 0; });
@@ -692,9 +699,7 @@ TEST(WriteBackTest, BackpressureWakesWriters) {
 TEST(WriteBackTest, WritesOverHalfTheQueueDoNotWaitForEachOther) {
   constexpr uint64_t kQueue = 1 << 20, kSize = 600 << 10;
   FakeSink sink(4 << 20);
-  WriteBackOptions o = Opts(1000, kQueue);
-  o.bypass_min = 0;  // no bypass for being large: only for finding no room
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1000, kQueue));
   auto data = [](char c) { return std::string(kSize, c); };
   const std::string a = data('a'), b1 = data('1'), b2 = data('2'), b3 = data('3');
   ASSERT_EQ(wb.Write(a.data(), kSize, 0, false), 0);  // buffered
@@ -850,9 +855,7 @@ TEST(WriteBackTest, ARangeRefusedForGoodDoesNotUseUpTheQueue) {
 TEST(WriteBackTest, PooledAndInUseBytesStayWithinTheBound) {
   constexpr uint64_t kLimit = 1 << 20;
   FakeSink sink(4 << 20);
-  WriteBackOptions o = Opts(1 << 20, kLimit);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1 << 20, kLimit));
   wb.Pause();  // no threshold or half-queue batch
   const std::string big(256 * 1024, 'a');
   for (uint64_t i = 0; i < 3; ++i)
@@ -875,9 +878,7 @@ TEST(WriteBackTest, PooledAndInUseBytesStayWithinTheBound) {
 // empty and gone to sleep.
 TEST(WriteBackTest, APoolFilledLateIsReleasedWhenIdle) {
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1000);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1000));
   const std::string block(64 * 1024, 'x');
   ASSERT_EQ(wb.Write(block.data(), block.size(), 0, false), 0);
   {
@@ -902,9 +903,7 @@ TEST(WriteBackTest, APoolFilledLateIsReleasedWhenIdle) {
 TEST(WriteBackTest, EntriesASplitAddsAreChargedAgainstTheBound) {
   constexpr uint64_t kLimit = 4 << 20, kSpan = 32 << 20;
   FakeSink sink(kSpan);
-  WriteBackOptions o = Opts(1 << 20, kLimit);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1 << 20, kLimit));
   ASSERT_EQ(wb.Zero(kSpan, 0, false, false), 0);
   const std::string piece(512, 'p');
   uint64_t worst = 0;
@@ -927,9 +926,7 @@ TEST(WriteBackTest, EntriesASplitAddsAreChargedAgainstTheBound) {
 TEST(WriteBackTest, ARequestThatMergesRangesWakesAWriterWaitingForRoom) {
   constexpr uint64_t kLimit = 64 << 10;
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1 << 20, kLimit);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1 << 20, kLimit));
   ASSERT_EQ(wb.Zero(512 << 10, 0, false, false), 0);
   sink.Hold();
   auto flush = std::async(std::launch::async, [&] { return wb.Flush(Trigger::kClient); });
@@ -958,9 +955,7 @@ TEST(WriteBackTest, ARequestThatMergesRangesWakesAWriterWaitingForRoom) {
 // until nbdkit exited, up to 8 MiB for every export name ever written.
 TEST(WriteBackTest, CoalescingBuffersAreReleasedWithThePool) {
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1000);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1000));
   const std::string block(4096, 'c');
   auto write_run = [&] {
     const uint64_t before = sink.writes();
@@ -984,9 +979,7 @@ TEST(WriteBackTest, CoalescingBuffersAreReleasedWithThePool) {
 TEST(WriteBackTest, OverwritesThatFitNeitherWaitNorStartABatch) {
   constexpr uint64_t kLimit = 1 << 20;
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1 << 20, kLimit);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1 << 20, kLimit));
   const std::string block(4096, 'w');
   for (int round = 0; round < 200; ++round)  // 256 KiB, under half the queue
     for (uint64_t i = 0; i < 64; ++i) ASSERT_EQ(wb.Write(block.data(), 4096, i * 4096, false), 0);
@@ -1020,8 +1013,7 @@ class SleepingSink : public FakeSink {  // a plugin below that sleeps
 
 TEST(WriteBackTest, AClientGoneDuringItsFlushFailsNoOtherFlush) {
   SleepingSink sink(kDisk);
-  WriteBackOptions o = Opts(1000);
-  o.bypass_min = 0;
+  WriteBackOptions o = BufferedOpts(1000);
   o.writer_gone = [] { return client_gone; };
   WriteBack wb(&sink, o);
   std::thread gone_client([&] {
@@ -1730,8 +1722,7 @@ TEST(WriteBackTest, AFailedBypassWriteIsNotSentAgainForFindingNoRoom) {
 // reach the context that carried them).
 TEST(WriteBackTest, WrittenRangesOfAFailedBatchStayUntilAFlushCoversThem) {
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1000);
-  o.bypass_min = 0;
+  WriteBackOptions o = BufferedOpts(1000);
   o.flush_before_release = true;
   WriteBack wb(&sink, o);
   const std::string good(4096, 'g'), bad(4096, 'b');
@@ -1757,9 +1748,7 @@ TEST(WriteBackTest, WrittenRangesOfAFailedBatchStayUntilAFlushCoversThem) {
 // once, with the write never sent).
 TEST(WriteBackTest, APluginFlushCoversOnlyWhatWasWrittenBeforeIt) {
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1000);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1000));
   const std::string x(4096, 'x'), y(4096, 'y');
   ASSERT_EQ(wb.Write(x.data(), x.size(), 0, false), 0);
   sink.Hold();
@@ -1785,9 +1774,7 @@ TEST(WriteBackTest, APluginFlushCoversOnlyWhatWasWrittenBeforeIt) {
 TEST(WriteBackTest, ANewerWriteOverAWriteThroughInFlightWaitsForIt) {
   constexpr uint64_t kLimit = 64 * 1024, kFar = kDisk / 2;
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1000, kLimit);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1000, kLimit));
   const std::string through(2 * kLimit, 'W'), newer(512, 'N'), far(512, 'M');
   sink.HoldAt(0);
   sink.HoldAt(kFar, /*keep_others=*/true);
@@ -1850,9 +1837,7 @@ TEST(WriteBackTest, AWriteThroughAbortedForAGoneClientIsNoError) {
 // page): a plugin failure of a write-through counts as failing before.
 TEST(WriteBackTest, LastErrorKeepsAWriteThroughsPluginErrorOverENOTCONN) {
   FakeSink sink(kDisk);
-  WriteBackOptions o = Opts(1000, 8192);
-  o.bypass_min = 0;
-  WriteBack wb(&sink, o);
+  WriteBack wb(&sink, BufferedOpts(1000, 8192));
   sink.FailNext(1, EIO);
   std::string big(16384, 'B');
   ASSERT_EQ(wb.Write(big.data(), 16384, 0, false), EIO);  // the plugin failed

@@ -11,7 +11,7 @@ build=${SDCCACHE_BUILD:-$root/build-bench}
 ninja -C "$build" filter/nbdkit-sdccache-filter.so bench/engine-bench >/dev/null
 export SDCCACHE_BENCH_CMD="bench/run.sh${*:+ $*}"
 /usr/bin/python3 "$root/bench/run.py" --build "$build" "$@"
-# The side benches (outlets, folios, thresholds, sizing, floor), appended to the full run's RESULTS.md.
+# The side benches (outlets, folios, thresholds, sizing, floor, fuawrites), appended to the full run's RESULTS.md.
 case " $* " in
   *" --quick "*|*" --out "*) ;;
   *) /usr/bin/python3 "$root/bench/outlets.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
@@ -27,5 +27,8 @@ case " $* " in
        --out "$root/bench/RESULTS.md"
      # Target 1's 64 KiB check against filters that do nothing.
      /usr/bin/python3 "$root/bench/floor.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
-       --out "$root/bench/RESULTS.md" ;;
+       --out "$root/bench/RESULTS.md"
+     # FUA writes one at a time (a client that writes through).
+     /usr/bin/python3 "$root/bench/fuawrites.py" --filter "$build/filter/nbdkit-sdccache-filter.so" \
+       --runtime 3 --out "$root/bench/RESULTS.md" ;;
 esac

@@ -202,7 +202,9 @@ void BatchWriter::RecordProbe(const Clocks& start, const Clocks& end) {
 }
 
 int BatchWriter::WriteTimed(const void* buf, uint32_t count, uint64_t offset, bool fua) {
-  if (timed_writes_.fetch_add(1, std::memory_order_relaxed) % kProbeBypassEvery != 0)
+  // A FUA write's time includes the plugin's flush, which says nothing of
+  // how its writes go: not a probe.
+  if (fua || timed_writes_.fetch_add(1, std::memory_order_relaxed) % kProbeBypassEvery != 0)
     return sink_->Write(buf, count, offset, fua);
   const Clocks start = Clocks::Now();
   const int err = sink_->Write(buf, count, offset, fua);

@@ -118,8 +118,11 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   const uint64_t need = WriteCharge(count);
   if (need > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
   Bypass bypass = Bypass::kDeclined;
-  if (opts_.bypass_min != 0 && count >= opts_.bypass_min) {
-    bypass = WriteBypass(buf, count, offset, fua);
+  // A FUA write waits for the plugin anyway, whatever its size and the
+  // plugin's speed: it may go straight there when nothing older is left to
+  // write or flush (WriteBypass).
+  if (opts_.bypass_min != 0 && (count >= opts_.bypass_min || fua)) {
+    bypass = WriteBypass(buf, count, offset, fua, /*any_plugin=*/fua);
     if (bypass == Bypass::kSent) return 0;
   }
   // A write taking more than half the bound fits beside no other such
@@ -296,15 +299,21 @@ bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
 // that returns 0 is never lost.
 WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                                          bool any_plugin) {
-  // A FUA reply says that everything acknowledged before it is durable,
-  // and reports a failure to write any of it: a FUA write is buffered and
-  // waits for a flush, as a flush does.
-  if (fua) return Bypass::kDeclined;
   MutexLock l(&mu_);
   if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
       (!any_plugin && batch_writer_.latency_bound()) || active_.Overlaps(offset, count) ||
       OverlapsBatches(offset, count) || OverlapsBypass(offset, count))
     return Bypass::kDeclined;
+  // A FUA reply says that everything acknowledged before it is durable,
+  // and reports a failure to write any of it, as a flush does.  So a FUA
+  // write goes to the plugin (with FUA) only when nothing acknowledged
+  // before it waits to be written back or flushed, as with a client that
+  // writes through (qemu's cache=writethrough): one plugin call, as with no
+  // filter, where buffering it would copy it, write it and flush.  One at
+  // a time: FUA writes that come together are buffered, and one plugin
+  // flush covers them all.
+  if (fua && (!bypass_.empty() || !AllFlushedLocked())) return Bypass::kDeclined;
+  const uint64_t gen_before = write_gen_;
   const std::pair<uint64_t, uint64_t> mine{offset, count};
   bypass_.push_back(mine);
   mu_.Unlock();  // no lock across plugin I/O
@@ -317,8 +326,17 @@ WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64
     return Bypass::kFailed;
   }
   ++write_gen_;
+  // Durable with its FUA; when no other Sink write completed meanwhile,
+  // every write so far is (nothing was unflushed when it started), and a
+  // flush or FUA request that follows has nothing to do.
+  if (fua && write_gen_ == gen_before + 1 && flushed_gen_ >= gen_before) flushed_gen_ = write_gen_;
   counters_.bypass_writes.fetch_add(1, std::memory_order_relaxed);
   return Bypass::kSent;
+}
+
+bool WriteBack::AllFlushedLocked() const {
+  return active_.empty() && batches_.empty() && flushed_seq_ >= last_seq_ &&
+         flushed_gen_ >= write_gen_;
 }
 
 int WriteBack::Flush(Trigger why) {

@@ -227,6 +227,8 @@ class WriteBack {
   Bypass WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                      bool any_plugin = false) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
+  // Everything acknowledged so far has been written back and flushed.
+  bool AllFlushedLocked() const REQUIRES(mu_);
   // Removes a bypass or write-through write's entry once it has ended.
   void EndBypassLocked(std::pair<uint64_t, uint64_t> mine) REQUIRES(mu_);
   // Lookup's and LookupExtents' snapshot of [offset, offset+length): the
@@ -355,8 +357,10 @@ class WriteBack {
   // Epochs.  Every buffered request gets seq = ++last_seq_.  Requests up to
   // written_seq_ are in the Sink (it is one below the oldest request still
   // in a batch or in active_); up to flushed_seq_ they are also flushed.
-  // write_gen_ counts completed Sink writes (batches and write-throughs);
-  // flushed_gen_ is the write_gen_ a successful Sink flush covered.
+  // write_gen_ counts completed Sink writes (batches, bypass writes and
+  // write-throughs); flushed_gen_ is the write_gen_ a successful Sink
+  // flush covered, or a FUA bypass write that found all flushed and was
+  // the only write to complete meanwhile (WriteBypass).
   uint64_t last_seq_ GUARDED_BY(mu_) = 0;
   uint64_t written_seq_ GUARDED_BY(mu_) = 0;
   uint64_t flushed_seq_ GUARDED_BY(mu_) = 0;

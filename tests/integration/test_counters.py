@@ -78,11 +78,21 @@ def scenario(json_format):
                     "requests_flushed": 6, "flushes_fua": 0},
                    "after a client flush")
 
-        # A FUA write moves flushes_fua.
+        # A FUA write with everything before it flushed goes to the plugin
+        # with FUA: a bypass write, no flush.
+        bypassed = int(sdctest.control_stats(ctl_path)["bypass_writes"])
+        h.pwrite(b"\x76" * BLOCK, offs[6], nbd.CMD_FLAG_FUA)
+        check_both(srv, stats_path, json_format,
+                   {"flushes_fua": 0, "bypass_writes": bypassed + 1, "batches_flushed": 2,
+                    "queued_requests": 0}, "after a FUA write with all flushed")
+
+        # One with an older write buffered moves flushes_fua.
+        h.pwrite(b"\x75" * BLOCK, offs[6] + BLOCK)
         h.pwrite(b"\x77" * BLOCK, offs[6], nbd.CMD_FLAG_FUA)
         check_both(srv, stats_path, json_format,
                    {"flushes_fua": 1, "flushes_client": 1, "batches_flushed": 3,
-                    "queued_requests": 0}, "after a FUA write")
+                    "bypass_writes": bypassed + 1, "queued_requests": 0},
+                   "after a FUA write with an older write buffered")
 
         # A read of buffered data moves read_overlay_hits; one of plugin
         # data alone does not.

@@ -29,7 +29,7 @@ class FakeSink : public Sink {
  public:
   explicit FakeSink(size_t size) : disk_(size, 0) {}
 
-  int Write(const void* buf, uint32_t count, uint64_t offset, bool) override {
+  int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override {
     std::unique_lock<std::mutex> l(mu_);
     ++writes_started_;
     cv_.notify_all();
@@ -51,6 +51,7 @@ class FakeSink : public Sink {
     if (fail_at_err_ && offset == fail_at_) return fail_at_err_;
     std::memcpy(disk_.data() + offset, buf, count);
     ++writes_;
+    if (fua) ++fua_writes_;  // durable as it returns, as if flushed
     cv_.notify_all();
     bytes_ += count;
     max_write_ = std::max<uint64_t>(max_write_, count);
@@ -230,6 +231,10 @@ class FakeSink : public Sink {
     std::lock_guard<std::mutex> l(mu_);
     return writes_;
   }
+  uint64_t fua_writes() {
+    std::lock_guard<std::mutex> l(mu_);
+    return fua_writes_;
+  }
   uint64_t zeroes_started() {
     std::lock_guard<std::mutex> l(mu_);
     return zeroes_started_;
@@ -279,7 +284,7 @@ class FakeSink : public Sink {
   uint64_t zeroes_started_ = 0;
   std::chrono::milliseconds write_time_{0};
   uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
-  uint64_t max_write_ = 0, losses_ = 0;
+  uint64_t max_write_ = 0, losses_ = 0, fua_writes_ = 0;
 };
 
 }  // namespace sdccache

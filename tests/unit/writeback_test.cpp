@@ -471,13 +471,67 @@ TEST(WriteBackTest, FlushUntilEndsAtItsLimit) {
   ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
 }
 
+// Buffered (here: with the bypass turned off), a FUA write is written and
+// flushed before it returns.
 TEST(WriteBackTest, FuaIsDurableBeforeReturn) {
   FakeSink sink(kDisk);
-  WriteBack wb(&sink, Opts(1000));
+  WriteBack wb(&sink, BufferedOpts(1000));
   ASSERT_EQ(wb.Write("f", 1, 10, true), 0);
   EXPECT_EQ(sink.Disk()[10], 'f');
   EXPECT_GE(sink.flushes(), 1u);
   EXPECT_EQ(wb.counters().by_trigger[static_cast<size_t>(Trigger::kFua)].load(), 1u);
+}
+
+// A FUA write with nothing acknowledged before it left to write back or
+// flush goes to the plugin with FUA: one plugin call, as with no filter
+// (buffered, it was copied, written and then flushed), of any size and
+// to a plugin of any speed, since the client waits for it anyway.  The
+// one after it too: the first made everything durable.
+TEST(WriteBackTest, AFuaWriteWithNothingBeforeItToFlushGoesStraightToThePlugin) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_TRUE(wb.plugin_latency_bound());  // as before any probe
+  ASSERT_EQ(wb.Write("a", 1, 0, true), 0);
+  ASSERT_EQ(wb.Write("b", 1, 1, true), 0);
+  EXPECT_EQ(sink.fua_writes(), 2u);
+  EXPECT_EQ(sink.flushes(), 0u);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 2u);
+  EXPECT_EQ(sink.Disk()[1], 'b');
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.flushes(), 0u) << "a flush with everything durable flushed the plugin";
+
+  // Older data buffered: the FUA write is buffered, and flushed with it.
+  ASSERT_EQ(wb.Write("c", 1, 2, false), 0);
+  ASSERT_EQ(wb.Write("d", 1, 3, true), 0);
+  EXPECT_EQ(sink.fua_writes(), 2u) << "went to the plugin before the older write";
+  EXPECT_EQ(sink.flushes(), 1u);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(sink.Disk()[2], 'c');
+
+  // Older data written back (threshold 1) but not flushed: the same.
+  FakeSink unflushed(kDisk);
+  WriteBack early(&unflushed, Opts(1));
+  ASSERT_EQ(early.Write("e", 1, 4, false), 0);
+  AwaitEmptyQueue(early);
+  ASSERT_EQ(unflushed.flushes(), 0u);
+  ASSERT_EQ(early.Write("f", 1, 5, true), 0);
+  EXPECT_EQ(unflushed.fua_writes(), 0u) << "the older write was left unflushed";
+  EXPECT_EQ(unflushed.flushes(), 1u);
+
+  // A second FUA write while one is at the plugin: buffered, so that FUA
+  // writes that come together share one plugin flush.
+  FakeSink held(kDisk);
+  WriteBack together(&held, Opts(1000));
+  held.HoldAt(0);
+  auto first = std::async(std::launch::async, [&] { return together.Write("g", 1, 0, true); });
+  held.AwaitHeldAt(0);
+  ASSERT_EQ(together.Write("h", 1, 8, true), 0);
+  held.ReleaseAt();
+  EXPECT_EQ(test::Get(first, "the first FUA write"), 0);
+  EXPECT_EQ(held.fua_writes(), 1u);
+  EXPECT_GE(held.flushes(), 1u);
+  EXPECT_EQ(held.Disk()[8], 'h');
 }
 
 TEST(WriteBackTest, FlushDoesNotWaitForLaterWrites) {
@@ -1170,6 +1224,20 @@ TEST(WriteBackTest, AFuaWriteNotBufferedStillCoversWhatCameBeforeIt) {
   flushes = per_context.flushes();
   ASSERT_EQ(separate.Write(big.data(), kLarge, 2 * kLarge, /*fua=*/true), 0);
   EXPECT_EQ(per_context.flushes(), flushes + 1);
+}
+
+// A FUA write's time includes the plugin's flush: it is not a probe of how
+// the plugin's writes go, and a CPU-bound plugin whose flushes are slow
+// stays CPU-bound however many FUA writes go straight to it.
+TEST(WriteBackTest, FuaWritesAreNotTimedAsProbes) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  TimeAsCpuBound(wb);
+  sink.SetWriteTime(milliseconds(1));  // a write that sleeps, as in a sync
+  const std::string big(kLarge, 'p');
+  for (int i = 0; i < 20 * 32; ++i) ASSERT_EQ(wb.Write(big.data(), kLarge, 0, true), 0);
+  EXPECT_EQ(sink.fua_writes(), 640u);
+  EXPECT_FALSE(wb.plugin_latency_bound()) << "FUA writes were timed as the plugin's writes";
 }
 
 // Buffering a large write for a CPU-bound plugin only adds a copy: it goes

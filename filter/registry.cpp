@@ -94,7 +94,8 @@ ExportCache* Registry::Find(const std::string& name) {
   return it == exports_.end() ? nullptr : it->second.get();
 }
 
-int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
+int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
+                    const std::function<bool()>& client_stays) {
   int err = wrote ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
   // Detach flushes the context if background writes went through it since
   // its last flush (a plugin without multi-conn flushes per context).
@@ -104,10 +105,24 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote) {
     // The last connection of this export that can hold the buffered data
     // (the others saw it smaller): nothing could write that data after it,
     // so keep trying (the plugin may recover) for a while.
-    // One disconnect is one flush in flushes_disconnect, counted above if
-    // this writer wrote.
-    err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect,
-                                       /*count=*/!wrote);
+    // One disconnect is one flush in flushes_disconnect, counted here once.
+    if (!wrote) err = cache->writeback->Flush(Trigger::kDisconnect);
+    // Unless the client is still there: a filter above reopens the
+    // connection after a failed request (nbdkit-retry-filter), through a
+    // new context that writes what is left at once.  Retrying through
+    // this one (with the nbd plugin, a dead connection for good) held the
+    // reconnect, and the client's request, for shutdown-timeout.  Asked
+    // only after a failed attempt: at a real disconnect nbdkit logs why
+    // the question's zero-length sleep ended.
+    if (err != 0 && client_stays && client_stays()) {
+      nbdkit_debug(
+          "sdccache: export '%s': connection reopened by a filter above while "
+          "write-back fails (%s): the data stays buffered for its new context",
+          cache->name.c_str(), std::strerror(err));
+    } else {
+      err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect,
+                                         /*count=*/false);
+    }
     cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
   }
   // Whichever leaving writer detaches last (several may leave at once, and

@@ -9,14 +9,15 @@
 // (WriteBack::Park) until one connects again.
 #pragma once
 
+#include <nbdkit-filter.h>
+
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
-
-#include <nbdkit-filter.h>
 
 #include "counters.h"
 #include "params.h"
@@ -49,8 +50,13 @@ class Registry {
   // durable, and when it is the export's last connection, everything
   // buffered (retrying up to shutdown-timeout); then detaches its context,
   // and if no writer is left, stops the export's threads (Get with the
-  // next writer starts them again).
-  int Leave(ExportCache* cache, nbdkit_next* writer, bool wrote);
+  // next writer starts them again).  `client_stays`, if given, says
+  // whether the client is still connected: a filter above is reopening
+  // the connection (nbdkit-retry-filter), and a new context of the same
+  // connection comes next.  Then the last connection makes one attempt,
+  // not retries up to shutdown-timeout, and leaves the rest buffered.
+  int Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
+            const std::function<bool()>& client_stays = {});
   std::vector<ExportCache*> All();
 
   // Control: applied to existing and future caches.

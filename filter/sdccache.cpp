@@ -73,9 +73,14 @@ ExportCache* CacheOf(Handle* h) {
   return c;
 }
 
-// A writer's Registry::Leave, from .finalize or (if nbdkit skipped that) .close.
-int LeaveExport(Handle* h) {
-  const int err = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load());
+// A writer's Registry::Leave, from .finalize or (if nbdkit skipped that,
+// the client having gone) .close.  A .finalize while the client is still
+// connected and nbdkit not shutting down (a zero-length nbdkit_nanosleep
+// succeeds) comes from a filter above that reopens the connection.
+int LeaveExport(Handle* h, bool from_finalize) {
+  static const std::function<bool()> client_stays = [] { return nbdkit_nanosleep(0, 0) == 0; };
+  const int err = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load(),
+                                     from_finalize ? client_stays : std::function<bool()>());
   h->left = true;
   return err;
 }
@@ -409,7 +414,7 @@ static void sdccache_close(void* handle) {
   if (h->writer && !h->left) {
     int err = 0;
     Guarded("close", &err, [&] {
-      if (int e = LeaveExport(h))
+      if (int e = LeaveExport(h, /*from_finalize=*/false))
         nbdkit_error("sdccache: close: writing buffered data on disconnect: %s", std::strerror(e));
       return 0;
     });
@@ -448,7 +453,8 @@ static int sdccache_finalize(nbdkit_next*, void* handle) {
   if (!h->writer) return 0;
   int err = 0;
   Guarded("finalize", &err, [&] {
-    if (int e = LeaveExport(h)) return Fail("writing buffered data on disconnect", e, &err);
+    if (int e = LeaveExport(h, /*from_finalize=*/true))
+      return Fail("writing buffered data on disconnect", e, &err);
     return 0;
   });
   return 0;

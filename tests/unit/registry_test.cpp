@@ -155,6 +155,48 @@ TEST(RegistryTest, LastWriterRetryingIsOneDisconnectFlush) {
   }
 }
 
+// A filter above (nbdkit-retry-filter) reopens the connection of the last
+// writer while the plugin fails: the client stays, and a new context of
+// its connection comes next.  Leave makes one attempt and leaves the data
+// buffered for it, instead of retrying through the old context until
+// shutdown-timeout (which held the reconnect, and the client's request,
+// for 30 s).  Whether the client stays is asked only after a failed
+// attempt (at a real disconnect, nbdkit logs why the question's sleep
+// ended).
+TEST(RegistryTest, ALastWriterReopenedByAFilterAboveLeavesItsDataForTheNextContext) {
+  Registry reg(LeavingParams(std::chrono::seconds(20)));
+  FakeContext a, b, d;
+  int asked = 0;
+  auto stays = [&] {
+    ++asked;
+    return true;
+  };
+  // Nothing left to write: not asked.
+  ExportCache* c = reg.Get("x", b.next());
+  char buf[4096] = {7};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  EXPECT_EQ(reg.Leave(c, b.next(), true, stays), 0);
+  EXPECT_EQ(asked, 0);
+  EXPECT_EQ(b.Count(&FakeContext::pwrites), 1);
+
+  ASSERT_EQ(reg.Get("x", a.next()), c);
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 8192, false), 0);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(reg.Leave(c, a.next(), true, stays), EIO);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10))
+      << "retried until shutdown-timeout while the client stays";
+  EXPECT_EQ(asked, 1);
+  EXPECT_EQ(c->writeback->queued_requests(), 1u);
+  EXPECT_TRUE(c->writeback->parked());
+  NextWriterWritesIt(reg, c, d);
+  reg.Drain();
+  reg.Close();
+}
+
 // A writer whose context cannot tell its size (the plugin's get_size
 // fails) is refused before anything is written through it: nbdkit would
 // abort on a data call of that context.  The export stays parked with what

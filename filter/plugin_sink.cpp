@@ -139,6 +139,7 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
   // Without multi-conn, a plugin flush covers only its own context's
   // writes: flush the ones made through this context, while it is still in
   // the pool (so that a concurrent Flush finds it too, and waits for it).
+  int failed_with = 0;
   while (can_flush_ && !multi_conn_) {
     Slot* slot = FindLocked(next);
     if (slot->written == slot->flushed) break;
@@ -147,6 +148,7 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
     l.lock();
     if (err) {
       if (flush_err) *flush_err = err;
+      failed_with = err;
       break;
     }
   }
@@ -154,7 +156,7 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
   Slot* slot = FindLocked(next);
   // Writes through it that no flush covers (its flush failed): the next
   // Flush fails, so that the engine writes them again elsewhere.
-  if (can_flush_ && !multi_conn_ && slot->written != slot->flushed) ++lost_;
+  if (can_flush_ && !multi_conn_ && slot->written != slot->flushed) CountLossLocked(failed_with);
   contexts_.erase(contexts_.begin() + (slot - contexts_.data()));
   return true;
 }
@@ -162,6 +164,19 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
 uint64_t PluginSink::losses() {
   std::lock_guard<std::mutex> l(mu_);
   return lost_;
+}
+
+int PluginSink::loss_error() {
+  std::lock_guard<std::mutex> l(mu_);
+  return lost_err_;
+}
+
+// The error a flush reporting the loss returns: the plugin's, as for any
+// failed write-back (a flush that failed without one, or only because
+// nbdkit aborted a wait of a leaving client's thread, is reported as EIO).
+void PluginSink::CountLossLocked(int err) {
+  ++lost_;
+  lost_err_ = err == 0 || err == ESHUTDOWN || err == ENOTCONN ? EIO : err;
 }
 
 size_t PluginSink::attached() {
@@ -201,13 +216,13 @@ void PluginSink::Lease::Outcome(bool failed) {
   outcome_ = failed ? kFailed : kSucceeded;
 }
 
-void PluginSink::Lease::Lost() {
+void PluginSink::Lease::Lost(int err) {
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = sink_->FindLocked(next_);
   c->flush_lost = true;
   if (c->flushed >= written_at_start_) return;  // nothing was left uncovered
   c->flushed = written_at_start_;
-  ++sink_->lost_;
+  sink_->CountLossLocked(err);
 }
 
 PluginSink::Lease::~Lease() {
@@ -308,7 +323,7 @@ int PluginSink::FlushOne(nbdkit_next* which) {
     // (Detach): this Flush fails, the engine writes the batches again (the
     // flusher through another context, PickLocked), and the next Flush
     // need not reach `which`, which may fail for good.
-    if (which != nullptr && !multi_conn_) lease.Lost();
+    if (which != nullptr && !multi_conn_) lease.Lost(err);
     return err ? err : EIO;
   }
   lease.Flushed();
@@ -341,7 +356,7 @@ int PluginSink::Flush() {
   std::lock_guard<std::mutex> l(mu_);
   if (lost_ != lost_at_start || lost_ != lost_reported_) {
     lost_reported_ = lost_;
-    if (!first) first = EIO;
+    if (!first) first = lost_err_;
   }
   return first;
 }

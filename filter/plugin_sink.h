@@ -112,6 +112,7 @@ class PluginSink : public Sink {
   uint64_t TrimCalls() const override { return can_trim_ ? 1 : 0; }
   int Flush() override;
   uint64_t losses() override;
+  int loss_error() override;
 
   bool multi_conn() const { return multi_conn_; }
   // What the plugin says of fast zeroes (the filter says the same).  A fast
@@ -164,8 +165,9 @@ class PluginSink : public Sink {
     // After the call: whether it failed (see Slot::failed_at).
     void Outcome(bool failed);  // applied when the lease ends
     // After a failed flush through a context that was given (Flush without
-    // multi-conn): the writes done before it began count as lost.
-    void Lost();
+    // multi-conn): the writes done before it began count as lost, with the
+    // flush's error.
+    void Lost(int err);
 
    private:
     PluginSink* sink_;
@@ -251,6 +253,10 @@ class PluginSink : public Sink {
   // how many of those a Flush has reported (Flushes running when one left
   // report it too).
   uint64_t lost_ = 0, lost_reported_ = 0;
+  // Guarded by mu_: the failed flush's error behind the latest loss, which
+  // the Flush that reports it returns (the plugin's, as for any failure).
+  int lost_err_ = EIO;
+  void CountLossLocked(int err);
   // Guarded by mu_: calls whose outcome was recorded (Slot::failed_at,
   // Slot::succeeded_at).
   uint64_t outcomes_ = 0;

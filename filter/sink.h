@@ -6,6 +6,7 @@
 // serialises them itself when the plugin's thread model requires it).
 #pragma once
 
+#include <cerrno>
 #include <cstdint>
 
 namespace sdccache {
@@ -28,6 +29,9 @@ class Sink {
   // comes first; a caller that must know about its own writes compares this
   // count from before them to after its flush.
   virtual uint64_t losses() { return 0; }
+  // The plugin's error that made the latest of those losses (the failed
+  // flush's), EIO if it gave none.
+  virtual int loss_error() { return EIO; }
 };
 
 }  // namespace sdccache

@@ -717,7 +717,7 @@ void WriteBack::RunBatch(Trigger why, bool client_thread) {
 int WriteBack::FlushSinceLosses(uint64_t losses_before) {
   const int err = sink_->Flush();
   // Another flush may have been the one told that writes were lost.
-  if (err == 0 && sink_->losses() != losses_before) return EIO;
+  if (err == 0 && sink_->losses() != losses_before) return sink_->loss_error();
   return err;
 }
 

@@ -89,13 +89,18 @@ class FakeSink : public Sink {
     std::lock_guard<std::mutex> l(mu_);
     return losses_;
   }
+  int loss_error() override {
+    std::lock_guard<std::mutex> l(mu_);
+    return loss_error_;
+  }
 
   // Test controls.
   // Counts a loss (a plugin context left with writes no flush covered)
   // without failing any Flush: as when another flush was told of it.
-  void Lose() {
+  void Lose(int err = EIO) {
     std::lock_guard<std::mutex> l(mu_);
     ++losses_;
+    loss_error_ = err;
   }
   void Hold() {
     std::lock_guard<std::mutex> l(mu_);
@@ -285,6 +290,7 @@ class FakeSink : public Sink {
   std::chrono::milliseconds write_time_{0};
   uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
   uint64_t max_write_ = 0, losses_ = 0, fua_writes_ = 0;
+  int loss_error_ = EIO;
 };
 
 }  // namespace sdccache

@@ -214,19 +214,21 @@ TEST_F(PluginSinkTest, NoWriteGoesToALeavingContext) {
 
 // A leaving context's flush fails: it must go anyway (nbdkit frees it), but
 // its writes were never flushed, so the next Flush must fail too, for the
-// engine to keep the data and write it again through another context.
+// engine to keep the data and write it again through another context; with
+// the plugin's error (it was EIO, which the plugin never returned).
 TEST_F(PluginSinkTest, AFailedLeavingFlushFailsTheNextFlush) {
   Open(/*multi_conn=*/false);
   ASSERT_EQ(Write(), 0);  // through a
   {
     std::lock_guard<std::mutex> l(a.mu);
-    a.flush_error = EIO;
+    a.flush_error = ENOSPC;
   }
   EXPECT_EQ(sink->losses(), 0u);
   int detach_err = 0;
   EXPECT_TRUE(sink->Detach(a.next(), /*unless_last=*/true, &detach_err));
-  EXPECT_EQ(detach_err, EIO);
-  EXPECT_EQ(sink->Flush(), EIO) << "Flush reported writes made through a as flushed";
+  EXPECT_EQ(detach_err, ENOSPC);
+  EXPECT_EQ(sink->loss_error(), ENOSPC);
+  EXPECT_EQ(sink->Flush(), ENOSPC) << "Flush reported writes made through a as flushed";
   EXPECT_EQ(sink->Flush(), 0) << "the loss is reported once";
   // ... but stays counted, for a batch that wrote through a before its
   // flush (the first Flush above could be another's).

@@ -158,6 +158,9 @@ bool WriteBack::ReserveRoom(uint64_t bytes, uint64_t pool_payload, void** pooled
 }
 
 int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
+  if (fua && count != 0 && opts_.bypass_min != 0 &&
+      ZeroBypass(count, offset, may_trim) == Bypass::kSent)
+    return 0;
   if (count != 0 && !ReserveRoom(kRangeCharge)) return ESHUTDOWN;
   DirtyRange r;
   r.offset = offset;
@@ -168,6 +171,8 @@ int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
 }
 
 int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
+  if (fua && count != 0 && opts_.bypass_min != 0 && TrimBypass(count, offset) == Bypass::kSent)
+    return 0;
   if (count != 0 && !ReserveRoom(kRangeCharge)) return ESHUTDOWN;
   DirtyRange r;
   r.offset = offset;
@@ -299,6 +304,25 @@ bool WriteBack::OverlapsBypass(uint64_t offset, uint64_t length) const {
 // that returns 0 is never lost.
 WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                                          bool any_plugin) {
+  return SendDirect(offset, count, fua, any_plugin, 1,
+                    [&] { return batch_writer_.WriteTimed(buf, count, offset, fua); });
+}
+
+// A FUA zero or trim, like a FUA write (below): to the plugin with FUA
+// when nothing before it is left to write back or flush.
+WriteBack::Bypass WriteBack::ZeroBypass(uint32_t count, uint64_t offset, bool may_trim) {
+  return SendDirect(offset, count, /*fua=*/true, /*any_plugin=*/true, sink_->ZeroCalls(count),
+                    [&] { return sink_->Zero(count, offset, may_trim, true); });
+}
+
+WriteBack::Bypass WriteBack::TrimBypass(uint32_t count, uint64_t offset) {
+  return SendDirect(offset, count, /*fua=*/true, /*any_plugin=*/true, sink_->TrimCalls(),
+                    [&] { return sink_->Trim(count, offset, true); });
+}
+
+template <typename Call>
+WriteBack::Bypass WriteBack::SendDirect(uint64_t offset, uint32_t count, bool fua, bool any_plugin,
+                                        uint64_t calls, Call&& call) {
   MutexLock l(&mu_);
   if (stopping_ || paused_ || backoff_.count() > 0 || opts_.flush_before_release ||
       (!any_plugin && batch_writer_.latency_bound()) || active_.Overlaps(offset, count) ||
@@ -306,21 +330,21 @@ WriteBack::Bypass WriteBack::WriteBypass(const void* buf, uint32_t count, uint64
     return Bypass::kDeclined;
   // A FUA reply says that everything acknowledged before it is durable,
   // and reports a failure to write any of it, as a flush does.  So a FUA
-  // write goes to the plugin (with FUA) only when nothing acknowledged
+  // request goes to the plugin (with FUA) only when nothing acknowledged
   // before it waits to be written back or flushed, as with a client that
   // writes through (qemu's cache=writethrough): one plugin call, as with no
   // filter, where buffering it would copy it, write it and flush.  One at
-  // a time: FUA writes that come together are buffered, and one plugin
+  // a time: FUA requests that come together are buffered, and one plugin
   // flush covers them all.
   if (fua && (!bypass_.empty() || !AllFlushedLocked())) return Bypass::kDeclined;
   const uint64_t gen_before = write_gen_;
   const std::pair<uint64_t, uint64_t> mine{offset, count};
   bypass_.push_back(mine);
   mu_.Unlock();  // no lock across plugin I/O
-  const int err = batch_writer_.WriteTimed(buf, count, offset, fua);
+  const int err = call();
   mu_.Lock();
   EndBypassLocked(mine);
-  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
+  counters_.plugin_writes.fetch_add(calls, std::memory_order_relaxed);  // made, as a batch's
   if (err != 0) {
     CountFailedCallLocked(err);
     return Bypass::kFailed;

@@ -24,10 +24,11 @@
 //    chunk's header and index entry (WriteCharge) is written through,
 //    after everything before it has reached the Sink (with
 //    flush_before_release, and flushed, before it returns).
-//  - A write of at least bypass_min bytes (not FUA) goes straight to a Sink
-//    timed as CPU-bound when nothing buffered or in flight overlaps it
-//    (WriteBypass);
-//    if the Sink fails it, it is buffered instead.
+//  - A write of at least bypass_min bytes goes straight to a Sink timed as
+//    CPU-bound when nothing buffered or in flight overlaps it (WriteBypass),
+//    and so does a FUA write, zero or trim of any size, to any Sink, when
+//    everything before it has been written and flushed too (unless
+//    bypass_min is 0); if the Sink fails it, it is buffered instead.
 //  - A failed Sink write keeps its batch buffered (merged under newer
 //    requests), is retried with capped exponential backoff, and fails every
 //    Flush() waiting meanwhile with the Sink's errno.
@@ -226,6 +227,14 @@ class WriteBack {
   };
   Bypass WriteBypass(const void* buf, uint32_t count, uint64_t offset, bool fua,
                      bool any_plugin = false) EXCLUDES(mu_);
+  // A FUA zero or trim, sent like a FUA write.
+  Bypass ZeroBypass(uint32_t count, uint64_t offset, bool may_trim) EXCLUDES(mu_);
+  Bypass TrimBypass(uint32_t count, uint64_t offset) EXCLUDES(mu_);
+  // What the three share: `call` makes the Sink call (`calls` plugin
+  // calls, for plugin_writes) when the request may go straight there.
+  template <typename Call>
+  Bypass SendDirect(uint64_t offset, uint32_t count, bool fua, bool any_plugin, uint64_t calls,
+                    Call&& call) EXCLUDES(mu_);
   bool OverlapsBypass(uint64_t offset, uint64_t length) const REQUIRES(mu_);
   // Everything acknowledged so far has been written back and flushed.
   bool AllFlushedLocked() const REQUIRES(mu_);

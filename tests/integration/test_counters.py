@@ -94,6 +94,12 @@ def scenario(json_format):
                     "bypass_writes": bypassed + 1, "queued_requests": 0},
                    "after a FUA write with an older write buffered")
 
+        # A FUA zero with everything before it flushed goes straight too.
+        h.zero(BLOCK, offs[6], nbd.CMD_FLAG_FUA)
+        check_both(srv, stats_path, json_format,
+                   {"flushes_fua": 1, "bypass_writes": bypassed + 2, "batches_flushed": 3,
+                    "queued_requests": 0}, "after a FUA zero with all flushed")
+
         # A read of buffered data moves read_overlay_hits; one of plugin
         # data alone does not.
         before = int(sdctest.control_stats(ctl_path)["read_overlay_hits"])

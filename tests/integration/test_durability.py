@@ -14,22 +14,22 @@ def absent(img, off, what):
                   "%s reached the file before anything asked for it" % what)
 
 
-def reached_plugin_durably(logfile, offset, count, what):
-    """The log filter below saw a write of [offset, offset+count) succeed
-    with FUA, or a flush succeed after it: the plugin was asked to make it
-    durable (reading the backing file only shows it was written, as the
-    page cache holds it either way)."""
+def reached_plugin_durably(logfile, offset, count, what, call="Write"):
+    """The log filter below saw a `call` (Write, Zero, Trim) of
+    [offset, offset+count) succeed with FUA, or a flush succeed after it:
+    the plugin was asked to make it durable (reading the backing file only
+    shows it was written, as the page cache holds it either way)."""
     calls = sdctest.log_filter_calls(logfile)
     last = None
     for i, (kind, returned, f) in enumerate(calls):
-        if (kind == "Write" and not returned and int(f["offset"], 16) == offset and
+        if (kind == call and not returned and int(f["offset"], 16) == offset and
                 int(f["count"], 16) == count):
             last = i
-    sdctest.check(last is not None, "%s: no plugin write of [%d,+%d) in the log" %
-                  (what, offset, count))
+    sdctest.check(last is not None, "%s: no plugin %s of [%d,+%d) in the log" %
+                  (what, call, offset, count))
     after = calls[last:]
     wid, fua = after[0][2]["id"], after[0][2]["fua"] == "1"
-    sdctest.check(any(kind == "Write" and returned and f["id"] == wid and f.get("return") == "0"
+    sdctest.check(any(kind == call and returned and f["id"] == wid and f.get("return") == "0"
                       for kind, returned, f in after),
                   "%s: the plugin write did not succeed" % what)
     flushed = any(kind == "Flush" and returned and f.get("return") == "0"
@@ -55,9 +55,24 @@ def plugin_asked_for_durability():
         reached_plugin_durably(logfile, 8 * BLOCK, BLOCK, "a FUA write")
         h.pwrite(b"\x43" * (128 << 10), 1 << 20, nbd.CMD_FLAG_FUA)  # over queue-max-size
         reached_plugin_durably(logfile, 1 << 20, 128 << 10, "a FUA write written through")
+        # FUA zeroes and trims: straight to the plugin (everything before
+        # them flushed), and buffered behind an unflushed write.
+        h.zero(BLOCK, 16 * BLOCK, nbd.CMD_FLAG_FUA)
+        reached_plugin_durably(logfile, 16 * BLOCK, BLOCK, "a FUA zero", "Zero")
+        h.trim(BLOCK, 17 * BLOCK, nbd.CMD_FLAG_FUA)
+        reached_plugin_durably(logfile, 17 * BLOCK, BLOCK, "a FUA trim", "Trim")
+        h.pwrite(b"\x44" * BLOCK, 20 * BLOCK)
+        h.zero(BLOCK, 18 * BLOCK, nbd.CMD_FLAG_FUA)
+        reached_plugin_durably(logfile, 18 * BLOCK, BLOCK, "a buffered FUA zero", "Zero")
+        reached_plugin_durably(logfile, 20 * BLOCK, BLOCK, "a write before a FUA zero")
+        h.pwrite(b"\x45" * BLOCK, 21 * BLOCK)
+        h.trim(BLOCK, 19 * BLOCK, nbd.CMD_FLAG_FUA)
+        reached_plugin_durably(logfile, 19 * BLOCK, BLOCK, "a buffered FUA trim", "Trim")
+        reached_plugin_durably(logfile, 21 * BLOCK, BLOCK, "a write before a FUA trim")
         h.shutdown()
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
-    print("flush, FUA write and FUA write-through: the plugin was asked to make each durable")
+    print("flush, FUA write, FUA write-through, FUA zero and trim: the plugin was asked to make "
+          "each durable")
 
 
 def main():

@@ -57,7 +57,7 @@ class FakeSink : public Sink {
     max_write_ = std::max<uint64_t>(max_write_, count);
     return 0;
   }
-  int Zero(uint32_t count, uint64_t offset, bool, bool) override {
+  int Zero(uint32_t count, uint64_t offset, bool, bool fua) override {
     std::unique_lock<std::mutex> l(mu_);
     ++zeroes_started_;
     cv_.notify_all();
@@ -65,14 +65,16 @@ class FakeSink : public Sink {
     if (int e = Injected(fail_)) return e;
     std::memset(disk_.data() + offset, 0, count);
     ++zeroes_;
+    if (fua) ++fua_zeroes_and_trims_;
     return 0;
   }
-  int Trim(uint32_t count, uint64_t offset, bool) override {
+  int Trim(uint32_t count, uint64_t offset, bool fua) override {
     std::unique_lock<std::mutex> l(mu_);
     Await(l, "the sink's release", [this] { return !held_; });
     if (int e = Injected(fail_)) return e;
     std::memset(disk_.data() + offset, 0, count);  // like file/memory plugins
     ++trims_;
+    if (fua) ++fua_zeroes_and_trims_;
     return 0;
   }
   int Flush() override {
@@ -236,6 +238,10 @@ class FakeSink : public Sink {
     std::lock_guard<std::mutex> l(mu_);
     return writes_;
   }
+  uint64_t fua_zeroes_and_trims() {
+    std::lock_guard<std::mutex> l(mu_);
+    return fua_zeroes_and_trims_;
+  }
   uint64_t fua_writes() {
     std::lock_guard<std::mutex> l(mu_);
     return fua_writes_;
@@ -289,7 +295,7 @@ class FakeSink : public Sink {
   uint64_t zeroes_started_ = 0;
   std::chrono::milliseconds write_time_{0};
   uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
-  uint64_t max_write_ = 0, losses_ = 0, fua_writes_ = 0;
+  uint64_t max_write_ = 0, losses_ = 0, fua_writes_ = 0, fua_zeroes_and_trims_ = 0;
   int loss_error_ = EIO;
 };
 

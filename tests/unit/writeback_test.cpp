@@ -537,6 +537,56 @@ TEST(WriteBackTest, AFuaWriteWithNothingBeforeItToFlushGoesStraightToThePlugin) 
   EXPECT_EQ(held.Disk()[8], 'h');
 }
 
+// FUA zeroes and trims (qemu's cache=writethrough sends write-zeroes with
+// FUA) go straight to the plugin on the same terms as FUA writes.
+TEST(WriteBackTest, AFuaZeroOrTrimWithNothingBeforeItToFlushGoesStraightToThePlugin) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("abcd", 4, 0, false), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  ASSERT_EQ(sink.flushes(), 1u);
+  ASSERT_EQ(wb.Zero(2, 0, false, true), 0);
+  ASSERT_EQ(wb.Trim(1, 2, true), 0);
+  EXPECT_EQ(sink.fua_zeroes_and_trims(), 2u);
+  EXPECT_EQ(sink.flushes(), 1u) << "a FUA zero or trim was buffered, then flushed";
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 2u);
+  EXPECT_EQ(wb.counters().plugin_writes.load(), 3u);  // the write-back, the zero, the trim
+  const std::vector<uint8_t> want{0, 0, 0, 'd'};
+  const std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::vector<uint8_t>(disk.begin(), disk.begin() + 4), want);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.flushes(), 1u) << "a flush with everything durable flushed the plugin";
+
+  // Older data buffered: the FUA zero is buffered, and flushed with it.
+  ASSERT_EQ(wb.Write("e", 1, 5, false), 0);
+  ASSERT_EQ(wb.Zero(1, 6, false, true), 0);
+  EXPECT_EQ(sink.fua_zeroes_and_trims(), 2u) << "went to the plugin before the older write";
+  EXPECT_EQ(sink.flushes(), 2u);
+  EXPECT_EQ(wb.queued_requests(), 0u);
+  EXPECT_EQ(sink.Disk()[5], 'e');
+
+  // bypass-min=0: every request is buffered.
+  FakeSink buffered(kDisk);
+  WriteBack off(&buffered, BufferedOpts(1000));
+  ASSERT_EQ(off.Zero(1, 0, false, true), 0);
+  EXPECT_EQ(buffered.fua_zeroes_and_trims(), 0u);
+  EXPECT_EQ(buffered.flushes(), 1u);
+
+  // A zero the plugin fails is buffered, retried and flushed: it is not lost.
+  FakeSink failing(kDisk);
+  WriteBack retried(&failing, Opts(1000));
+  ASSERT_EQ(retried.Write("x", 1, 9, false), 0);
+  ASSERT_EQ(retried.Flush(Trigger::kClient), 0);
+  failing.FailNext(1, EIO);
+  ASSERT_EQ(retried.Zero(1, 9, false, true), 0);
+  EXPECT_EQ(failing.injected(), 1u);
+  EXPECT_EQ(failing.Disk()[9], 0);
+  EXPECT_EQ(failing.flushes(), 2u);
+  EXPECT_EQ(retried.counters().bypass_writes.load(), 0u);
+  EXPECT_EQ(retried.queued_requests(), 0u);
+}
+
 TEST(WriteBackTest, FlushDoesNotWaitForLaterWrites) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

@@ -63,6 +63,7 @@ ExportCache* Registry::Get(const std::string& name, nbdkit_next* writer) {
   // flight at once and is already large enough that plugins see few
   // requests for sequential data.
   opts.max_plugin_write = std::min<uint32_t>(cache->sink->max_write(), kMaxCoalesce);
+  opts.max_request = cache->sink->max_write();
   opts.write_threads = params_.writeback_threads;
   opts.bypass_min = params_.bypass_min;
   // Other connections read through their own contexts: without multi-conn

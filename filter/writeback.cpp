@@ -117,11 +117,14 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   // put off for ever), and would then hold more than the bound.
   const uint64_t need = WriteCharge(count);
   if (need > opts_.queue_max_bytes) return WriteThrough(buf, count, offset, fua);
+  // One over the plugin's maximum is only buffered (and written back in
+  // pieces): sent straight, the plugin would fail it.
+  const bool one_call = count <= opts_.max_request;
   Bypass bypass = Bypass::kDeclined;
   // A FUA write waits for the plugin anyway, whatever its size and the
   // plugin's speed: it may go straight there when nothing older is left to
   // write or flush (WriteBypass).
-  if (opts_.bypass_min != 0 && (count >= opts_.bypass_min || fua)) {
+  if (one_call && opts_.bypass_min != 0 && (count >= opts_.bypass_min || fua)) {
     bypass = WriteBypass(buf, count, offset, fua, /*any_plugin=*/fua);
     if (bypass == Bypass::kSent) return 0;
   }
@@ -133,7 +136,7 @@ int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua)
   // the queue has no room for it now, it goes straight to the plugin if it
   // may (nothing older overlaps it, ...), whatever the plugin's speed;
   // not a second time if the plugin has just failed it.
-  if (bypass != Bypass::kFailed && need > opts_.queue_max_bytes / 2 &&
+  if (one_call && bypass != Bypass::kFailed && need > opts_.queue_max_bytes / 2 &&
       account_.used() + need > opts_.queue_max_bytes &&
       WriteBypass(buf, count, offset, fua, /*any_plugin=*/true) == Bypass::kSent)
     return 0;
@@ -249,11 +252,17 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   // is flushed, before acknowledging it.
   const bool flush = opts_.flush_before_release;
   const uint64_t losses_before = flush ? sink_->losses() : 0;
-  int err = sink_->Write(buf, count, offset, false);
+  int err = 0;
+  uint64_t calls = 0;
+  for (uint32_t done = 0; err == 0 && done < count; ++calls) {  // within the plugin's maximum
+    const uint32_t n = std::min(count - done, opts_.max_request);
+    err = sink_->Write(static_cast<const uint8_t*>(buf) + done, n, offset + done, false);
+    done += n;
+  }
   if (err == 0 && flush) err = FlushSinceLosses(losses_before);
   mu_.Lock();
   EndBypassLocked(mine);
-  counters_.plugin_writes.fetch_add(1, std::memory_order_relaxed);  // made, as a batch's
+  counters_.plugin_writes.fetch_add(calls, std::memory_order_relaxed);  // made, as a batch's
   if (err) {
     CountFailedCallLocked(err);
     return err;

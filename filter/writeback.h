@@ -71,6 +71,11 @@ struct WriteBackOptions {
   // Writes of at least this many bytes go straight to a CPU-bound Sink
   // when nothing buffered overlaps them (WriteBypass); 0: never.
   uint32_t bypass_min = 64 * 1024;
+  // The largest write the Sink takes in one call (the plugin's block size
+  // maximum).  A larger one (from a client that ignores the maximum the
+  // filter advertises) is never sent straight there, but buffered and
+  // written back in pieces, or written through in pieces.
+  uint32_t max_request = UINT32_MAX;
   std::chrono::milliseconds retry_min{10};
   std::chrono::milliseconds retry_max{1000};
   // Asked on a writer's thread while it waits for room (every

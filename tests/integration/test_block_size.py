@@ -116,6 +116,42 @@ def pieces_within_the_maximum(tmp):
           "requests within %d bytes" % maximum)
 
 
+def no_write_over_the_maximum_sent_straight(tmp):
+    """With the defaults (bypass on), a client write larger than the
+    maximum is buffered and written back in pieces, or written through in
+    pieces, not sent straight to the plugin, which would refuse it: a FUA
+    write with nothing before it, a large write, and one larger than
+    queue-max-size."""
+    maximum = 65536
+    with sdctest.start_server(["memory", str(4 * SIZE), "blocksize-maximum=%d" % maximum,
+                               "blocksize-error-policy=error"],
+                              ["threshold=1000", "max-age=1h", "queue-max-size=256K"],
+                              under=["blocksize-policy"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        h.set_strict_mode(0)  # libnbd would refuse the writes over the maximum itself
+        fua = bytes(range(256)) * 512  # 128 KiB
+        h.pwrite(fua, 0, nbd.CMD_FLAG_FUA)
+        large = b"\x5a" * (128 << 10)
+        for i in range(4):
+            h.pwrite(large, SIZE + i * len(large))
+        through = b"\xa5" * (512 << 10)  # over queue-max-size
+        h.pwrite(through, 2 * SIZE)
+        h.flush()
+
+        def read(count, offset):  # reads within the maximum too
+            return b"".join(h.pread(maximum, o) for o in range(offset, offset + count, maximum))
+        sdctest.check(read(len(fua), 0) == fua, "the FUA write not read back")
+        sdctest.check(read(4 * len(large), SIZE) == large * 4, "the large writes not read back")
+        sdctest.check(read(len(through), 2 * SIZE) == through, "the write-through not read back")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        log = srv.log_text()
+        sdctest.check("larger than maximum" not in log, "a request over the maximum:\n" + log[-1500:])
+    print("writes over the %d-byte maximum (FUA, large, over queue-max-size): none sent to the "
+          "plugin in one piece" % maximum)
+
+
 if __name__ == "__main__":
     main()
     pieces_within_the_maximum(sdctest.scratch_dir(prefix="sdc-blocksize-"))
+    no_write_over_the_maximum_sent_straight(sdctest.scratch_dir(prefix="sdc-blocksize-"))

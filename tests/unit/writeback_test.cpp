@@ -1927,6 +1927,30 @@ TEST(WriteBackTest, ANewerWriteOverAWriteThroughInFlightWaitsForIt) {
   EXPECT_EQ(wb.counters().writethrough_requests.load(), 1u);
 }
 
+// A client that ignores the plugin's maximum block size the filter
+// advertises: no write of more reaches the plugin in one call, which the
+// plugin would fail (a bypass failure counted as a plugin error).
+TEST(WriteBackTest, WritesOverThePluginsMaximumReachItInPieces) {
+  FakeSink sink(kDisk);
+  WriteBackOptions o = Opts(1000, 256 << 10);
+  o.max_request = o.max_plugin_write = 64 << 10;
+  WriteBack wb(&sink, o);
+  const std::string fua(128 << 10, 'F'), through(512 << 10, 'T');
+  // A FUA write with nothing before it: buffered, not sent straight.
+  ASSERT_EQ(wb.Write(fua.data(), 128 << 10, 0, true), 0);
+  // One over queue-max-size: written through, in pieces.
+  ASSERT_EQ(wb.Write(through.data(), 512 << 10, 256 << 10, false), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  EXPECT_EQ(sink.max_write(), 64u << 10);
+  EXPECT_EQ(sink.fua_writes(), 0u);
+  EXPECT_EQ(wb.counters().bypass_writes.load(), 0u);
+  EXPECT_EQ(wb.counters().flush_errors.load(), 0u);
+  EXPECT_EQ(StatOf(wb, "plugin_writes"), 2u + 8u);
+  const std::vector<uint8_t> disk = sink.Disk();
+  EXPECT_EQ(std::string(disk.begin(), disk.begin() + (128 << 10)), fua);
+  EXPECT_EQ(std::string(disk.begin() + (256 << 10), disk.begin() + (768 << 10)), through);
+}
+
 // The same for a write-through, whose failure the client gets.
 TEST(WriteBackTest, AFailedWriteThroughIsCounted) {
   FakeSink sink(kDisk);

@@ -76,6 +76,15 @@ def coalesced_up_to_the_maximum(tmp):
           % (len(sizes), max(sizes)))
 
 
+def stop_with_no_request_over_the_maximum(srv, h):
+    """Disconnects h, stops srv, and checks that blocksize-policy refused
+    no request for being over the maximum."""
+    h.shutdown()
+    sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    log = srv.log_text()
+    sdctest.check("larger than maximum" not in log, "a request over the maximum:\n" + log[-1500:])
+
+
 def pieces_within_the_maximum(tmp):
     """Every plugin request the filter makes stays within the maximum the
     plugin advertises (blocksize-policy refuses anything larger): adjacent
@@ -108,10 +117,7 @@ def pieces_within_the_maximum(tmp):
         h.flush()
         got = b"".join(h.pread(maximum, off) for off in range(0, 4 * SIZE, maximum))
         sdctest.check(got == bytes(model), "what was written not read back")
-        h.shutdown()
-        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
-        log = srv.log_text()
-        sdctest.check("larger than maximum" not in log, "a request over the maximum:\n" + log[-1500:])
+        stop_with_no_request_over_the_maximum(srv, h)
     print("adjacent 3000-byte writes, a 256 KiB write and zeroes of up to 1 MiB: plugin "
           "requests within %d bytes" % maximum)
 
@@ -143,10 +149,7 @@ def no_write_over_the_maximum_sent_straight(tmp):
         sdctest.check(read(len(fua), 0) == fua, "the FUA write not read back")
         sdctest.check(read(4 * len(large), SIZE) == large * 4, "the large writes not read back")
         sdctest.check(read(len(through), 2 * SIZE) == through, "the write-through not read back")
-        h.shutdown()
-        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
-        log = srv.log_text()
-        sdctest.check("larger than maximum" not in log, "a request over the maximum:\n" + log[-1500:])
+        stop_with_no_request_over_the_maximum(srv, h)
     print("writes over the %d-byte maximum (FUA, large, over queue-max-size): none sent to the "
           "plugin in one piece" % maximum)
 

@@ -51,9 +51,9 @@ class Registry {
   // buffered (retrying up to shutdown-timeout); then detaches its context,
   // and if no writer is left, stops the export's threads (Get with the
   // next writer starts them again).  `client_stays`, if given, says
-  // whether the client is still connected: a filter above is reopening
-  // the connection (nbdkit-retry-filter), and a new context of the same
-  // connection comes next.  Then the last connection makes one attempt,
+  // whether a filter above is reopening the connection after a failed
+  // request (nbdkit-retry-filter), the client still connected, and a new
+  // context of the same connection comes next.  Then the last connection makes one attempt,
   // not retries up to shutdown-timeout, and leaves the rest buffered.
   int Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
             const std::function<bool()>& client_stays = {});

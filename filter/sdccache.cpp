@@ -49,7 +49,9 @@ struct Handle {
   std::atomic<ExportCache*> cache{nullptr};
   nbdkit_next* writer = nullptr;  // set when this connection can write
   std::atomic<bool> wrote{false};  // set by any of the connection's threads
-  bool left = false;               // LeaveExport ran
+  // The last data request that returned (see LeaveExport).
+  std::atomic<bool> last_failed{false};
+  bool left = false;  // LeaveExport ran
 };
 
 // A writable connection's cache, set in .prepare before any request.
@@ -74,11 +76,19 @@ ExportCache* CacheOf(Handle* h) {
 }
 
 // A writer's Registry::Leave, from .finalize or (if nbdkit skipped that,
-// the client having gone) .close.  A .finalize while the client is still
+// the client having gone) .close.  A .finalize that comes from a filter
+// above reopening the connection (nbdkit-retry-filter, which does so only
+// after a request failed) is told from the end of the connection by two
+// things: this context's last request failed, and the client is still
 // connected and nbdkit not shutting down (a zero-length nbdkit_nanosleep
-// succeeds) comes from a filter above that reopens the connection.
+// succeeds).  The first is needed because the retry filter serialises
+// requests, and without worker threads nbdkit_nanosleep does not see a
+// client's NBD_CMD_DISC, only its closed socket: a client that sent it and
+// kept its socket open was taken for a reopen, and nothing retried.
 int LeaveExport(Handle* h, bool from_finalize) {
-  static const std::function<bool()> client_stays = [] { return nbdkit_nanosleep(0, 0) == 0; };
+  const std::function<bool()> client_stays = [h] {
+    return h->last_failed.load() && nbdkit_nanosleep(0, 0) == 0;
+  };
   const int err = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load(),
                                      from_finalize ? client_stays : std::function<bool()>());
   h->left = true;
@@ -101,6 +111,14 @@ int Guarded(const char* what, int* err, F&& body) {
     *err = EIO;
   }
   return -1;
+}
+
+// A data request: Guarded, with its outcome noted for LeaveExport.
+template <typename F>
+int Request(Handle* h, const char* what, int* err, F&& body) {
+  const int r = Guarded(what, err, std::forward<F>(body));
+  h->last_failed.store(r == -1);
+  return r;
 }
 
 // A path parameter, made absolute: nbdkit (without -f) changes directory to
@@ -528,7 +546,7 @@ static int sdccache_can_multi_conn(nbdkit_next* next, void* handle) {
 static int sdccache_pread(nbdkit_next* next, void* handle, void* buf, uint32_t count,
                           uint64_t offset, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
-  return Guarded("pread", err, [&] {
+  return Request(h, "pread", err, [&] {
     ExportCache* cache = CacheOf(h);
     if (!cache) {
       GateHold gate(g->registry->gate());
@@ -550,7 +568,7 @@ static int sdccache_pwrite(nbdkit_next*, void* handle, const void* buf, uint32_t
                            uint64_t offset, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   PluginSink::CallerScope caller(h->writer);
-  return Guarded("pwrite", err, [&] {
+  return Request(h, "pwrite", err, [&] {
     if (!Aligned(h, "pwrite", offset, count, err)) return -1;
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Write(buf, count, offset, flags & NBDKIT_FLAG_FUA))
@@ -563,7 +581,7 @@ static int sdccache_zero(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   PluginSink::CallerScope caller(h->writer);
-  return Guarded("zero", err, [&] {
+  return Request(h, "zero", err, [&] {
     if (!Aligned(h, "zero", offset, count, err)) return -1;
     // A client asks for a fast zero to learn whether zeroing costs less
     // than writing, and a buffered zero is written back as the plugin
@@ -593,7 +611,7 @@ static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t of
                          uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   PluginSink::CallerScope caller(h->writer);
-  return Guarded("trim", err, [&] {
+  return Request(h, "trim", err, [&] {
     if (!Aligned(h, "trim", offset, count, err)) return -1;
     h->wrote.store(true, std::memory_order_relaxed);
     if (int e = WriteBackOf(h)->Trim(count, offset, flags & NBDKIT_FLAG_FUA))
@@ -605,7 +623,7 @@ static int sdccache_trim(nbdkit_next*, void* handle, uint32_t count, uint64_t of
 static int sdccache_flush(nbdkit_next* next, void* handle, uint32_t flags, int* err) {
   auto* h = static_cast<Handle*>(handle);
   PluginSink::CallerScope caller(h->writer);
-  return Guarded("flush", err, [&] {
+  return Request(h, "flush", err, [&] {
     ExportCache* cache = CacheOf(h);
     if (!cache) {
       GateHold gate(g->registry->gate());
@@ -623,7 +641,7 @@ static constexpr size_t kExtentsRanges = 1024;
 static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset,
                             uint32_t flags, struct nbdkit_extents* extents, int* err) {
   auto* h = static_cast<Handle*>(handle);
-  return Guarded("extents", err, [&] {
+  return Request(h, "extents", err, [&] {
     ExportCache* cache = CacheOf(h);
     if (!cache) {
       GateHold gate(g->registry->gate());
@@ -682,9 +700,9 @@ static int sdccache_extents(nbdkit_next* next, void* handle, uint32_t count, uin
 
 // Passed through, but under the gate: a plugin that is not parallel must
 // not see a client's cache request beside a background write.
-static int sdccache_cache(nbdkit_next* next, void*, uint32_t count, uint64_t offset, uint32_t flags,
-                          int* err) {
-  return Guarded("cache", err, [&] {
+static int sdccache_cache(nbdkit_next* next, void* handle, uint32_t count, uint64_t offset,
+                          uint32_t flags, int* err) {
+  return Request(static_cast<Handle*>(handle), "cache", err, [&] {
     GateHold gate(g->registry->gate());
     return next->cache(next, count, offset, flags, err);
   });

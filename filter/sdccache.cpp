@@ -75,19 +75,24 @@ ExportCache* CacheOf(Handle* h) {
   return c;
 }
 
+// How long a .finalize that may be a reopen watches the client's socket.
+constexpr unsigned kReopenGraceNs = 500'000'000;
+
 // A writer's Registry::Leave, from .finalize or (if nbdkit skipped that,
 // the client having gone) .close.  A .finalize that comes from a filter
 // above reopening the connection (nbdkit-retry-filter, which does so only
 // after a request failed) is told from the end of the connection by two
-// things: this context's last request failed, and the client is still
-// connected and nbdkit not shutting down (a zero-length nbdkit_nanosleep
-// succeeds).  The first is needed because the retry filter serialises
-// requests, and without worker threads nbdkit_nanosleep does not see a
-// client's NBD_CMD_DISC, only its closed socket: a client that sent it and
-// kept its socket open was taken for a reopen, and nothing retried.
+// things: this context's last request failed, and the client stays
+// connected, and nbdkit does not shut down, for kReopenGraceNs (an
+// nbdkit_nanosleep that ends early otherwise).  Both are needed because
+// the retry filter serialises requests, and without worker threads
+// nbdkit_nanosleep does not see a client's NBD_CMD_DISC, only its closed
+// socket: a client that sent it and had not yet closed its socket was
+// taken for a reopen, and nothing retried.  The grace lets such a client
+// close it (one whose last request failed; see the man page).
 int LeaveExport(Handle* h, bool from_finalize) {
   const std::function<bool()> client_stays = [h] {
-    return h->last_failed.load() && nbdkit_nanosleep(0, 0) == 0;
+    return h->last_failed.load() && nbdkit_nanosleep(0, kReopenGraceNs) == 0;
   };
   const int err = g->registry->Leave(h->cache.load(), h->writer, h->wrote.load(),
                                      from_finalize ? client_stays : std::function<bool()>());

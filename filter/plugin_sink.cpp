@@ -11,7 +11,8 @@
 
 namespace sdccache {
 
-// nbdkit rejects data requests over 32 MiB.
+// The largest request made to a plugin that states no maximum: what NBD
+// clients send at most (libnbd, qemu), half of nbdkit 1.32's own limit.
 static constexpr uint32_t kNbdkitMaxRequest = 32u << 20;
 
 PluginSink::Answers PluginSink::Ask(nbdkit_next* next, PluginGate* gate) {
@@ -38,6 +39,10 @@ PluginSink::Answers PluginSink::Ask(nbdkit_next* next, PluginGate* gate) {
     // A power of 2, as NBD requires (nbdkit checks a plugin's).
     if (minimum > 1 && std::has_single_bit(minimum)) a.min_block = minimum;
   }
+  // Pieces of a larger request start where the one before ends: a maximum
+  // that is no multiple of the minimum (nbdkit 1.32's blocksize-policy
+  // filter allows one) would start the second one unaligned.
+  a.max_write = std::max(a.min_block, a.max_write / a.min_block * a.min_block);
   return a;
 }
 
@@ -139,10 +144,17 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
   // Without multi-conn, a plugin flush covers only its own context's
   // writes: flush the ones made through this context, while it is still in
   // the pool (so that a concurrent Flush finds it too, and waits for it).
+  // With multi-conn, a flush through any context covers them, but only
+  // while this one is open for some layers: nbdkit's multi-conn filter
+  // (multi-conn-mode=emulate) forgets a closed connection's writes, and
+  // its flushes then reach no plugin connection.  So writes through this
+  // context (the flusher's, say, of another client's data) that no flush
+  // has covered yet are flushed here too: a flush, not more, and only when
+  // a client left before flushing.
   int failed_with = 0;
-  while (can_flush_ && !multi_conn_) {
+  while (can_flush_) {
     Slot* slot = FindLocked(next);
-    if (slot->written == slot->flushed) break;
+    if (!UnflushedLocked(*slot)) break;
     l.unlock();
     const int err = FlushOne(next);  // only this Detach removes `next`
     l.lock();
@@ -159,6 +171,10 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
   if (can_flush_ && !multi_conn_ && slot->written != slot->flushed) CountLossLocked(failed_with);
   contexts_.erase(contexts_.begin() + (slot - contexts_.data()));
   return true;
+}
+
+bool PluginSink::UnflushedLocked(const Slot& slot) const {
+  return multi_conn_ ? slot.last_write_tick > all_flushed_ticks_ : slot.written != slot.flushed;
 }
 
 uint64_t PluginSink::losses() {
@@ -204,12 +220,14 @@ PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which, uint6
   next_ = c->next;
   size_ = c->size;
   written_at_start_ = c->written;
+  write_ticks_at_start_ = sink_->write_ticks_;
 }
 
 void PluginSink::Lease::Flushed() {
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = sink_->FindLocked(next_);
   c->flushed = std::max(c->flushed, written_at_start_);
+  sink_->all_flushed_ticks_ = std::max(sink_->all_flushed_ticks_, write_ticks_at_start_);
 }
 
 void PluginSink::Lease::Outcome(bool failed) {
@@ -231,7 +249,10 @@ PluginSink::Lease::~Lease() {
     std::lock_guard<std::mutex> l(sink_->mu_);
     Slot* c = sink_->FindLocked(next_);
     --c->in_flight;
-    if (write_) ++c->written;
+    if (write_) {
+      ++c->written;
+      c->last_write_tick = ++sink_->write_ticks_;
+    }
     // The call's outcome, under this one hold of mu_ rather than one more
     // per plugin call.
     if (outcome_ == kFailed) {

@@ -175,6 +175,7 @@ class PluginSink : public Sink {
     uint64_t size_ = 0;
     bool write_;
     uint64_t written_at_start_ = 0;
+    uint64_t write_ticks_at_start_ = 0;  // the sink's write_ticks_
     enum { kUnknown, kSucceeded, kFailed } outcome_ = kUnknown;
   };
   struct Slot {
@@ -183,6 +184,9 @@ class PluginSink : public Sink {
     int in_flight = 0;     // calls using it now
     uint64_t written = 0;  // write calls finished through it
     uint64_t flushed = 0;  // of those, how many a flush through it covers
+    // With multi-conn: write_ticks_ when a write through it last finished
+    // (covered once all_flushed_ticks_ reaches it).
+    uint64_t last_write_tick = 0;
     bool leaving = false;  // in Detach: no new calls
     // Whether its last call failed: 0 if not, else outcomes_ when it did
     // (so that of two failing contexts, the one that failed first is
@@ -260,6 +264,12 @@ class PluginSink : public Sink {
   // Guarded by mu_: calls whose outcome was recorded (Slot::failed_at,
   // Slot::succeeded_at).
   uint64_t outcomes_ = 0;
+  // Guarded by mu_, used with multi-conn: write calls finished through
+  // any context, and how many of those a successful flush through any
+  // context covers (those finished before it began).
+  uint64_t write_ticks_ = 0, all_flushed_ticks_ = 0;
+  // Whether writes through `slot` may lack a flush that covers them.
+  bool UnflushedLocked(const Slot& slot) const;
 };
 
 }  // namespace sdccache

@@ -154,7 +154,37 @@ def no_write_over_the_maximum_sent_straight(tmp):
           "plugin in one piece" % maximum)
 
 
+def maximum_no_multiple_of_the_minimum(tmp):
+    """nbdkit 1.32's blocksize-policy accepts a maximum that is no multiple
+    of the minimum (6144 over 4096; libnbd then ignores the advertised
+    sizes).  The pieces a larger write reaches the plugin in must stay
+    aligned: a 12 KiB write cut at 6144 had its second piece refused, and
+    was lost; one over queue-max-size failed."""
+    with sdctest.start_server(["memory", str(16 * SIZE), "blocksize-minimum=4096",
+                               "blocksize-maximum=6144", "blocksize-error-policy=error"],
+                              ["threshold=1000", "max-age=1h", "queue-max-size=4M"],
+                              under=["blocksize-policy"], tmpdir=tmp) as srv:
+        h = srv.connect()
+        small, big = b"\x05" * 12288, b"\x06" * (8 << 20)  # big: over queue-max-size
+        h.pwrite(small, 0)
+        h.pwrite(big, 4 << 20, nbd.CMD_FLAG_FUA)
+        h.flush()
+
+        def read(count, offset):  # within both limits
+            return b"".join(h.pread(4096, o) for o in range(offset, offset + count, 4096))
+        sdctest.check(read(len(small), 0) == small, "the 12 KiB write not read back")
+        sdctest.check(read(len(big), 4 << 20) == big, "the 8 MiB write not read back")
+        h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+        log = srv.log_text()
+        sdctest.check("not a multiple" not in log and "larger than maximum" not in log,
+                      "a request the plugin refused:\n" + log[-1500:])
+    print("maximum 6144 over minimum 4096: 12 KiB and 8 MiB writes reached the plugin in "
+          "aligned pieces")
+
+
 if __name__ == "__main__":
     main()
     pieces_within_the_maximum(sdctest.scratch_dir(prefix="sdc-blocksize-"))
     no_write_over_the_maximum_sent_straight(sdctest.scratch_dir(prefix="sdc-blocksize-"))
+    maximum_no_multiple_of_the_minimum(sdctest.scratch_dir(prefix="sdc-blocksize-"))

@@ -163,6 +163,34 @@ def main():
         sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
 
 
+def flushed_under_the_multi_conn_filter():
+    """nbdkit's multi-conn filter (multi-conn-mode=emulate) advertises
+    multi-conn, but forgets a closed connection's unflushed writes: its
+    later flushes reach no plugin connection.  b's write is written back
+    through a's context (the oldest); a leaves; b's flush must still have
+    made the plugin flush after that write."""
+    tmp = sdctest.scratch_dir(prefix="sdc-durable-mconn-")
+    img = sdctest.make_image(tmp, 4 << 20)
+    logfile, ctl = os.path.join(tmp, "plugin.log"), os.path.join(tmp, "ctl.sock")
+    with sdctest.start_server(["file", img, "multi-conn-mode=emulate", "logfile=" + logfile],
+                              ["threshold=1", "max-age=1h", "control=" + ctl],
+                              under=["multi-conn", "log"], tmpdir=tmp) as srv:
+        a, b = srv.connect(), srv.connect()
+        sdctest.check(b.can_multi_conn(), "the multi-conn filter did not advertise multi-conn")
+        b.pwrite(b"\x46" * BLOCK, 0)  # written back at once (threshold=1), not flushed
+        sdctest.wait_until(lambda: sdctest.control_stats(ctl)["queued_requests"] == "0", 10,
+                           "the write to be written back")
+        sdctest.check(not [c for c in sdctest.log_filter_calls(logfile) if c[0] == "Flush"],
+                      "the plugin was flushed before a left")
+        a.shutdown()  # returns once nbdkit has closed a's connection
+        b.flush()
+        reached_plugin_durably(logfile, 0, BLOCK, "a write through a connection that left")
+        b.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("multi-conn filter (emulate): a flush after a connection left covered its writes")
+
+
 if __name__ == "__main__":
     main()
     plugin_asked_for_durability()
+    flushed_under_the_multi_conn_filter()

@@ -25,6 +25,7 @@ struct FakeContext {
   int multi_conn = 1;  // what can_multi_conn says
   int trim = 1;        // what can_trim says
   int zero = NBDKIT_ZERO_NATIVE;  // what can_zero says
+  uint32_t min_block = 0, max_block = 0;  // what block_size says (0: none)
   std::mutex mu;
   std::condition_variable cv;  // any change below
   int pwrites = 0;             // guarded by mu
@@ -56,7 +57,12 @@ struct FakeContext {
     ops.can_flush = [](nbdkit_next*) { return 1; };
     ops.can_trim = [](nbdkit_next* n) { return Of(n)->trim; };
     ops.can_multi_conn = [](nbdkit_next* n) { return Of(n)->multi_conn; };
-    ops.block_size = [](nbdkit_next*, uint32_t*, uint32_t*, uint32_t*) { return 0; };
+    ops.block_size = [](nbdkit_next* n, uint32_t* minimum, uint32_t* preferred, uint32_t* maximum) {
+      *minimum = Of(n)->min_block;
+      *preferred = 0;
+      *maximum = Of(n)->max_block;
+      return 0;
+    };
     // nbdkit caches the size per context; a data call on a context whose
     // size it has not asked, or past that size, fails an assertion and
     // aborts nbdkit (backend_valid_range), as pwrite does here.

@@ -117,6 +117,44 @@ TEST_F(PluginSinkTest, ALeavingContextFlushesWhatWasWrittenThroughIt) {
   EXPECT_EQ(c.Count(&FakeContext::flushes), 0) << "c carried no writes";
 }
 
+// With multi-conn too, a context that carried writes no flush has covered
+// yet flushes as it leaves: nbdkit's multi-conn filter (emulate mode)
+// forgets a closed connection's writes, and a later flush through another
+// context then reached no plugin connection (review).  A flush through any
+// context covers every context's writes finished before it.
+TEST_F(PluginSinkTest, WithMultiConnALeavingContextFlushesWritesNoFlushCoveredYet) {
+  Open(/*multi_conn=*/true);
+  ASSERT_EQ(Write(), 0);  // through a (the flusher's, say, of b's data)
+  EXPECT_TRUE(sink->Detach(a.next(), /*unless_last=*/true));
+  EXPECT_EQ(a.Count(&FakeContext::flushes), 1) << "a left with a write no flush covered";
+  sink->Attach(c.next());
+  ASSERT_EQ(WriteAs(c), 0);     // through c
+  ASSERT_EQ(sink->Flush(), 0);  // through b, the oldest: covers c's write
+  EXPECT_EQ(b.Count(&FakeContext::flushes), 1);
+  EXPECT_TRUE(sink->Detach(c.next(), /*unless_last=*/true));
+  EXPECT_EQ(c.Count(&FakeContext::flushes), 0) << "c's write was covered by b's flush";
+  EXPECT_TRUE(sink->Detach(b.next(), /*unless_last=*/false));
+  EXPECT_EQ(b.Count(&FakeContext::flushes), 1) << "b carried no writes";
+}
+
+// A maximum block size that is no multiple of the minimum (nbdkit 1.32's
+// blocksize-policy filter allows one): pieces of a larger request, each
+// starting where the one before ended, stay aligned (review: the second
+// piece of a 12 KiB write under minimum 4096, maximum 6144 was refused,
+// and the acknowledged write was lost).
+TEST(PluginSinkAskTest, AMaximumThatIsNoMultipleOfTheMinimumIsRoundedDown) {
+  PluginGate gate;
+  FakeContext ctx;
+  ctx.min_block = 4096;
+  ctx.max_block = 6144;
+  EXPECT_EQ(PluginSink::Ask(ctx.next(), &gate).max_write, 4096u);
+  ctx.max_block = 3 * 4096;
+  EXPECT_EQ(PluginSink::Ask(ctx.next(), &gate).max_write, 3u * 4096);
+  ctx.min_block = 0;
+  ctx.max_block = 6144;
+  EXPECT_EQ(PluginSink::Ask(ctx.next(), &gate).max_write, 6144u);
+}
+
 // Without multi-conn, a flush reaches every context that carried writes
 // since its last flush: here both, a background write having gone through
 // a and a client's own (a write-through, say) through b.

@@ -125,6 +125,19 @@ bool PluginSink::OthersStayLocked(nbdkit_next* next, uint64_t end) {
   return false;
 }
 
+bool PluginSink::OnlyOneNotFailing(nbdkit_next* next, uint64_t end) {
+  std::lock_guard<std::mutex> l(mu_);
+  const Slot* self = FindLocked(next);
+  if (self == nullptr || self->leaving || self->failed_at != 0 || self->size < end) return false;
+  bool others = false;
+  for (const Slot& c : contexts_) {
+    if (c.next == next || c.leaving || c.size < end) continue;
+    if (c.failed_at == 0) return false;
+    others = true;
+  }
+  return others;
+}
+
 bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
                         uint64_t buffered_end) {
   std::unique_lock<std::mutex> l(mu_);

@@ -87,15 +87,19 @@ class PluginSink : public Sink {
   // which would abort.
   void Attach(nbdkit_next* next, const Answers& answers);
   void Attach(nbdkit_next* next) { Attach(next, Ask(next, gate_)); }
+  // Whether `next` (attached, holding `end` bytes) has not failed its last
+  // call while every other context that holds them has: the one that may
+  // still write what is buffered.  False if there is no other.
+  bool OnlyOneNotFailing(nbdkit_next* next, uint64_t end);
   // Removes `next` once no background call uses it; new calls go to other
   // contexts meanwhile.  With `unless_last`, leaves it attached (and
   // returns false) if no other context stays that holds buffered_end
   // bytes (where the data still buffered ends: only a context that saw
   // the export at least that large can write it): the caller must first
-  // write everything buffered.  Without multi-conn, a plugin flush covers only
-  // its own context's writes: if writes made through `next` are not yet
-  // covered by a flush through it, flushes it before it goes, and sets
-  // *flush_err if that fails.
+  // write everything buffered.  If writes made through `next` are not yet
+  // covered by a flush (through it, as a plugin without multi-conn needs;
+  // with multi-conn, through any context), flushes it before it goes, and
+  // sets *flush_err if that fails.
   bool Detach(nbdkit_next* next, bool unless_last, int* flush_err = nullptr,
               uint64_t buffered_end = 0);
   // Contexts attached (leaving ones included).

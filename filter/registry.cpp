@@ -97,7 +97,19 @@ ExportCache* Registry::Find(const std::string& name) {
 
 int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
                     const std::function<bool()>& client_stays) {
-  int err = wrote ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
+  // A connection that wrote makes its data durable.  One that did not
+  // makes an attempt too while write-back fails: its context may be the
+  // one that works (a retry filter above reopened it after the plugin's
+  // server restarted, while another client's context still talks to the
+  // dead one), and once it has left, what is buffered could be left to
+  // contexts that never work again.  If the attempt went through another
+  // context, which failed, while this one has not failed, one more: the
+  // flusher now writes through this one.
+  int err =
+      wrote || cache->writeback->backing_off() ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
+  if (err != 0 && cache->sink->OnlyOneNotFailing(writer, cache->writeback->buffered_end()))
+    err = cache->writeback->FlushUntil(std::chrono::milliseconds(0), Trigger::kDisconnect,
+                                       /*count=*/false);
   // Detach flushes the context if background writes went through it since
   // its last flush (a plugin without multi-conn flushes per context).
   int detach_err = 0;

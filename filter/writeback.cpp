@@ -101,6 +101,11 @@ bool WriteBack::parked() {
   return parked_;
 }
 
+bool WriteBack::backing_off() {
+  MutexLock l(&mu_);
+  return backoff_.count() > 0;
+}
+
 WriteBack::~WriteBack() {
   bool stopped;
   {

@@ -164,6 +164,8 @@ class WriteBack {
   // std::system_error, still parked, if it cannot.
   void Unpark() EXCLUDES(mu_);
   bool parked() EXCLUDES(mu_);
+  // Whether the last write-back attempt failed (its retry is due later).
+  bool backing_off() EXCLUDES(mu_);
   // Returns the pool of chunk buffers, the coalescing buffers kept for
   // reuse and malloc's free pages to the system (the flusher does after
   // kIdleRelease with nothing buffered).

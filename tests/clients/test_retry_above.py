@@ -69,5 +69,42 @@ def main():
     print("retry filter above: the reconnect took %.1f s, nothing lost" % took)
 
 
+def working_context_leaves_first():
+    """Two clients; the remote restarts.  h0's next request fails, the
+    retry filter reopens its connection (a working context), h0 leaves at
+    once; h1's context still talks to the dead remote connection.  h0's
+    context, the only one that works, must write the data before it goes:
+    it was left to h1's, and logged as lost at exit (review)."""
+    tmp = sdctest.scratch_dir(prefix="sdc-retry-above2-")
+    back_disk = sdctest.make_image(tmp, SIZE, "back.img")
+    back = clientlib.PlainServer(tmp, "back", ["file", back_disk])
+    front_tmp = os.path.join(tmp, "front")
+    os.mkdir(front_tmp)
+    front = sdctest.start_server(["nbd", "socket=" + back.sock],
+                                 ["retries=5", "retry-delay=1", "shutdown-timeout=10s"],
+                                 over=("retry",), tmpdir=front_tmp)
+    with front:
+        h0, h1 = front.connect(), front.connect()
+        data = [bytes([0x30 + j]) * BLOCK for j in range(16)]
+        for j, d in enumerate(data):
+            h0.pwrite(d, j * BLOCK)  # acknowledged, buffered
+        back.proc.send_signal(signal.SIGKILL)
+        back.wait_exit(10, "the remote server to die")
+        os.unlink(os.path.join(tmp, "back.pid"))
+        os.unlink(back.sock)
+        back = clientlib.PlainServer(tmp, "back", ["file", back_disk])
+        h0.pread(BLOCK, 1 << 20)  # fails, the retry filter reopens, then succeeds
+        h0.shutdown()  # returns once nbdkit has closed h0's connection
+        disk = sdctest.disk_read(back_disk, 0, 16 * BLOCK)
+        check(disk == b"".join(data), "h0's working context left without writing the data")
+        h1.shutdown()
+        check(front.stop() == 0, "nbdkit exit status")
+        check("are lost" not in front.log_text(), "data lost:\n" + front.log_text()[-1500:])
+    back.proc.send_signal(signal.SIGTERM)
+    back.wait_exit(10, "the remote server to exit")
+    print("retry filter above, two clients: the working context wrote the data as it left")
+
+
 if __name__ == "__main__":
     main()
+    working_context_leaves_first()

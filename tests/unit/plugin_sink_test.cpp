@@ -137,6 +137,27 @@ TEST_F(PluginSinkTest, WithMultiConnALeavingContextFlushesWritesNoFlushCoveredYe
   EXPECT_EQ(b.Count(&FakeContext::flushes), 1) << "b carried no writes";
 }
 
+// The context that may still write what is buffered: it has not failed,
+// and every other one has (Registry::Leave then makes one more attempt
+// before it goes).
+TEST_F(PluginSinkTest, OnlyOneNotFailingIsTheContextLeftThatWorks) {
+  Open(/*multi_conn=*/true);
+  EXPECT_FALSE(sink->OnlyOneNotFailing(b.next(), 0)) << "a has not failed";
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
+  EXPECT_EQ(Write(), EIO);  // through a, the oldest
+  EXPECT_TRUE(sink->OnlyOneNotFailing(b.next(), 0));
+  EXPECT_FALSE(sink->OnlyOneNotFailing(a.next(), 0)) << "a failed";
+  EXPECT_FALSE(sink->OnlyOneNotFailing(b.next(), 2u << 30)) << "b is too small for that";
+  sink->Attach(c.next());
+  EXPECT_FALSE(sink->OnlyOneNotFailing(b.next(), 0)) << "c has not failed either";
+  EXPECT_TRUE(sink->Detach(c.next(), /*unless_last=*/true));
+  EXPECT_TRUE(sink->Detach(a.next(), /*unless_last=*/true));
+  EXPECT_FALSE(sink->OnlyOneNotFailing(b.next(), 0)) << "no other context";
+}
+
 // A maximum block size that is no multiple of the minimum (nbdkit 1.32's
 // blocksize-policy filter allows one): pieces of a larger request, each
 // starting where the one before ended, stay aligned (review: the second

@@ -105,8 +105,8 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
   // contexts that never work again.  If the attempt went through another
   // context, which failed, while this one has not failed, one more: the
   // flusher now writes through this one.
-  int err =
-      wrote || cache->writeback->backing_off() ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
+  const bool attempted = wrote || cache->writeback->backing_off();
+  int err = attempted ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
   if (err != 0 && cache->sink->OnlyOneNotFailing(writer, cache->writeback->buffered_end()))
     err = cache->writeback->FlushUntil(std::chrono::milliseconds(0), Trigger::kDisconnect,
                                        /*count=*/false);
@@ -119,21 +119,21 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
     // (the others saw it smaller): nothing could write that data after it,
     // so keep trying (the plugin may recover) for a while.
     // One disconnect is one flush in flushes_disconnect, counted here once.
-    if (!wrote) err = cache->writeback->Flush(Trigger::kDisconnect);
+    if (!attempted) err = cache->writeback->Flush(Trigger::kDisconnect);
     // Unless the client is still there: a filter above reopens the
     // connection after a failed request (nbdkit-retry-filter), through a
     // new context that writes what is left at once.  Retrying through
     // this one (with the nbd plugin, a dead connection for good) held the
     // reconnect, and the client's request, for shutdown-timeout.  Asked
     // only after a failed attempt: at a real disconnect nbdkit logs why
-    // the question's zero-length sleep ended.
+    // the question's sleep ended.
     if (err != 0 && client_stays && client_stays()) {
       nbdkit_debug(
           "sdccache: export '%s': connection reopened by a filter above while "
           "write-back fails (%s): the data stays buffered for its new context",
           cache->name.c_str(), std::strerror(err));
     } else {
-      err = cache->writeback->FlushUntil(params_.shutdown_timeout, Trigger::kDisconnect,
+      err = cache->writeback->FlushUntil(RetryLimit(cache), Trigger::kDisconnect,
                                          /*count=*/false);
     }
     cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
@@ -152,6 +152,24 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
     cache->writeback->ReleaseIdleMemory();  // not under mu_: it may take a while
   }
   return err ? err : detach_err;
+}
+
+// Shared so that a connection whose .finalize a filter above called
+// (retry, reopening it) and which then ends, nbdkit shutting down, does
+// not retry the same data for shutdown-timeout twice: its first .finalize,
+// taken for a disconnect as nbdkit's shutdown ended the question's sleep,
+// already did.
+std::chrono::milliseconds Registry::RetryLimit(ExportCache* cache) {
+  const auto now = std::chrono::steady_clock::now();
+  const uint64_t acked = cache->writeback->acknowledged();
+  std::lock_guard<std::mutex> l(cache->retry_mu);
+  if (acked == cache->retry_for)
+    return std::max(
+        std::chrono::milliseconds(0),
+        std::chrono::duration_cast<std::chrono::milliseconds>(cache->retry_until - now));
+  cache->retry_for = acked;
+  cache->retry_until = now + params_.shutdown_timeout;
+  return params_.shutdown_timeout;
 }
 
 std::vector<ExportCache*> Registry::All() {

@@ -12,6 +12,8 @@
 #include <nbdkit-filter.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
@@ -35,6 +37,11 @@ struct ExportCache {
   std::string name;
   std::unique_ptr<PluginSink> sink;
   std::unique_ptr<WriteBack> writeback;
+  // The last disconnects' retries (Registry::RetryLimit): until when, and
+  // for which data (WriteBack::acknowledged() then; none yet: UINT64_MAX).
+  std::mutex retry_mu;
+  std::chrono::steady_clock::time_point retry_until;  // guarded by retry_mu
+  uint64_t retry_for = UINT64_MAX;                    // guarded by retry_mu
 };
 
 class Registry {
@@ -83,6 +90,11 @@ class Registry {
   const Params& params() const { return params_; }
 
  private:
+  // How long a last disconnect retries write-back: shutdown-timeout, but
+  // shared by the last disconnects that come while nothing new has been
+  // acknowledged (what is left of it; at least one attempt).
+  std::chrono::milliseconds RetryLimit(ExportCache* cache);
+
   const Params params_;
   PluginGate gate_;
   StatsFile* stats_file_ = nullptr;

@@ -101,6 +101,11 @@ bool WriteBack::parked() {
   return parked_;
 }
 
+uint64_t WriteBack::acknowledged() {
+  MutexLock l(&mu_);
+  return last_seq_;
+}
+
 bool WriteBack::backing_off() {
   MutexLock l(&mu_);
   return backoff_.count() > 0;

@@ -178,6 +178,8 @@ class WriteBack {
   CounterList Stats() EXCLUDES(mu_);
   const Counters& counters() const { return counters_; }
   uint64_t queued_requests() EXCLUDES(mu_);
+  // Requests buffered so far (a count that only grows).
+  uint64_t acknowledged() EXCLUDES(mu_);
   // Whether the plugin's requests were last timed as mostly waiting
   // (BatchWriter): then batches run several requests at once, and no
   // write goes straight to the plugin (WriteBypass).

@@ -197,6 +197,43 @@ TEST(RegistryTest, ALastWriterReopenedByAFilterAboveLeavesItsDataForTheNextConte
   reg.Close();
 }
 
+// Last disconnects with nothing newly acknowledged between them share one
+// shutdown-timeout: a connection that a retry filter above reopened and
+// that then ended at nbdkit's shutdown retried the same data for
+// shutdown-timeout in each .finalize, and nbdkit took twice as long to exit
+// (review).  New data gets the whole time again.
+TEST(RegistryTest, LastDisconnectsWithNothingNewShareOneShutdownTimeout) {
+  using std::chrono::milliseconds;
+  using std::chrono::steady_clock;
+  const milliseconds timeout(2000);
+  Registry reg(LeavingParams(timeout));
+  FakeContext a, b, d, e;
+  auto start = steady_clock::now();
+  ExportCache* c = LeaveWithData(reg, a, false);
+  EXPECT_GE(steady_clock::now() - start, timeout);
+
+  for (FakeContext* ctx : {&b, &d}) {
+    std::lock_guard<std::mutex> l(ctx->mu);
+    ctx->pwrite_error = EIO;
+  }
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  start = steady_clock::now();
+  EXPECT_EQ(reg.Leave(c, b.next(), false), EIO);
+  EXPECT_LT(steady_clock::now() - start, timeout / 2)
+      << "the same data retried for shutdown-timeout again";
+  EXPECT_GE(b.Count(&FakeContext::pwrites), 1) << "no attempt";
+
+  ASSERT_EQ(reg.Get("x", d.next()), c);
+  char buf[4096] = {8};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  start = steady_clock::now();
+  EXPECT_EQ(reg.Leave(c, d.next(), true), EIO);
+  EXPECT_GE(steady_clock::now() - start, timeout) << "new data, not retried for shutdown-timeout";
+  NextWriterWritesIt(reg, c, e);
+  reg.Drain();
+  reg.Close();
+}
+
 // A writer whose context cannot tell its size (the plugin's get_size
 // fails) is refused before anything is written through it: nbdkit would
 // abort on a data call of that context.  The export stays parked with what

@@ -60,8 +60,9 @@ class Registry {
   // next writer starts them again).  `client_stays`, if given, says
   // whether a filter above is reopening the connection after a failed
   // request (nbdkit-retry-filter), the client still connected, and a new
-  // context of the same connection comes next.  Then the last connection makes one attempt,
-  // not retries up to shutdown-timeout, and leaves the rest buffered.
+  // context of the same connection comes next.  Then the last connection
+  // makes one attempt, not retries up to shutdown-timeout, and leaves the
+  // rest buffered.
   int Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
             const std::function<bool()>& client_stays = {});
   std::vector<ExportCache*> All();

@@ -125,6 +125,12 @@ bool PluginSink::OthersStayLocked(nbdkit_next* next, uint64_t end) {
   return false;
 }
 
+bool PluginSink::Failing(nbdkit_next* next) {
+  std::lock_guard<std::mutex> l(mu_);
+  const Slot* self = FindLocked(next);
+  return self != nullptr && self->failed_at != 0;
+}
+
 bool PluginSink::OnlyOneNotFailing(nbdkit_next* next, uint64_t end) {
   std::lock_guard<std::mutex> l(mu_);
   const Slot* self = FindLocked(next);
@@ -180,8 +186,10 @@ bool PluginSink::Detach(nbdkit_next* next, bool unless_last, int* flush_err,
   idle_.wait(l, idle);  // a concurrent Flush may still use it
   Slot* slot = FindLocked(next);
   // Writes through it that no flush covers (its flush failed): the next
-  // Flush fails, so that the engine writes them again elsewhere.
-  if (can_flush_ && !multi_conn_ && slot->written != slot->flushed) CountLossLocked(failed_with);
+  // Flush fails, so that the engine writes them again elsewhere (without
+  // multi-conn; with it, their batches are gone, and the failure is
+  // reported: a later flush through another context may not cover them).
+  if (can_flush_ && UnflushedLocked(*slot)) CountLossLocked(failed_with);
   contexts_.erase(contexts_.begin() + (slot - contexts_.data()));
   return true;
 }
@@ -243,8 +251,9 @@ void PluginSink::Lease::Flushed() {
   sink_->all_flushed_ticks_ = std::max(sink_->all_flushed_ticks_, write_ticks_at_start_);
 }
 
-void PluginSink::Lease::Outcome(bool failed) {
+void PluginSink::Lease::Outcome(bool failed, bool durable) {
   outcome_ = failed ? kFailed : kSucceeded;
+  durable_ = !failed && durable;
 }
 
 void PluginSink::Lease::Lost(int err) {
@@ -262,10 +271,14 @@ PluginSink::Lease::~Lease() {
     std::lock_guard<std::mutex> l(sink_->mu_);
     Slot* c = sink_->FindLocked(next_);
     --c->in_flight;
-    if (write_) {
-      ++c->written;
-      c->last_write_tick = ++sink_->write_ticks_;
-    }
+    if (write_) ++c->written;
+    // With multi-conn, only a write that succeeded without FUA needs a
+    // flush: a failed one stays buffered (a leaving context that carried
+    // only those failed its flush too, when the plugin's connection was
+    // dead, and reported a loss), and one made with FUA is durable (a
+    // client that writes only so, qemu's cache=writethrough, made its
+    // context flush as it left).
+    if (write_ && outcome_ == kSucceeded && !durable_) c->last_write_tick = ++sink_->write_ticks_;
     // The call's outcome, under this one hold of mu_ rather than one more
     // per plugin call.
     if (outcome_ == kFailed) {
@@ -297,7 +310,7 @@ int PluginSink::DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool f
       GateHold g(gate_);
       r = call(next, flags, &err);
     }
-    lease.Outcome(r == -1);
+    lease.Outcome(r == -1, (flags & NBDKIT_FLAG_FUA) != 0);
     if (r == -1) return err ? err : EIO;
   }
   return FuaFallback(fua);
@@ -366,8 +379,8 @@ int PluginSink::FlushOne(nbdkit_next* which) {
 
 int PluginSink::Flush() {
   if (!can_flush_) return 0;
-  if (multi_conn_) return FlushOne(nullptr);
-  // Each context with writes that no flush through it has covered yet.
+  // Without multi-conn: each context with writes that no flush through it
+  // has covered yet.  With it, any one covers them all.
   std::vector<nbdkit_next*> dirty;
   uint64_t lost_at_start;
   {
@@ -375,7 +388,7 @@ int PluginSink::Flush() {
     lost_at_start = lost_;
     try {
       for (const Slot& c : contexts_)
-        if (c.written != c.flushed) dirty.push_back(c.next);
+        if (!multi_conn_ && c.written != c.flushed) dirty.push_back(c.next);
     } catch (const std::bad_alloc&) {  // the engine tries again later
       return ENOMEM;
     }

@@ -91,6 +91,8 @@ class PluginSink : public Sink {
   // call while every other context that holds them has: the one that may
   // still write what is buffered.  False if there is no other.
   bool OnlyOneNotFailing(nbdkit_next* next, uint64_t end);
+  // Whether `next`'s last call failed.
+  bool Failing(nbdkit_next* next);
   // Removes `next` once no background call uses it; new calls go to other
   // contexts meanwhile.  With `unless_last`, leaves it attached (and
   // returns false) if no other context stays that holds buffered_end
@@ -166,8 +168,9 @@ class PluginSink : public Sink {
     bool Holds(uint64_t offset, uint32_t count) const { return offset + count <= size_; }
     // After a successful flush: the writes done before it began are covered.
     void Flushed();
-    // After the call: whether it failed (see Slot::failed_at).
-    void Outcome(bool failed);  // applied when the lease ends
+    // After the call: whether it failed (see Slot::failed_at).  A write
+    // made with FUA is `durable`: no flush need cover it.
+    void Outcome(bool failed, bool durable = false);  // applied when the lease ends
     // After a failed flush through a context that was given (Flush without
     // multi-conn): the writes done before it began count as lost, with the
     // flush's error.
@@ -181,6 +184,7 @@ class PluginSink : public Sink {
     uint64_t written_at_start_ = 0;
     uint64_t write_ticks_at_start_ = 0;  // the sink's write_ticks_
     enum { kUnknown, kSucceeded, kFailed } outcome_ = kUnknown;
+    bool durable_ = false;
   };
   struct Slot {
     nbdkit_next* next;

@@ -97,19 +97,27 @@ ExportCache* Registry::Find(const std::string& name) {
 
 int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
                     const std::function<bool()>& client_stays) {
-  // A connection that wrote makes its data durable.  One that did not
-  // makes an attempt too while write-back fails: its context may be the
-  // one that works (a retry filter above reopened it after the plugin's
-  // server restarted, while another client's context still talks to the
-  // dead one), and once it has left, what is buffered could be left to
-  // contexts that never work again.  If the attempt went through another
-  // context, which failed, while this one has not failed, one more: the
-  // flusher now writes through this one.
-  const bool attempted = wrote || cache->writeback->backing_off();
-  int err = attempted ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
-  if (err != 0 && cache->sink->OnlyOneNotFailing(writer, cache->writeback->buffered_end()))
-    err = cache->writeback->FlushUntil(std::chrono::milliseconds(0), Trigger::kDisconnect,
-                                       /*count=*/false);
+  // A connection that wrote makes its data durable.
+  int err = wrote ? cache->writeback->Flush(Trigger::kDisconnect) : 0;
+  // One that did not makes an attempt too while write-back fails, unless
+  // its own context has failed: it may be the one that works (a retry
+  // filter above reopened it after the plugin's server restarted, while
+  // another client's context still talks to the dead one), and once it
+  // has left, what is buffered could be left to contexts that never work
+  // again.  Not counted, and its failure is not this client's.  If an
+  // attempt went through another context, which failed, while this one
+  // has not failed, one more: the flusher now writes through this one.
+  const auto attempt = [&] {
+    return cache->writeback->FlushUntil(std::chrono::milliseconds(0), Trigger::kDisconnect,
+                                        /*count=*/false);
+  };
+  bool failed = err != 0;
+  if (!wrote && cache->writeback->backing_off() && !cache->sink->Failing(writer))
+    failed = attempt() != 0;
+  if (failed && cache->sink->OnlyOneNotFailing(writer, cache->writeback->buffered_end())) {
+    const int r = attempt();
+    if (wrote) err = r;
+  }
   // Detach flushes the context if background writes went through it since
   // its last flush (a plugin without multi-conn flushes per context).
   int detach_err = 0;
@@ -119,7 +127,7 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
     // (the others saw it smaller): nothing could write that data after it,
     // so keep trying (the plugin may recover) for a while.
     // One disconnect is one flush in flushes_disconnect, counted here once.
-    if (!attempted) err = cache->writeback->Flush(Trigger::kDisconnect);
+    if (!wrote) err = cache->writeback->Flush(Trigger::kDisconnect);
     // Unless the client is still there: a filter above reopens the
     // connection after a failed request (nbdkit-retry-filter), through a
     // new context that writes what is left at once.  Retrying through
@@ -133,8 +141,8 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
           "write-back fails (%s): the data stays buffered for its new context",
           cache->name.c_str(), std::strerror(err));
     } else {
-      err = cache->writeback->FlushUntil(RetryLimit(cache), Trigger::kDisconnect,
-                                         /*count=*/false);
+      err = cache->writeback->FlushUntil(err != 0 ? RetryLimit(cache) : params_.shutdown_timeout,
+                                         Trigger::kDisconnect, /*count=*/false);
     }
     cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
   }

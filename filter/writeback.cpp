@@ -103,7 +103,7 @@ bool WriteBack::parked() {
 
 uint64_t WriteBack::acknowledged() {
   MutexLock l(&mu_);
-  return last_seq_;
+  return last_seq_ + direct_sends_;
 }
 
 bool WriteBack::backing_off() {
@@ -278,6 +278,7 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
     return err;
   }
   ++write_gen_;
+  ++direct_sends_;
   // FUA: this write, and what came before it (written above, not flushed),
   // durable, by a plugin flush as for a buffered FUA request.  With
   // flush_before_release both are already: each batch was flushed before
@@ -369,6 +370,7 @@ WriteBack::Bypass WriteBack::SendDirect(uint64_t offset, uint32_t count, bool fu
     return Bypass::kFailed;
   }
   ++write_gen_;
+  ++direct_sends_;
   // Durable with its FUA; when no other Sink write completed meanwhile,
   // every write so far is (nothing was unflushed when it started), and a
   // flush or FUA request that follows has nothing to do.

@@ -178,7 +178,8 @@ class WriteBack {
   CounterList Stats() EXCLUDES(mu_);
   const Counters& counters() const { return counters_; }
   uint64_t queued_requests() EXCLUDES(mu_);
-  // Requests buffered so far (a count that only grows).
+  // Requests buffered or sent straight to the Sink so far (a count that
+  // only grows).
   uint64_t acknowledged() EXCLUDES(mu_);
   // Whether the plugin's requests were last timed as mostly waiting
   // (BatchWriter): then batches run several requests at once, and no
@@ -380,6 +381,7 @@ class WriteBack {
   // flush covered, or a FUA bypass write that found all flushed and was
   // the only write to complete meanwhile (WriteBypass).
   uint64_t last_seq_ GUARDED_BY(mu_) = 0;
+  uint64_t direct_sends_ GUARDED_BY(mu_) = 0;  // bypass writes and write-throughs done
   uint64_t written_seq_ GUARDED_BY(mu_) = 0;
   uint64_t flushed_seq_ GUARDED_BY(mu_) = 0;
   uint64_t write_gen_ GUARDED_BY(mu_) = 0;

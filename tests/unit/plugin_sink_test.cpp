@@ -137,6 +137,37 @@ TEST_F(PluginSinkTest, WithMultiConnALeavingContextFlushesWritesNoFlushCoveredYe
   EXPECT_EQ(b.Count(&FakeContext::flushes), 1) << "b carried no writes";
 }
 
+// With multi-conn, a leaving context whose flush fails reports the loss to
+// the next Flush, which a flush through another context would not cover
+// under nbdkit's multi-conn filter (review: b's flush succeeded with no
+// plugin flush after the write ever succeeding).  A write made with FUA,
+// or one that failed, needs no flush as its context leaves (review: a
+// client that writes only with FUA and flushes cost a plugin flush per
+// disconnect).
+TEST_F(PluginSinkTest, WithMultiConnALeavingContextsFailedFlushIsReported) {
+  Open(/*multi_conn=*/true);
+  ASSERT_EQ(Write(), 0);  // through a
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.flush_error = EIO;
+  }
+  EXPECT_TRUE(sink->Detach(a.next(), /*unless_last=*/true));
+  EXPECT_EQ(sink->Flush(), EIO) << "the writes a's failed flush left uncovered";
+  EXPECT_EQ(sink->Flush(), 0);
+
+  sink->Attach(c.next());
+  ASSERT_EQ(sink->Write(buf, sizeof buf, 0, /*fua=*/true), 0);  // through b, with FUA
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.pwrite_error = EIO;
+  }
+  EXPECT_EQ(Write(), EIO);  // through b, failed
+  const int flushes = b.Count(&FakeContext::flushes);
+  EXPECT_TRUE(sink->Detach(b.next(), /*unless_last=*/true));
+  EXPECT_EQ(b.Count(&FakeContext::flushes), flushes) << "b carried no write that needs a flush";
+  EXPECT_TRUE(sink->Detach(c.next(), /*unless_last=*/false));
+}
+
 // The context that may still write what is buffered: it has not failed,
 // and every other one has (Registry::Leave then makes one more attempt
 // before it goes).

@@ -234,6 +234,69 @@ TEST(RegistryTest, LastDisconnectsWithNothingNewShareOneShutdownTimeout) {
   reg.Close();
 }
 
+// A connection that wrote nothing, leaving while write-back fails, is not
+// told of the others' failure and does not count a flush; with its own
+// context failing too it makes no attempt of its own (review: a reader's
+// disconnect waited for a whole write-back attempt and logged an error).
+TEST(RegistryTest, AConnectionThatWroteNothingIsNotToldOfTheOthersFailure) {
+  Registry reg(LeavingParams(std::chrono::seconds(20)));
+  FakeContext a, b, e;
+  for (FakeContext* ctx : {&a, &b}) {
+    std::lock_guard<std::mutex> l(ctx->mu);
+    ctx->pwrite_error = EIO;
+  }
+  ExportCache* c = reg.Get("x", a.next());
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  char buf[4096] = {3};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
+  EXPECT_EQ(c->writeback->Flush(Trigger::kClient), EIO);
+  test::AwaitPoll("the flusher to try b too", [&] { return c->sink->Failing(b.next()); });
+  const uint64_t disconnects = StatOf(c->writeback.get(), "flushes_disconnect");
+  EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
+  EXPECT_EQ(StatOf(c->writeback.get(), "flushes_disconnect"), disconnects);
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = 0;
+  }
+  EXPECT_EQ(c->writeback->Flush(Trigger::kClient), 0);
+  EXPECT_EQ(reg.Leave(c, a.next(), true), 0);
+  reg.Drain();
+  reg.Close();
+}
+
+// New data that only went straight to the plugin (a write-through, larger
+// than queue-max-size) counts as new too (review: its failed flush got a
+// single attempt at the last disconnect).
+TEST(RegistryTest, AWriteThroughStartsANewShutdownTimeout) {
+  using std::chrono::milliseconds;
+  using std::chrono::steady_clock;
+  const milliseconds timeout(1000);
+  Params p = LeavingParams(timeout);
+  p.queue_max_size = 64 << 10;
+  Registry reg(p);
+  FakeContext a, b, e;
+  ExportCache* c = LeaveWithData(reg, a, false);  // a retried for shutdown-timeout
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.flush_error = EIO;
+  }
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  test::AwaitPoll("b to write what a left", [&] { return c->writeback->queued_requests() == 0; });
+  std::vector<char> big(128 << 10, 9);  // over queue-max-size: written through
+  ASSERT_EQ(c->writeback->Write(big.data(), static_cast<uint32_t>(big.size()), 1 << 20, false), 0);
+  const auto start = steady_clock::now();
+  EXPECT_EQ(reg.Leave(c, b.next(), true), EIO);
+  EXPECT_GE(steady_clock::now() - start, timeout) << "the write-through's flush retried only once";
+  {
+    std::lock_guard<std::mutex> l(b.mu);
+    b.flush_error = 0;
+  }
+  EXPECT_EQ(reg.Get("x", e.next()), c);
+  EXPECT_EQ(reg.Leave(c, e.next(), false), 0);
+  reg.Drain();
+  reg.Close();
+}
+
 // A writer whose context cannot tell its size (the plugin's get_size
 // fails) is refused before anything is written through it: nbdkit would
 // abort on a data call of that context.  The export stays parked with what

@@ -99,6 +99,12 @@ void SetSize(FakeContext& ctx, int64_t size) {
   ctx.size = size;
 }
 
+// Makes ctx's pwrites (or, with `field`, its flushes) fail with err (0: succeed).
+void SetError(FakeContext& ctx, int err, int FakeContext::*field = &FakeContext::pwrite_error) {
+  std::lock_guard<std::mutex> l(ctx.mu);
+  ctx.*field = err;
+}
+
 // Writer `d` connects to export "x", which holds one request from
 // LeaveWithData, writes it through its context, and leaves.
 void NextWriterWritesIt(Registry& reg, ExportCache* c, FakeContext& d) {
@@ -212,10 +218,8 @@ TEST(RegistryTest, LastDisconnectsWithNothingNewShareOneShutdownTimeout) {
   ExportCache* c = LeaveWithData(reg, a, false);
   EXPECT_GE(steady_clock::now() - start, timeout);
 
-  for (FakeContext* ctx : {&b, &d}) {
-    std::lock_guard<std::mutex> l(ctx->mu);
-    ctx->pwrite_error = EIO;
-  }
+  SetError(b, EIO);
+  SetError(d, EIO);
   ASSERT_EQ(reg.Get("x", b.next()), c);
   start = steady_clock::now();
   EXPECT_EQ(reg.Leave(c, b.next(), false), EIO);
@@ -241,10 +245,8 @@ TEST(RegistryTest, LastDisconnectsWithNothingNewShareOneShutdownTimeout) {
 TEST(RegistryTest, AConnectionThatWroteNothingIsNotToldOfTheOthersFailure) {
   Registry reg(LeavingParams(std::chrono::seconds(20)));
   FakeContext a, b, e;
-  for (FakeContext* ctx : {&a, &b}) {
-    std::lock_guard<std::mutex> l(ctx->mu);
-    ctx->pwrite_error = EIO;
-  }
+  SetError(a, EIO);
+  SetError(b, EIO);
   ExportCache* c = reg.Get("x", a.next());
   ASSERT_EQ(reg.Get("x", b.next()), c);
   char buf[4096] = {3};
@@ -254,10 +256,7 @@ TEST(RegistryTest, AConnectionThatWroteNothingIsNotToldOfTheOthersFailure) {
   const uint64_t disconnects = StatOf(c->writeback.get(), "flushes_disconnect");
   EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
   EXPECT_EQ(StatOf(c->writeback.get(), "flushes_disconnect"), disconnects);
-  {
-    std::lock_guard<std::mutex> l(a.mu);
-    a.pwrite_error = 0;
-  }
+  SetError(a, 0);
   EXPECT_EQ(c->writeback->Flush(Trigger::kClient), 0);
   EXPECT_EQ(reg.Leave(c, a.next(), true), 0);
   reg.Drain();
@@ -276,10 +275,7 @@ TEST(RegistryTest, AWriteThroughStartsANewShutdownTimeout) {
   Registry reg(p);
   FakeContext a, b, e;
   ExportCache* c = LeaveWithData(reg, a, false);  // a retried for shutdown-timeout
-  {
-    std::lock_guard<std::mutex> l(b.mu);
-    b.flush_error = EIO;
-  }
+  SetError(b, EIO, &FakeContext::flush_error);
   ASSERT_EQ(reg.Get("x", b.next()), c);
   test::AwaitPoll("b to write what a left", [&] { return c->writeback->queued_requests() == 0; });
   std::vector<char> big(128 << 10, 9);  // over queue-max-size: written through
@@ -287,10 +283,7 @@ TEST(RegistryTest, AWriteThroughStartsANewShutdownTimeout) {
   const auto start = steady_clock::now();
   EXPECT_EQ(reg.Leave(c, b.next(), true), EIO);
   EXPECT_GE(steady_clock::now() - start, timeout) << "the write-through's flush retried only once";
-  {
-    std::lock_guard<std::mutex> l(b.mu);
-    b.flush_error = 0;
-  }
+  SetError(b, 0, &FakeContext::flush_error);
   EXPECT_EQ(reg.Get("x", e.next()), c);
   EXPECT_EQ(reg.Leave(c, e.next(), false), 0);
   reg.Drain();

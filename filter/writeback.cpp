@@ -121,6 +121,39 @@ WriteBack::~WriteBack() {
 }
 
 int WriteBack::Write(const void* buf, uint32_t count, uint64_t offset, bool fua) {
+  const int err = WriteRequest(buf, count, offset, fua);
+  return fua ? TellLoss(err) : err;
+}
+
+int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
+  const int err = ZeroRequest(count, offset, may_trim, fua);
+  return fua ? TellLoss(err) : err;
+}
+
+int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
+  const int err = TrimRequest(count, offset, fua);
+  return fua ? TellLoss(err) : err;
+}
+
+// With multi-conn (no flush_before_release) a batch is released once
+// written, so writes a Sink reports lost (a leaving context's flush
+// failed) cannot be written again, only reported.  PluginSink::Flush tells
+// whichever flush comes first, which may be the flusher's own retry or an
+// attempt no client waits for; under nbdkit's multi-conn filter (emulate),
+// the client's next flush then reached no plugin connection and succeeded.
+// So each loss also fails the next client flush or FUA request, unless
+// one failed since it came.
+int WriteBack::TellLoss(int err) {
+  if (opts_.flush_before_release) return err;
+  const uint64_t losses = sink_->losses();
+  const int loss_err = sink_->loss_error();
+  MutexLock l(&mu_);
+  if (losses == losses_told_) return err;
+  losses_told_ = losses;
+  return err != 0 ? err : loss_err;
+}
+
+int WriteBack::WriteRequest(const void* buf, uint32_t count, uint64_t offset, bool fua) {
   if (count == 0) return fua ? Flush(Trigger::kFua) : 0;
   // A write that cannot fit in the bound with its chunk's header could be
   // buffered only alone, once the queue is empty (which steady writers can
@@ -170,7 +203,7 @@ bool WriteBack::ReserveRoom(uint64_t bytes, uint64_t pool_payload, void** pooled
       bytes, [this] { WakeForRoom(); }, pool_payload, pooled, opts_.writer_gone);
 }
 
-int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
+int WriteBack::ZeroRequest(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
   if (fua && count != 0 && opts_.bypass_min != 0 &&
       ZeroBypass(count, offset, may_trim) == Bypass::kSent)
     return 0;
@@ -183,7 +216,7 @@ int WriteBack::Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) {
   return Buffer(std::move(r), fua);
 }
 
-int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
+int WriteBack::TrimRequest(uint32_t count, uint64_t offset, bool fua) {
   if (fua && count != 0 && opts_.bypass_min != 0 && TrimBypass(count, offset) == Bypass::kSent)
     return 0;
   if (count != 0 && !ReserveRoom(kRangeCharge)) return ESHUTDOWN;
@@ -385,8 +418,12 @@ bool WriteBack::AllFlushedLocked() const {
 }
 
 int WriteBack::Flush(Trigger why) {
-  MutexLock l(&mu_);
-  return WaitFor(last_seq_, write_gen_, true, why);
+  int err;
+  {
+    MutexLock l(&mu_);
+    err = WaitFor(last_seq_, write_gen_, true, why);
+  }
+  return why == Trigger::kClient || why == Trigger::kFua ? TellLoss(err) : err;
 }
 
 int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count,

@@ -223,6 +223,14 @@ class WriteBack {
   // returned (a remote server's) does not.
   void NoteQuittingLocked(int err, bool client_thread) REQUIRES(mu_);
   int Buffer(DirtyRange r, bool fua) EXCLUDES(mu_);
+  // Write, Zero and Trim, before TellLoss.
+  int WriteRequest(const void* buf, uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  int ZeroRequest(uint32_t count, uint64_t offset, bool may_trim, bool fua) EXCLUDES(mu_);
+  int TrimRequest(uint32_t count, uint64_t offset, bool fua) EXCLUDES(mu_);
+  // A client's flush or FUA request returning `err`: with multi-conn, the
+  // Sink's error if it reported writes lost that no such request has
+  // failed for yet (see the .cpp).
+  int TellLoss(int err) EXCLUDES(mu_);
   // Gives back the charges of index entries that no longer exist (merged
   // requests, written ranges), down to kRangeCharge per range held.
   void ReconcileChargesLocked() REQUIRES(mu_);
@@ -382,6 +390,7 @@ class WriteBack {
   // the only write to complete meanwhile (WriteBypass).
   uint64_t last_seq_ GUARDED_BY(mu_) = 0;
   uint64_t direct_sends_ GUARDED_BY(mu_) = 0;  // bypass writes and write-throughs done
+  uint64_t losses_told_ GUARDED_BY(mu_) = 0;   // Sink losses a client request failed for
   uint64_t written_seq_ GUARDED_BY(mu_) = 0;
   uint64_t flushed_seq_ GUARDED_BY(mu_) = 0;
   uint64_t write_gen_ GUARDED_BY(mu_) = 0;

@@ -587,6 +587,34 @@ TEST(WriteBackTest, AFuaZeroOrTrimWithNothingBeforeItToFlushGoesStraightToThePlu
   EXPECT_EQ(retried.queued_requests(), 0u);
 }
 
+// With multi-conn, writes a Sink reports lost cannot be written again (their
+// batches are released once written): a loss that another flush was told
+// of (the flusher's own retry, say) fails the next client flush or FUA
+// request once, whatever the Sink's flush says (review: under nbdkit's
+// multi-conn filter a client's flush then succeeded over a write its
+// plugin connection never flushed).  Without multi-conn the engine writes
+// such batches again, and says nothing.
+TEST(WriteBackTest, ALossAnotherFlushWasToldOfFailsTheNextClientFlushOnce) {
+  FakeSink sink(kDisk);
+  WriteBack wb(&sink, Opts(1000));
+  ASSERT_EQ(wb.Write("a", 1, 0, false), 0);
+  ASSERT_EQ(wb.Flush(Trigger::kClient), 0);
+  sink.Lose(ENOSPC);
+  EXPECT_EQ(wb.Flush(Trigger::kControl), 0) << "the control socket's flush is no client's";
+  EXPECT_EQ(wb.Flush(Trigger::kClient), ENOSPC);
+  EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
+  sink.Lose(EIO);
+  EXPECT_EQ(wb.Write("b", 1, 1, true), EIO) << "a FUA write's reply covers what came before";
+  EXPECT_EQ(wb.Zero(1, 2, false, true), 0);
+
+  FakeSink other(kDisk);
+  WriteBackOptions o = Opts(1000);
+  o.flush_before_release = true;
+  WriteBack coherent(&other, o);
+  other.Lose(ENOSPC);
+  EXPECT_EQ(coherent.Flush(Trigger::kClient), 0);
+}
+
 TEST(WriteBackTest, FlushDoesNotWaitForLaterWrites) {
   FakeSink sink(kDisk);
   WriteBack wb(&sink, Opts(1000));

@@ -148,7 +148,9 @@ int WriteBack::TellLoss(int err) {
   const uint64_t losses = sink_->losses();
   const int loss_err = sink_->loss_error();
   MutexLock l(&mu_);
-  if (losses == losses_told_) return err;
+  // `<=`: a thread that read the count before another loss was told of
+  // must not move it back (and fail one request more).
+  if (losses <= losses_told_) return err;
   losses_told_ = losses;
   return err != 0 ? err : loss_err;
 }

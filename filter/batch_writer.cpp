@@ -359,13 +359,10 @@ int BatchWriter::RunOp(Job* job, const Op& op) {
                : sink_->Trim(static_cast<uint32_t>(r.length), r.offset, false);
   }
   if (op.last == op.first + 1) {  // one range: no copy; split if over the cap
-    for (uint64_t done = 0; done < r.length; done += max_write_) {
-      const uint64_t n = std::min(max_write_, r.length - done);
-      job->calls.fetch_add(1, std::memory_order_relaxed);
-      if (int err = sink_->Write(r.bytes() + done, static_cast<uint32_t>(n), r.offset + done, false))
-        return err;
-    }
-    return 0;
+    uint64_t calls = 0;
+    const int err = WriteInPieces(sink_, r.bytes(), r.length, r.offset, max_write_, &calls);
+    job->calls.fetch_add(calls, std::memory_order_relaxed);
+    return err;
   }
   const uint64_t run = plan[op.last - 1].end() - r.offset;
   const size_t size = BounceSize(run);

@@ -387,8 +387,9 @@ int PluginSink::Flush() {
     std::lock_guard<std::mutex> l(mu_);
     lost_at_start = lost_;
     try {
-      for (const Slot& c : contexts_)
-        if (!multi_conn_ && c.written != c.flushed) dirty.push_back(c.next);
+      if (!multi_conn_)
+        for (const Slot& c : contexts_)
+          if (c.written != c.flushed) dirty.push_back(c.next);
     } catch (const std::bad_alloc&) {  // the engine tries again later
       return ENOMEM;
     }

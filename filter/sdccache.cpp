@@ -122,7 +122,10 @@ int Guarded(const char* what, int* err, F&& body) {
 template <typename F>
 int Request(Handle* h, const char* what, int* err, F&& body) {
   const int r = Guarded(what, err, std::forward<F>(body));
-  h->last_failed.store(r == -1);
+  // Stored only when it changes: requests from several worker threads do
+  // not all write the same cache line.
+  if (h->last_failed.load(std::memory_order_relaxed) != (r == -1))
+    h->last_failed.store(r == -1, std::memory_order_relaxed);
   return r;
 }
 

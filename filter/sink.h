@@ -6,6 +6,7 @@
 // serialises them itself when the plugin's thread model requires it).
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 
@@ -33,5 +34,19 @@ class Sink {
   // flush's), EIO if it gave none.
   virtual int loss_error() { return EIO; }
 };
+
+// Writes [offset, offset + count) from `buf` in pieces of at most `max`
+// bytes, in order, stopping at the first that fails; adds the calls made
+// (a failed one included) to *calls.
+inline int WriteInPieces(Sink* sink, const uint8_t* buf, uint64_t count, uint64_t offset,
+                         uint64_t max, uint64_t* calls) {
+  for (uint64_t done = 0; done < count; done += max) {
+    const uint64_t n = std::min(max, count - done);
+    ++*calls;
+    if (int err = sink->Write(buf + done, static_cast<uint32_t>(n), offset + done, false))
+      return err;
+  }
+  return 0;
+}
 
 }  // namespace sdccache

@@ -146,13 +146,14 @@ int WriteBack::Trim(uint32_t count, uint64_t offset, bool fua) {
 int WriteBack::TellLoss(int err) {
   if (opts_.flush_before_release) return err;
   const uint64_t losses = sink_->losses();
-  const int loss_err = sink_->loss_error();
-  MutexLock l(&mu_);
-  // `<=`: a thread that read the count before another loss was told of
-  // must not move it back (and fail one request more).
-  if (losses <= losses_told_) return err;
-  losses_told_ = losses;
-  return err != 0 ? err : loss_err;
+  {
+    MutexLock l(&mu_);
+    // `<=`: a thread that read the count before another loss was told of
+    // must not move it back (and fail one request more).
+    if (losses <= losses_told_) return err;
+    losses_told_ = losses;
+  }
+  return err != 0 ? err : sink_->loss_error();
 }
 
 int WriteBack::WriteRequest(const void* buf, uint32_t count, uint64_t offset, bool fua) {
@@ -297,13 +298,9 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
   // is flushed, before acknowledging it.
   const bool flush = opts_.flush_before_release;
   const uint64_t losses_before = flush ? sink_->losses() : 0;
-  int err = 0;
-  uint64_t calls = 0;
-  for (uint32_t done = 0; err == 0 && done < count; ++calls) {  // within the plugin's maximum
-    const uint32_t n = std::min(count - done, opts_.max_request);
-    err = sink_->Write(static_cast<const uint8_t*>(buf) + done, n, offset + done, false);
-    done += n;
-  }
+  uint64_t calls = 0;  // within the plugin's maximum
+  int err = WriteInPieces(sink_, static_cast<const uint8_t*>(buf), count, offset, opts_.max_request,
+                          &calls);
   if (err == 0 && flush) err = FlushSinceLosses(losses_before);
   mu_.Lock();
   EndBypassLocked(mine);

@@ -18,6 +18,8 @@
 namespace sdccache {
 namespace {
 
+using std::chrono::milliseconds;
+using std::chrono::steady_clock;
 using test::FakeContext;
 
 // Writers a (the oldest) and b leave at once, with a plugin that lacks
@@ -209,8 +211,6 @@ TEST(RegistryTest, ALastWriterReopenedByAFilterAboveLeavesItsDataForTheNextConte
 // shutdown-timeout in each .finalize, and nbdkit took twice as long to exit
 // (review).  New data gets the whole time again.
 TEST(RegistryTest, LastDisconnectsWithNothingNewShareOneShutdownTimeout) {
-  using std::chrono::milliseconds;
-  using std::chrono::steady_clock;
   const milliseconds timeout(2000);
   Registry reg(LeavingParams(timeout));
   FakeContext a, b, d, e;
@@ -267,8 +267,6 @@ TEST(RegistryTest, AConnectionThatWroteNothingIsNotToldOfTheOthersFailure) {
 // than queue-max-size) counts as new too (review: its failed flush got a
 // single attempt at the last disconnect).
 TEST(RegistryTest, AWriteThroughStartsANewShutdownTimeout) {
-  using std::chrono::milliseconds;
-  using std::chrono::steady_clock;
   const milliseconds timeout(1000);
   Params p = LeavingParams(timeout);
   p.queue_max_size = 64 << 10;

@@ -203,6 +203,11 @@ uint64_t PluginSink::losses() {
   return lost_;
 }
 
+void PluginSink::LossesTold(uint64_t n) {
+  std::lock_guard<std::mutex> l(mu_);
+  lost_reported_ = std::max(lost_reported_, std::min(n, lost_));
+}
+
 int PluginSink::loss_error() {
   std::lock_guard<std::mutex> l(mu_);
   return lost_err_;
@@ -229,14 +234,45 @@ size_t PluginSink::detaching() {
       std::count_if(contexts_.begin(), contexts_.end(), [](const Slot& c) { return c.leaving; }));
 }
 
-PluginSink::Lease::Lease(PluginSink* sink, bool write, nbdkit_next* which, uint64_t end)
-    : sink_(sink), next_(nullptr), write_(write) {
-  std::lock_guard<std::mutex> l(sink_->mu_);
+int PluginSink::waiting() {
+  std::lock_guard<std::mutex> l(mu_);
+  return waiting_[kWrite] + waiting_[kFlush] + waiting_[kFua];
+}
+
+void PluginSink::TakeTurnLocked(std::unique_lock<std::mutex>& l, Turn t) {
+  auto free = [&]() {
+    switch (t) {
+      case kWrite:
+        return running_[kFlush] + running_[kFua] + waiting_[kFlush] + waiting_[kFua] == 0;
+      case kFlush:
+        return running_[kWrite] + running_[kFua] + waiting_[kFua] == 0;
+      case kFua:
+        break;
+    }
+    return running_[kWrite] + running_[kFlush] + running_[kFua] == 0;
+  };
+  if (!free()) {
+    ++waiting_[t];
+    idle_.wait(l, free);
+    --waiting_[t];
+  }
+  ++running_[t];
+}
+
+PluginSink::Lease::Lease(PluginSink* sink, Turn turn, nbdkit_next* which, uint64_t end)
+    : sink_(sink), next_(nullptr), turn_(turn), write_(turn != kFlush) {
+  std::unique_lock<std::mutex> l(sink_->mu_);
+  sink_->TakeTurnLocked(l, turn);  // first: the context is picked as things are then
   Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked(end);
   // A write never goes to a leaving context: its Detach may already have
   // flushed it for the last time.  (It fails with ENOTCONN and stays
   // buffered, as when no context is attached.)
-  if (c == nullptr || (write && c->leaving)) return;
+  if (c == nullptr || (write_ && c->leaving)) {
+    --sink_->running_[turn];
+    l.unlock();
+    sink_->idle_.notify_all();
+    return;
+  }
   ++c->in_flight;
   next_ = c->next;
   size_ = c->size;
@@ -269,6 +305,7 @@ PluginSink::Lease::~Lease() {
   if (next_ == nullptr) return;
   {
     std::lock_guard<std::mutex> l(sink_->mu_);
+    --sink_->running_[turn_];
     Slot* c = sink_->FindLocked(next_);
     --c->in_flight;
     if (write_) ++c->written;
@@ -301,7 +338,10 @@ int PluginSink::DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool f
   if ((fua || !can_flush_) && can_fua_ != NBDKIT_FUA_NONE) flags |= NBDKIT_FLAG_FUA;
   {
     int err = 0;
-    Lease lease(this, /*write=*/true, nullptr, offset + count);
+    // FUA the engine asked for (not only added because the plugin cannot
+    // flush, which no layer below then emulates with a flush): nbdkit
+    // emulates it with a flush for a layer below that says so.
+    Lease lease(this, fua && (flags & NBDKIT_FLAG_FUA) ? kFua : kWrite, nullptr, offset + count);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     if (!lease.Holds(offset, count)) return ENOSPC;
@@ -354,7 +394,7 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
 
 int PluginSink::FlushOne(nbdkit_next* which) {
   int err = 0;
-  Lease lease(this, /*write=*/false, which);
+  Lease lease(this, kFlush, which);
   nbdkit_next* next = lease.get();
   // `which` left: its Detach flushed it, or counted it in lost_ (see Flush).
   if (next == nullptr) return which ? 0 : ENOTCONN;

@@ -19,6 +19,16 @@
 // PluginGate serialises every call the filter makes into the plugin when the
 // final thread model is not parallel, so the flusher never runs beside a
 // client request.
+//
+// A plugin flush (and a call with FUA, which a layer below may turn into a
+// write and a flush) never runs beside a write, zero or trim: it waits for
+// those in flight, and new ones wait for it.  nbdkit's multi-conn filter
+// (every mode but multi-conn-track-dirty=off) marks a connection dirty as a
+// write begins and clean once a flush ends, even if the write ended after
+// the flush began; its next flush then skips the plugin, and succeeds over a
+// write no plugin flush ever covered.  It takes flushes beside writes for a
+// client's fault (the NBD spec asks a client to wait for the writes a flush
+// must cover), and this filter is the client of the layers below it.
 #pragma once
 
 #include <condition_variable>
@@ -108,6 +118,8 @@ class PluginSink : public Sink {
   size_t attached();
   // Detach calls under way: contexts marked leaving (for tests).
   size_t detaching();
+  // Plugin calls waiting for their turn (for tests).
+  int waiting();
 
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
@@ -119,6 +131,7 @@ class PluginSink : public Sink {
   int Flush() override;
   uint64_t losses() override;
   int loss_error() override;
+  void LossesTold(uint64_t n) override;
 
   bool multi_conn() const { return multi_conn_; }
   // What the plugin says of fast zeroes (the filter says the same).  A fast
@@ -153,12 +166,19 @@ class PluginSink : public Sink {
   };
 
  private:
+  // Which plugin calls may run together (see the top of this file): writes
+  // (and zeroes and trims) beside writes, flushes beside flushes, and a
+  // call with FUA alone.  A flush waiting keeps new writes out, and a FUA
+  // call waiting new writes and flushes, so that steady write-back cannot
+  // put them off.
+  enum Turn { kWrite, kFlush, kFua };
   // A borrowed context, returned to the pool when the Lease ends.
   class Lease {
    public:
-    // `write`: the call writes (counted against the context once done).
-    // `which`: that context, if still attached; else the one PickLocked gives.
-    Lease(PluginSink* sink, bool write, nbdkit_next* which = nullptr, uint64_t end = 0);
+    // Waits for the call's turn (see Turn).  A write, zero or trim (kWrite,
+    // kFua) is counted against the context once done.  `which`: that
+    // context, if still attached; else the one PickLocked gives.
+    Lease(PluginSink* sink, Turn turn, nbdkit_next* which = nullptr, uint64_t end = 0);
     ~Lease();
     Lease(const Lease&) = delete;
     Lease& operator=(const Lease&) = delete;
@@ -180,6 +200,7 @@ class PluginSink : public Sink {
     PluginSink* sink_;
     nbdkit_next* next_;
     uint64_t size_ = 0;
+    Turn turn_;
     bool write_;
     uint64_t written_at_start_ = 0;
     uint64_t write_ticks_at_start_ = 0;  // the sink's write_ticks_
@@ -256,7 +277,11 @@ class PluginSink : public Sink {
   const uint32_t max_write_, min_block_;
 
   std::mutex mu_;
+  // Any lease ended (a context's calls, or the turns below, may be done).
   std::condition_variable idle_;
+  // Guarded by mu_: plugin calls running and waiting for their turn.
+  int running_[3] = {}, waiting_[3] = {};
+  void TakeTurnLocked(std::unique_lock<std::mutex>& l, Turn t);
   // Guarded by mu_: attached contexts, oldest first.  Calls use the oldest
   // one not leaving; without multi-conn, Flush reaches every context that
   // carried writes since its last flush.

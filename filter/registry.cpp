@@ -146,6 +146,7 @@ int Registry::Leave(ExportCache* cache, nbdkit_next* writer, bool wrote,
     }
     cache->sink->Detach(writer, /*unless_last=*/false, &detach_err);
   }
+  if (detach_err != 0) cache->writeback->CountFailedCall(detach_err);  // a plugin flush failed
   // Whichever leaving writer detaches last (several may leave at once, and
   // a context still detaching counts as attached) finds none left: unless
   // a writer came meanwhile (Get, under the same lock), the export keeps

@@ -33,6 +33,9 @@ class Sink {
   // The plugin's error that made the latest of those losses (the failed
   // flush's), EIO if it gave none.
   virtual int loss_error() { return EIO; }
+  // A client request was failed for the losses up to `n`: Flush() need not
+  // report those again.
+  virtual void LossesTold(uint64_t /*n*/) {}
 };
 
 // Writes [offset, offset + count) from `buf` in pieces of at most `max`

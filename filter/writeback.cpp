@@ -153,6 +153,9 @@ int WriteBack::TellLoss(int err) {
     if (losses <= losses_told_) return err;
     losses_told_ = losses;
   }
+  // Told here, a loss the Sink counted after this request's own flush must
+  // not fail the next flush too.
+  sink_->LossesTold(losses);
   return err != 0 ? err : sink_->loss_error();
 }
 
@@ -322,6 +325,11 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
 // or a write-through): counted like a failed batch, but it starts no
 // backoff (the write is buffered, or its client told).  Not if nbdkit
 // aborted it because its client has gone (see AbortedHere).
+void WriteBack::CountFailedCall(int err) {
+  MutexLock l(&mu_);
+  CountFailedCallLocked(err);
+}
+
 void WriteBack::CountFailedCallLocked(int err) {
   if (err == ESHUTDOWN && opts_.writer_gone && opts_.writer_gone()) return;
   counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);

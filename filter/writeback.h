@@ -166,6 +166,9 @@ class WriteBack {
   bool parked() EXCLUDES(mu_);
   // Whether the last write-back attempt failed (its retry is due later).
   bool backing_off() EXCLUDES(mu_);
+  // Counts a plugin call the Sink made on its own that failed with `err`
+  // (a leaving context's flush) in flush_errors and last_error.
+  void CountFailedCall(int err) EXCLUDES(mu_);
   // Returns the pool of chunk buffers, the coalescing buffers kept for
   // reuse and malloc's free pages to the system (the flusher does after
   // kIdleRelease with nothing buffered).

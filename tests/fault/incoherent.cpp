@@ -2,20 +2,26 @@
 // flushed, as a network block device with a write cache per connection
 // (it says so: no multi-conn).  For test_incoherent_plugin.py.  Each
 // connection's writes sit in its own copy until its flush publishes them.
+// flush-delay=MS: a flush publishes the writes made before it began, then
+// takes that long to return.
 #define NBDKIT_API_VERSION 2
 #include <nbdkit-plugin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <string>
+#include <thread>
 #include <vector>
 
 #define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
 
 namespace {
 constexpr uint64_t kSize = 4 << 20;
+int flush_delay_ms = 0;
 std::mutex mu;
 std::vector<uint8_t> published(kSize);  // what every connection sees
 
@@ -72,16 +78,34 @@ int Pwrite(void* h, const void* buf, uint32_t count, uint64_t offset, uint32_t) 
 
 int Flush(void* h, uint32_t) {
   auto* c = static_cast<Connection*>(h);
-  std::lock_guard<std::mutex> l(mu);
-  for (const Write& w : c->unflushed)
-    std::memcpy(published.data() + w.offset, w.data.data(), w.data.size());
-  c->unflushed.clear();
+  {
+    std::lock_guard<std::mutex> l(mu);
+    for (const Write& w : c->unflushed)
+      std::memcpy(published.data() + w.offset, w.data.data(), w.data.size());
+    c->unflushed.clear();
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(flush_delay_ms));
+  return 0;
+}
+
+int Config(const char* key, const char* value) {
+  if (std::string(key) != "flush-delay") {
+    nbdkit_error("unknown parameter '%s'", key);
+    return -1;
+  }
+  try {
+    flush_delay_ms = std::stoi(value);
+  } catch (const std::exception&) {
+    nbdkit_error("flush-delay: not a number of milliseconds: %s", value);
+    return -1;
+  }
   return 0;
 }
 
 nbdkit_plugin Make() {
   nbdkit_plugin p{};
   p.name = "incoherent";
+  p.config = Config;
   p.open = Open;
   p.close = Close;
   p.get_size = GetSize;

@@ -83,9 +83,52 @@ def write_throughs_beside_buffered_writes(plugin):
     print("100 write-throughs beside buffered writes: read back through a third connection")
 
 
+def flushed_under_the_multi_conn_filter(plugin):
+    """nbdkit's multi-conn filter (multi-conn-mode=emulate) advertises
+    multi-conn over this plugin.  It takes a connection as clean once a
+    flush ends, even if a write through it ended after the flush began,
+    and its next flush then skips that connection.  The filter never sends
+    a plugin flush beside a write (review: a write written back during the
+    control socket's flush was never published, and the client's flush
+    after it succeeded)."""
+    tmp = faultlib.tmpdir()
+    ctl, logfile = os.path.join(tmp, "ctl.sock"), os.path.join(tmp, "plugin.log")
+    with Server([plugin, "flush-delay=1000", "multi-conn-mode=emulate", "logfile=" + logfile],
+                ["threshold=1", "max-age=0", "bypass-min=0", "control=" + ctl],
+                under=["multi-conn", "log"], tmpdir=tmp) as srv:
+        a = srv.connect()
+        check(a.can_multi_conn(), "the multi-conn filter did not advertise multi-conn")
+        a.pwrite(b"\x51" * BLOCK, 0)
+        sdctest.wait_until(lambda: counter(ctl, "queued_requests") == 0, 20,
+                           "the first write to be written back")
+        answer = []
+        flusher = threading.Thread(
+            target=lambda: answer.append(sdctest.control_command(ctl, "flush")[1]))
+        flusher.start()
+        try:
+            sdctest.wait_until(lambda: any(kind == "Flush" for kind, _, _ in
+                                           sdctest.log_filter_calls(logfile)), 20,
+                               "the control socket's plugin flush to begin")
+            a.pwrite(b"\x52" * BLOCK, 1 << 20)  # written back at once (threshold=1)
+            sdctest.wait_until(lambda: counter(ctl, "queued_requests") == 0, 20,
+                               "the second write to be written back")
+        finally:
+            flusher.join(30)
+        check(answer == ["ok"], "the control flush answered %r" % answer)
+        a.flush()
+        b = srv.connect()
+        check(b.pread(BLOCK, 1 << 20) == b"\x52" * BLOCK,
+              "a write acknowledged, written back and flushed is not in the plugin")
+        for h in (a, b):
+            h.shutdown()
+        check(srv.stop() == 0, "nbdkit exit status")
+    print("multi-conn filter (emulate): a write written back during a flush is flushed by the next")
+
+
 def main(plugin):
     writes_seen_by_every_connection(plugin)
     write_throughs_beside_buffered_writes(plugin)
+    flushed_under_the_multi_conn_filter(plugin)
 
 
 if __name__ == "__main__":

@@ -583,16 +583,20 @@ def log_filter_calls(path):
     """The calls nbdkit's log filter (logfile=PATH) recorded, in order, as
     (kind, returned, fields): kind such as "Write", "Zero" or "Flush";
     returned, whether the line is the "...Kind" one of a call's end; fields,
-    its key=value words (strings: id, offset, count, fua, return, ...)."""
+    its key=value words (strings: id, offset, count, fua, return, ...), and
+    "connection" (ids count per connection)."""
     out = []
     with open(path) as f:
         for line in f:
             words = line.split()[2:]  # after the date and time
+            conn = None
             if words and words[0].startswith("connection="):
+                conn = words[0].split("=", 1)[1]
                 words = words[1:]
             if not words:
                 continue
             kind = words[0]
             fields = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+            fields["connection"] = conn
             out.append((kind.lstrip("."), kind.startswith("..."), fields))
     return out

@@ -36,6 +36,7 @@ struct FakeContext {
   bool in_pwrite = false;      // guarded by mu
   int flushes = 0;             // guarded by mu: flush calls begun
   int flushes_finished = 0;    // guarded by mu
+  int pwrites_at_flush = -1;   // guarded by mu: pwrites when a flush last began
   bool hold_flush = false;     // guarded by mu: flush waits while set
   // Guarded by mu: if set, hold_flush holds only this thread's flushes.
   std::thread::id hold_flush_of;
@@ -99,6 +100,7 @@ struct FakeContext {
       FakeContext* c = Of(n);
       std::unique_lock<std::mutex> l(c->mu);
       ++c->flushes;
+      c->pwrites_at_flush = c->pwrites;
       c->cv.notify_all();
       if (c->hold_flush_of == std::thread::id() || c->hold_flush_of == std::this_thread::get_id())
         test::Await(c->cv, l, "a held flush's release", [&] { return !c->hold_flush; });

@@ -95,6 +95,14 @@ class FakeSink : public Sink {
     std::lock_guard<std::mutex> l(mu_);
     return loss_error_;
   }
+  void LossesTold(uint64_t n) override {
+    std::lock_guard<std::mutex> l(mu_);
+    losses_told_ = std::max(losses_told_, n);
+  }
+  uint64_t losses_told() {
+    std::lock_guard<std::mutex> l(mu_);
+    return losses_told_;
+  }
 
   // Test controls.
   // Counts a loss (a plugin context left with writes no flush covered)
@@ -295,7 +303,8 @@ class FakeSink : public Sink {
   uint64_t zeroes_started_ = 0;
   std::chrono::milliseconds write_time_{0};
   uint64_t writes_started_ = 0, writes_ = 0, bytes_ = 0, zeroes_ = 0, trims_ = 0, flushes_ = 0;
-  uint64_t max_write_ = 0, losses_ = 0, fua_writes_ = 0, fua_zeroes_and_trims_ = 0;
+  uint64_t max_write_ = 0, losses_ = 0, losses_told_ = 0, fua_writes_ = 0,
+           fua_zeroes_and_trims_ = 0;
   int loss_error_ = EIO;
 };
 

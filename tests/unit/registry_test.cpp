@@ -1,10 +1,13 @@
 // Registry over fake plugin contexts: an export's threads stop once no
 // writer is left, whichever of several leaving writers detaches last.
+#include "registry.h"
+
 #include <gtest/gtest.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <future>
 #include <stdexcept>
 #include <string>
@@ -13,7 +16,6 @@
 #include "await.h"
 #include "fake_context.h"
 #include "nbdkit_stubs.h"
-#include "registry.h"
 
 namespace sdccache {
 namespace {
@@ -29,18 +31,28 @@ using test::FakeContext;
 // export must be parked all the same: whichever Leave detaches last does.
 TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
   Params p;
-  p.threshold = 2;
+  p.threshold = 1;
   Registry reg(p);
   FakeContext a, b;
   a.multi_conn = b.multi_conn = 0;
-  a.Hold(&FakeContext::hold_pwrite, true);
-  b.Hold(&FakeContext::hold_pwrite, true);
   ExportCache* c = reg.Get("x", a.next());
   ASSERT_EQ(reg.Get("x", b.next()), c);
+  // Writes through both contexts, all written back before either leaves
+  // (a plugin flush, a's Detach's here, never runs beside a write): the
+  // first through a, which fails it, and so again through b.
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = EIO;
+  }
   char buf[4096] = {1};
   ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
-  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 1 << 20, false), 0);  // a threshold batch
-  a.WaitFor([&] { return a.in_pwrite; });  // its first write, through a
+  b.WaitFor([&] { return b.pwrites == 1; });
+  test::AwaitPoll("the write to be written back",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  {
+    std::lock_guard<std::mutex> l(a.mu);
+    a.pwrite_error = 0;
+  }
   std::thread leave_a([&] {
     {
       std::lock_guard<std::mutex> l(a.mu);
@@ -49,11 +61,7 @@ TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
     }
     EXPECT_EQ(reg.Leave(c, a.next(), false), 0);
   });
-  test::AwaitPoll("a's Detach to begin", [&] { return c->sink->detaching() == 1; });
-  a.Hold(&FakeContext::hold_pwrite, false);
-  b.WaitFor([&] { return b.in_pwrite; });  // the second write, through b: a is leaving
   a.WaitFor([&] { return a.flushes >= 1; });  // a's Detach flushes what went through a
-  b.Hold(&FakeContext::hold_pwrite, false);
   EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
   EXPECT_EQ(c->sink->attached(), 1u) << "the interleaving this test is for did not happen";
   EXPECT_FALSE(c->writeback->parked());
@@ -403,6 +411,34 @@ TEST(RegistryTest, OneTransientErrorOnTheLiveContextDoesNotStrandTheData) {
     a.flush_error = 0;
   }
   reg.Leave(c, a.next(), false);
+  reg.Drain();
+  reg.Close();
+}
+
+// With multi-conn, a context that leaves with writes no flush covered is
+// flushed; if that flush fails, the counters say so at once (they changed
+// only when a later client flush reported the loss).
+TEST(RegistryTest, ALeavingContextsFailedFlushIsCounted) {
+  Params p;
+  p.threshold = 1;
+  Registry reg(p);
+  FakeContext a, b;
+  ExportCache* c = reg.Get("x", a.next());
+  ASSERT_EQ(reg.Get("x", b.next()), c);
+  char buf[4096] = {3};
+  ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);  // written back through a
+  test::AwaitPoll("the write to be written back",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  ASSERT_EQ(StatOf(c->writeback.get(), "flush_errors"), 0u);
+  SetError(a, ENOSPC, &FakeContext::flush_error);
+  EXPECT_EQ(reg.Leave(c, a.next(), false), ENOSPC);
+  EXPECT_EQ(a.Count(&FakeContext::flushes), 1);
+  EXPECT_EQ(StatOf(c->writeback.get(), "flush_errors"), 1u);
+  std::string last;
+  for (const auto& [k, v] : c->writeback->Stats())
+    if (k == "last_error") last = v;
+  EXPECT_EQ(last, std::strerror(ENOSPC));
+  reg.Leave(c, b.next(), false);
   reg.Drain();
   reg.Close();
 }

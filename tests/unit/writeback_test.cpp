@@ -602,6 +602,7 @@ TEST(WriteBackTest, ALossAnotherFlushWasToldOfFailsTheNextClientFlushOnce) {
   sink.Lose(ENOSPC);
   EXPECT_EQ(wb.Flush(Trigger::kControl), 0) << "the control socket's flush is no client's";
   EXPECT_EQ(wb.Flush(Trigger::kClient), ENOSPC);
+  EXPECT_EQ(sink.losses_told(), 1u) << "the Sink would report the loss to the next flush too";
   EXPECT_EQ(wb.Flush(Trigger::kClient), 0);
   sink.Lose(EIO);
   EXPECT_EQ(wb.Write("b", 1, 1, true), EIO) << "a FUA write's reply covers what came before";

@@ -325,17 +325,17 @@ int WriteBack::WriteThrough(const void* buf, uint32_t count, uint64_t offset, bo
 // or a write-through): counted like a failed batch, but it starts no
 // backoff (the write is buffered, or its client told).  Not if nbdkit
 // aborted it because its client has gone (see AbortedHere).
-void WriteBack::CountFailedCall(int err) {
-  MutexLock l(&mu_);
-  CountFailedCallLocked(err);
-}
-
 void WriteBack::CountFailedCallLocked(int err) {
   if (err == ESHUTDOWN && opts_.writer_gone && opts_.writer_gone()) return;
   counters_.flush_errors.fetch_add(1, std::memory_order_relaxed);
   // ENOTCONN only says no context was there (see RecordError).
   if (err != ENOTCONN || last_error_ == 0) last_error_ = err;
   counters_.last_error.store(last_error_, std::memory_order_relaxed);
+}
+
+void WriteBack::CountFailedCall(int err) {
+  MutexLock l(&mu_);
+  CountFailedCallLocked(err);
 }
 
 void WriteBack::EndBypassLocked(std::pair<uint64_t, uint64_t> mine) {

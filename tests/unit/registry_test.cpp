@@ -26,8 +26,8 @@ using test::FakeContext;
 
 // Writers a (the oldest) and b leave at once, with a plugin that lacks
 // multi-conn.  b's Leave takes the last-writer path (a is already
-// detaching) and finishes while a's Detach still flushes a's context, so
-// it sees a attached; a's Detach then ends as a non-last writer.  The
+// detaching) and finishes while a's Detach still waits for a flush through
+// a, so it sees a attached; a's Detach then ends as a non-last writer.  The
 // export must be parked all the same: whichever Leave detaches last does.
 TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
   Params p;
@@ -37,9 +37,8 @@ TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
   a.multi_conn = b.multi_conn = 0;
   ExportCache* c = reg.Get("x", a.next());
   ASSERT_EQ(reg.Get("x", b.next()), c);
-  // Writes through both contexts, all written back before either leaves
-  // (a plugin flush, a's Detach's here, never runs beside a write): the
-  // first through a, which fails it, and so again through b.
+  // Writes through both contexts (the first through a, which fails it, and
+  // so again through b), all written back and flushed before either leaves.
   {
     std::lock_guard<std::mutex> l(a.mu);
     a.pwrite_error = EIO;
@@ -47,25 +46,26 @@ TEST(RegistryTest, LastOfTwoLeavingWritersParksTheExport) {
   char buf[4096] = {1};
   ASSERT_EQ(c->writeback->Write(buf, sizeof buf, 0, false), 0);
   b.WaitFor([&] { return b.pwrites == 1; });
-  test::AwaitPoll("the write to be written back",
-                  [&] { return c->writeback->queued_requests() == 0; });
   {
     std::lock_guard<std::mutex> l(a.mu);
     a.pwrite_error = 0;
   }
-  std::thread leave_a([&] {
-    {
-      std::lock_guard<std::mutex> l(a.mu);
-      a.hold_flush_of = std::this_thread::get_id();  // a's Detach flush waits
-      a.hold_flush = true;
-    }
-    EXPECT_EQ(reg.Leave(c, a.next(), false), 0);
-  });
-  a.WaitFor([&] { return a.flushes >= 1; });  // a's Detach flushes what went through a
+  test::AwaitPoll("the write to be written back",
+                  [&] { return c->writeback->queued_requests() == 0; });
+  ASSERT_EQ(c->writeback->Flush(Trigger::kClient), 0);
+  // A flush through a, held: a's Detach waits for it (a plugin flush, so
+  // b's Leave, which writes nothing, is not held up by it).
+  const int flushes = a.Count(&FakeContext::flushes);
+  a.Hold(&FakeContext::hold_flush, true);
+  auto held = std::async(std::launch::async, [&] { return c->sink->Flush(); });
+  a.WaitFor([&] { return a.flushes > flushes; });
+  std::thread leave_a([&] { EXPECT_EQ(reg.Leave(c, a.next(), false), 0); });
+  test::AwaitPoll("a's Detach to begin", [&] { return c->sink->detaching() == 1; });
   EXPECT_EQ(reg.Leave(c, b.next(), false), 0);
   EXPECT_EQ(c->sink->attached(), 1u) << "the interleaving this test is for did not happen";
   EXPECT_FALSE(c->writeback->parked());
   a.Hold(&FakeContext::hold_flush, false);
+  EXPECT_EQ(test::Get(held, "the held flush"), 0);
   leave_a.join();
   EXPECT_EQ(c->sink->attached(), 0u);
   EXPECT_TRUE(c->writeback->parked()) << "no writer left, but the export's threads run";

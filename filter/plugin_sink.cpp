@@ -234,12 +234,13 @@ size_t PluginSink::detaching() {
       std::count_if(contexts_.begin(), contexts_.end(), [](const Slot& c) { return c.leaving; }));
 }
 
-int PluginSink::waiting() {
-  std::lock_guard<std::mutex> l(mu_);
+int PluginGate::waiting() {
+  std::lock_guard<std::mutex> l(turn_mu_);
   return waiting_[kWrite] + waiting_[kFlush] + waiting_[kFua];
 }
 
-void PluginSink::TakeTurnLocked(std::unique_lock<std::mutex>& l, Turn t) {
+void PluginGate::TakeTurn(Turn t) {
+  std::unique_lock<std::mutex> l(turn_mu_);
   auto free = [&]() {
     switch (t) {
       case kWrite:
@@ -253,24 +254,30 @@ void PluginSink::TakeTurnLocked(std::unique_lock<std::mutex>& l, Turn t) {
   };
   if (!free()) {
     ++waiting_[t];
-    idle_.wait(l, free);
+    turn_cv_.wait(l, free);
     --waiting_[t];
   }
   ++running_[t];
 }
 
+void PluginGate::EndTurn(Turn t) {
+  {
+    std::lock_guard<std::mutex> l(turn_mu_);
+    --running_[t];
+  }
+  turn_cv_.notify_all();
+}
+
 PluginSink::Lease::Lease(PluginSink* sink, Turn turn, nbdkit_next* which, uint64_t end)
-    : sink_(sink), next_(nullptr), turn_(turn), write_(turn != kFlush) {
-  std::unique_lock<std::mutex> l(sink_->mu_);
-  sink_->TakeTurnLocked(l, turn);  // first: the context is picked as things are then
+    : sink_(sink), next_(nullptr), turn_(turn), write_(turn != PluginGate::kFlush) {
+  sink_->gate_->TakeTurn(turn);  // first: the context is picked as things are then
+  std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked(end);
   // A write never goes to a leaving context: its Detach may already have
   // flushed it for the last time.  (It fails with ENOTCONN and stays
   // buffered, as when no context is attached.)
   if (c == nullptr || (write_ && c->leaving)) {
-    --sink_->running_[turn];
-    l.unlock();
-    sink_->idle_.notify_all();
+    sink_->gate_->EndTurn(turn);
     return;
   }
   ++c->in_flight;
@@ -305,7 +312,6 @@ PluginSink::Lease::~Lease() {
   if (next_ == nullptr) return;
   {
     std::lock_guard<std::mutex> l(sink_->mu_);
-    --sink_->running_[turn_];
     Slot* c = sink_->FindLocked(next_);
     --c->in_flight;
     if (write_) ++c->written;
@@ -326,6 +332,7 @@ PluginSink::Lease::~Lease() {
       c->flush_lost = false;
     }
   }
+  sink_->gate_->EndTurn(turn_);
   sink_->idle_.notify_all();
 }
 
@@ -341,7 +348,8 @@ int PluginSink::DataCall(uint64_t offset, uint32_t count, uint32_t flags, bool f
     // FUA the engine asked for (not only added because the plugin cannot
     // flush, which no layer below then emulates with a flush): nbdkit
     // emulates it with a flush for a layer below that says so.
-    Lease lease(this, fua && (flags & NBDKIT_FLAG_FUA) ? kFua : kWrite, nullptr, offset + count);
+    Lease lease(this, fua && (flags & NBDKIT_FLAG_FUA) ? PluginGate::kFua : PluginGate::kWrite,
+                nullptr, offset + count);
     nbdkit_next* next = lease.get();
     if (next == nullptr) return ENOTCONN;
     if (!lease.Holds(offset, count)) return ENOSPC;
@@ -394,7 +402,7 @@ int PluginSink::Trim(uint32_t count, uint64_t offset, bool fua) {
 
 int PluginSink::FlushOne(nbdkit_next* which) {
   int err = 0;
-  Lease lease(this, kFlush, which);
+  Lease lease(this, PluginGate::kFlush, which);
   nbdkit_next* next = lease.get();
   // `which` left: its Detach flushed it, or counted it in lost_ (see Flush).
   if (next == nullptr) return which ? 0 : ENOTCONN;

@@ -20,15 +20,18 @@
 // final thread model is not parallel, so the flusher never runs beside a
 // client request.
 //
-// A plugin flush (and a call with FUA, which a layer below may turn into a
-// write and a flush) never runs beside a write, zero or trim: it waits for
-// those in flight, and new ones wait for it.  nbdkit's multi-conn filter
-// (every mode but multi-conn-track-dirty=off) marks a connection dirty as a
-// write begins and clean once a flush ends, even if the write ended after
-// the flush began; its next flush then skips the plugin, and succeeds over a
-// write no plugin flush ever covered.  It takes flushes beside writes for a
-// client's fault (the NBD spec asks a client to wait for the writes a flush
-// must cover), and this filter is the client of the layers below it.
+// It also gives plugin calls turns, for every export at once: a plugin flush
+// (and a call with FUA, which a layer below may turn into a write and a
+// flush) never runs beside a write, zero or trim: it waits for those in
+// flight, and new ones wait for it.  nbdkit's multi-conn filter (every mode
+// but multi-conn-track-dirty=off) marks a connection dirty as a write begins
+// and clean once a flush ends, even if the write ended after the flush
+// began; its next flush then skips the plugin, and succeeds over a write no
+// plugin flush ever covered.  By default it groups the connections of every
+// export, so one export's flush cleans another's connections.  It takes
+// flushes beside writes for a client's fault (the NBD spec asks a client to
+// wait for the writes a flush must cover), and this filter is the client of
+// the layers below it.
 #pragma once
 
 #include <condition_variable>
@@ -53,9 +56,35 @@ class PluginGate {
     if (on_) mu_.unlock();
   }
 
+  // Which plugin calls may run together: writes (and zeroes and trims)
+  // beside writes, flushes beside flushes, and a call with FUA alone.  A
+  // flush waiting keeps new writes out, and a FUA call waiting new writes
+  // and flushes, so that steady write-back cannot put them off.
+  enum Turn { kWrite, kFlush, kFua };
+  void TakeTurn(Turn t);
+  void EndTurn(Turn t);
+  // Plugin calls waiting for their turn (for tests).
+  int waiting();
+
  private:
   bool on_ = false;
   std::mutex mu_;
+  std::mutex turn_mu_;
+  std::condition_variable turn_cv_;
+  int running_[3] = {}, waiting_[3] = {};  // guarded by turn_mu_
+};
+
+// A plugin call's turn, held for its scope.
+class TurnHold {
+ public:
+  TurnHold(PluginGate* g, PluginGate::Turn t) : g_(g), t_(t) { g_->TakeTurn(t_); }
+  ~TurnHold() { g_->EndTurn(t_); }
+  TurnHold(const TurnHold&) = delete;
+  TurnHold& operator=(const TurnHold&) = delete;
+
+ private:
+  PluginGate* g_;
+  PluginGate::Turn t_;
 };
 
 class GateHold {
@@ -118,9 +147,6 @@ class PluginSink : public Sink {
   size_t attached();
   // Detach calls under way: contexts marked leaving (for tests).
   size_t detaching();
-  // Plugin calls waiting for their turn (for tests).
-  int waiting();
-
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
   int Trim(uint32_t count, uint64_t offset, bool fua) override;
@@ -166,17 +192,12 @@ class PluginSink : public Sink {
   };
 
  private:
-  // Which plugin calls may run together (see the top of this file): writes
-  // (and zeroes and trims) beside writes, flushes beside flushes, and a
-  // call with FUA alone.  A flush waiting keeps new writes out, and a FUA
-  // call waiting new writes and flushes, so that steady write-back cannot
-  // put them off.
-  enum Turn { kWrite, kFlush, kFua };
+  using Turn = PluginGate::Turn;
   // A borrowed context, returned to the pool when the Lease ends.
   class Lease {
    public:
-    // Waits for the call's turn (see Turn).  A write, zero or trim (kWrite,
-    // kFua) is counted against the context once done.  `which`: that
+    // Waits for the call's turn (PluginGate::Turn).  A write, zero or trim
+    // (kWrite, kFua) is counted against the context once done.  `which`: that
     // context, if still attached; else the one PickLocked gives.
     Lease(PluginSink* sink, Turn turn, nbdkit_next* which = nullptr, uint64_t end = 0);
     ~Lease();
@@ -277,11 +298,7 @@ class PluginSink : public Sink {
   const uint32_t max_write_, min_block_;
 
   std::mutex mu_;
-  // Any lease ended (a context's calls, or the turns below, may be done).
-  std::condition_variable idle_;
-  // Guarded by mu_: plugin calls running and waiting for their turn.
-  int running_[3] = {}, waiting_[3] = {};
-  void TakeTurnLocked(std::unique_lock<std::mutex>& l, Turn t);
+  std::condition_variable idle_;  // a lease ended
   // Guarded by mu_: attached contexts, oldest first.  Calls use the oldest
   // one not leaving; without multi-conn, Flush reaches every context that
   // carried writes since its last flush.

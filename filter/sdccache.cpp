@@ -634,6 +634,8 @@ static int sdccache_flush(nbdkit_next* next, void* handle, uint32_t flags, int* 
   return Request(h, "flush", err, [&] {
     ExportCache* cache = CacheOf(h);
     if (!cache) {
+      // Other exports' writes may be in flight (see PluginGate).
+      TurnHold turn(g->registry->gate(), PluginGate::kFlush);
       GateHold gate(g->registry->gate());
       return next->flush(next, flags, err);
     }

@@ -198,7 +198,42 @@ def flushed_under_the_multi_conn_filter():
     print("multi-conn filter (emulate): a flush after a connection left covered its writes")
 
 
+def flushed_beside_another_exports_flush():
+    """nbdkit's multi-conn filter groups every export's connections by
+    default: one export's flush cleans the others' connections too.  b's
+    plugin flush must not run while a's write-back write is in flight
+    (review: it did, then a's flush succeeded with no plugin flush after
+    a's write, for the plugin-call turns were per export)."""
+    tmp = sdctest.scratch_dir(prefix="sdc-durable-exports-")
+    exports = os.path.join(tmp, "exports")
+    os.mkdir(exports)
+    for name in ("a", "b"):
+        with open(os.path.join(exports, name), "wb") as f:
+            f.truncate(4 << 20)
+    logfile = os.path.join(tmp, "plugin.log")
+    with sdctest.start_server(["file", "dir=" + exports, "multi-conn-mode=emulate",
+                               "logfile=" + logfile, "delay-write=1000ms"],
+                              ["threshold=1", "max-age=0", "bypass-min=0"],
+                              under=["multi-conn", "log", "delay"], tmpdir=tmp) as srv:
+        a, b = srv.connect("a"), srv.connect("b")
+        b.pwrite(b"\x47" * BLOCK, 0)  # written back at once, for 1 s
+        b_flush = b.aio_flush()       # its plugin flush comes once that write ends
+        sdctest.wait_until(lambda: any(kind == "Write" for kind, _, _ in
+                                       sdctest.log_filter_calls(logfile)), 10,
+                           "b's write to reach the plugin")
+        a.pwrite(b"\x48" * BLOCK, 8 * BLOCK)  # written back while b's is
+        a.flush()
+        while not b.aio_command_completed(b_flush):
+            b.poll(-1)
+        reached_plugin_durably(logfile, 8 * BLOCK, BLOCK, "a's write beside b's flush")
+        for h in (a, b):
+            h.shutdown()
+        sdctest.check(srv.stop() == 0, "nbdkit exited non-zero")
+    print("multi-conn filter (emulate), two exports: one's flush waited for the other's write")
+
+
 if __name__ == "__main__":
     main()
     plugin_asked_for_durability()
     flushed_under_the_multi_conn_filter()
+    flushed_beside_another_exports_flush()

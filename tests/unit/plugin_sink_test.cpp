@@ -248,7 +248,7 @@ TEST_F(PluginSinkTest, AWriteWaitsForAFlushThatRuns) {
   auto flush = std::async(std::launch::async, [this] { return sink->Flush(); });
   b.WaitFor([&] { return b.flushes == 1; });  // b's flush has begun
   auto write = std::async(std::launch::async, [this] { return WriteAs(b); });
-  test::AwaitPoll("the write to wait for its turn", [&] { return sink->waiting() == 1; });
+  test::AwaitPoll("the write to wait for its turn", [&] { return gate.waiting() == 1; });
   EXPECT_EQ(b.Count(&FakeContext::pwrites), 1) << "a write ran beside a flush";
   b.Hold(&FakeContext::hold_flush, false);
   ASSERT_EQ(test::Get(flush, "the first flush"), 0);
@@ -256,6 +256,26 @@ TEST_F(PluginSinkTest, AWriteWaitsForAFlushThatRuns) {
   ASSERT_EQ(sink->Flush(), 0);
   EXPECT_EQ(b.Count(&FakeContext::flushes), 2) << "b's last write was taken as flushed";
   EXPECT_EQ(a.Count(&FakeContext::flushes), 1);
+}
+
+// The turns are shared by every export (one PluginGate): nbdkit's
+// multi-conn filter groups every export's connections, so one export's
+// flush cleans the others' too (review).
+TEST_F(PluginSinkTest, AFlushOfOneExportWaitsForAnotherExportsWrite) {
+  Open(/*multi_conn=*/true);
+  FakeContext x;
+  PluginSink other(x.next(), &gate);
+  a.Hold(&FakeContext::hold_pwrite, true);
+  auto write = WriteAsync();
+  a.WaitFor([&] { return a.in_pwrite; });
+  auto flush = std::async(std::launch::async, [&] { return other.Flush(); });
+  test::AwaitPoll("the other export's flush to wait for its turn",
+                  [&] { return gate.waiting() == 1; });
+  EXPECT_EQ(x.Count(&FakeContext::flushes), 0) << "a flush ran beside another export's write";
+  a.Hold(&FakeContext::hold_pwrite, false);
+  EXPECT_EQ(test::Get(write, "the write"), 0);
+  EXPECT_EQ(test::Get(flush, "the flush"), 0);
+  EXPECT_EQ(x.Count(&FakeContext::flushes), 1);
 }
 
 // A flush waits for the writes in flight, and keeps new writes out while it
@@ -267,10 +287,10 @@ TEST_F(PluginSinkTest, AFlushWaitsForTheWritesInFlightAndGoesBeforeNewOnes) {
   auto first = WriteAsync();
   a.WaitFor([&] { return a.in_pwrite; });
   auto flush = std::async(std::launch::async, [this] { return sink->Flush(); });
-  test::AwaitPoll("the flush to wait for its turn", [&] { return sink->waiting() == 1; });
+  test::AwaitPoll("the flush to wait for its turn", [&] { return gate.waiting() == 1; });
   EXPECT_EQ(a.Count(&FakeContext::flushes), 0) << "a flush ran beside a write";
   auto later = WriteAsync();
-  test::AwaitPoll("the later write to wait", [&] { return sink->waiting() == 2; });
+  test::AwaitPoll("the later write to wait", [&] { return gate.waiting() == 2; });
   a.Hold(&FakeContext::hold_pwrite, false);
   EXPECT_EQ(test::Get(first, "the first write"), 0);
   EXPECT_EQ(test::Get(flush, "the flush"), 0);
@@ -284,7 +304,7 @@ TEST_F(PluginSinkTest, AFlushWaitsForTheWritesInFlightAndGoesBeforeNewOnes) {
   a.WaitFor([&] { return a.in_pwrite; });
   auto fua =
       std::async(std::launch::async, [this] { return sink->Write(buf, sizeof buf, 0, true); });
-  test::AwaitPoll("the FUA write to wait for its turn", [&] { return sink->waiting() == 1; });
+  test::AwaitPoll("the FUA write to wait for its turn", [&] { return gate.waiting() == 1; });
   EXPECT_EQ(a.Count(&FakeContext::pwrites), 3) << "a FUA write ran beside a write";
   a.Hold(&FakeContext::hold_pwrite, false);
   EXPECT_EQ(test::Get(held, "the held write"), 0);
@@ -350,7 +370,7 @@ TEST_F(PluginSinkTest, NoWriteGoesToALeavingContext) {
                             [this] { return sink->Detach(a.next(), /*unless_last=*/false); });
   a.WaitFor([&] { return a.flushes > 0; });  // Detach is flushing a
   auto write = WriteAsync();  // waits for the flush to end (no write runs beside one)
-  test::AwaitPoll("the write to wait for its turn", [&] { return sink->waiting() == 1; });
+  test::AwaitPoll("the write to wait for its turn", [&] { return gate.waiting() == 1; });
   a.Hold(&FakeContext::hold_flush, false);
   EXPECT_EQ(test::Get(write, "the write"), ENOTCONN) << "a write went to a leaving context";
   EXPECT_TRUE(test::Get(leave_a, "leave_a"));

@@ -269,14 +269,14 @@ void PluginGate::EndTurn(Turn t) {
 }
 
 PluginSink::Lease::Lease(PluginSink* sink, Turn turn, nbdkit_next* which, uint64_t end)
-    : sink_(sink), next_(nullptr), turn_(turn), write_(turn != PluginGate::kFlush) {
+    : sink_(sink), next_(nullptr), turn_(turn) {
   sink_->gate_->TakeTurn(turn);  // first: the context is picked as things are then
   std::lock_guard<std::mutex> l(sink_->mu_);
   Slot* c = which ? sink_->FindLocked(which) : sink_->PickLocked(end);
   // A write never goes to a leaving context: its Detach may already have
   // flushed it for the last time.  (It fails with ENOTCONN and stays
   // buffered, as when no context is attached.)
-  if (c == nullptr || (write_ && c->leaving)) {
+  if (c == nullptr || (write() && c->leaving)) {
     sink_->gate_->EndTurn(turn);
     return;
   }
@@ -314,14 +314,14 @@ PluginSink::Lease::~Lease() {
     std::lock_guard<std::mutex> l(sink_->mu_);
     Slot* c = sink_->FindLocked(next_);
     --c->in_flight;
-    if (write_) ++c->written;
+    if (write()) ++c->written;
     // With multi-conn, only a write that succeeded without FUA needs a
     // flush: a failed one stays buffered (a leaving context that carried
     // only those failed its flush too, when the plugin's connection was
     // dead, and reported a loss), and one made with FUA is durable (a
     // client that writes only so, qemu's cache=writethrough, made its
     // context flush as it left).
-    if (write_ && outcome_ == kSucceeded && !durable_) c->last_write_tick = ++sink_->write_ticks_;
+    if (write() && outcome_ == kSucceeded && !durable_) c->last_write_tick = ++sink_->write_ticks_;
     // The call's outcome, under this one hold of mu_ rather than one more
     // per plugin call.
     if (outcome_ == kFailed) {

@@ -147,6 +147,7 @@ class PluginSink : public Sink {
   size_t attached();
   // Detach calls under way: contexts marked leaving (for tests).
   size_t detaching();
+
   int Write(const void* buf, uint32_t count, uint64_t offset, bool fua) override;
   int Zero(uint32_t count, uint64_t offset, bool may_trim, bool fua) override;
   int Trim(uint32_t count, uint64_t offset, bool fua) override;
@@ -222,7 +223,8 @@ class PluginSink : public Sink {
     nbdkit_next* next_;
     uint64_t size_ = 0;
     Turn turn_;
-    bool write_;
+    // The call writes: counted against the context once done.
+    bool write() const { return turn_ != PluginGate::kFlush; }
     uint64_t written_at_start_ = 0;
     uint64_t write_ticks_at_start_ = 0;  // the sink's write_ticks_
     enum { kUnknown, kSucceeded, kFailed } outcome_ = kUnknown;

@@ -430,7 +430,9 @@ int WriteBack::Flush(Trigger why) {
     MutexLock l(&mu_);
     err = WaitFor(last_seq_, write_gen_, true, why);
   }
-  return why == Trigger::kClient || why == Trigger::kFua ? TellLoss(err) : err;
+  // A client's FUA request is told in Write, Zero or Trim (which may come
+  // here with kFua), once.
+  return why == Trigger::kClient ? TellLoss(err) : err;
 }
 
 int WriteBack::WaitFor(uint64_t seq, uint64_t gen, bool flush, Trigger why, bool count,
